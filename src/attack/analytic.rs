@@ -1,0 +1,78 @@
+//! Exact single-sample recovery: with B = 1, g_w_j = delta_j x and g_b_j = delta_j,
+//! so x = g_w_j / g_b_j for every neuron with g_b_j != 0. Combined over neurons by
+//! least squares: x = sum_j g_b_j g_w_j / sum_j g_b_j^2 (the neurons with the
+//! largest |g_b_j| dominate, which is what keeps the rounding error smallest).
+
+use super::{subspace, AttackConfig, Method, Reconstruction, Sample, ServerView};
+use crate::{Error, Result};
+
+/// Relative residual below `EXACT_FACTOR * eps(dtype)` counts as exact: the gradient's
+/// own rounding gives about eps/2 per entry, amplified by at most a few units by the sums.
+pub const EXACT_FACTOR: f64 = 100.0;
+
+pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
+    let (Some(gb), Some(_)) = (&view.first.grad_bias, &view.first.bias) else {
+        return Err(Error::Invalid(
+            "the analytic attack needs a first-layer bias (it fixes the scale x = g_w / g_b)".into(),
+        ));
+    };
+    let sub = subspace::estimate(view, &cfg.subspace_options())?;
+    let mut rec = Reconstruction::from_subspace(Method::Analytic, &sub);
+    if sub.batch != 1 {
+        rec.notes.push(format!(
+            "the analytic attack recovers a single sample; the gradient has rank {} (use --method tensor/span/auto)",
+            sub.batch
+        ));
+        return Ok(rec);
+    }
+    let (m, d) = (view.width(), view.input_dim());
+    let denom = gb.squared_norm_l2();
+    if denom == 0.0 {
+        return Err(Error::Numerical("every bias gradient is zero: the sample cannot be scaled".into()));
+    }
+    let mut x = vec![0.0; d];
+    let mut start = 0;
+    while start < m {
+        let r = start..(start + view::BLOCK).min(m);
+        let gw = view.first.grad_weight.block(r.clone())?;
+        for (i, j) in r.clone().enumerate() {
+            let w = gb[j];
+            for k in 0..d {
+                x[k] += w * gw[(i, k)];
+            }
+        }
+        view.first.grad_weight.release(r.clone());
+        start = r.end;
+    }
+    x.iter_mut().for_each(|v| *v /= denom);
+    // residual of g_w = g_b x^T over all neurons, relative to ||g_w||
+    let (mut res2, mut norm2) = (0.0, 0.0);
+    let mut start = 0;
+    while start < m {
+        let r = start..(start + view::BLOCK).min(m);
+        let gw = view.first.grad_weight.block(r.clone())?;
+        for (i, j) in r.clone().enumerate() {
+            for k in 0..d {
+                let g = gw[(i, k)];
+                res2 += (g - gb[j] * x[k]).powi(2);
+                norm2 += g * g;
+            }
+        }
+        view.first.grad_weight.release(r.clone());
+        start = r.end;
+    }
+    let residual = (res2 / norm2.max(f64::MIN_POSITIVE)).sqrt();
+    rec.samples.push(Sample {
+        x,
+        residual: Some(residual),
+        exact: residual <= EXACT_FACTOR * view.dtype.epsilon(),
+        stage: "analytic".into(),
+        label: None,
+        output_residual: None,
+    });
+    Ok(rec)
+}
+
+mod view {
+    pub const BLOCK: usize = super::super::view::BLOCK_ROWS;
+}

@@ -1,0 +1,12 @@
+//! `--method tensor` (not implemented yet).
+
+use super::{AttackConfig, Reconstruction, ServerView};
+use crate::{Error, Result};
+
+/// Options of this method.
+#[derive(Clone, Debug, Default)]
+pub struct TensorOptions {}
+
+pub fn attack(_view: &ServerView, _cfg: &AttackConfig) -> Result<Reconstruction> {
+    Err(Error::Invalid("--method tensor is not implemented yet".into()))
+}

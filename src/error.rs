@@ -1,0 +1,57 @@
+//! Typed errors of the library. The binary turns each into one readable line.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in gradleak, named by what the user can fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file exists but its content is not what its format promises.
+    #[error("{}: malformed file: {reason}", path.display())]
+    Format { path: PathBuf, reason: String },
+    /// Shapes that must agree do not.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// NaN or Inf where finite numbers are required.
+    #[error("non-finite value (NaN or Inf) in {0}")]
+    NonFinite(String),
+    /// A name on the command line or in a file that gradleak does not know.
+    #[error("unknown {kind} '{name}' (expected one of: {expected})")]
+    Unknown {
+        kind: &'static str,
+        name: String,
+        expected: String,
+    },
+    /// A parameter outside what the method or the model allows.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// A numerical routine failed (e.g. an SVD did not converge).
+    #[error("numerical failure: {0}")]
+    Numerical(String),
+}
+
+/// Result with the library's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error tagged with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A malformed-file error tagged with the path it concerns.
+    pub fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The client: its network, loss, and the server's choice of parameters.
+
+mod activation;
+pub mod init;
+mod loss;
+mod mlp;
+
+pub use activation::{Activation, LEAKY_SLOPE};
+pub use init::{Init, InitConfig};
+pub use loss::{Loss, Targets};
+pub use mlp::{cast_mat, mat_is_finite, Backward, Dense, Forward, Gradient, Mlp};

@@ -1,0 +1,129 @@
+//! The JSON reports `simulate` and `attack` write.
+
+use serde::Serialize;
+
+use crate::attack::{RankRule, Reconstruction};
+use crate::defense::{Defense, DefenseReport};
+use crate::metrics::{Metrics, SampleMetrics};
+
+/// Wall-clock seconds of each stage.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Seconds {
+    pub gradient: f64,
+    pub attack: f64,
+    pub total: f64,
+}
+
+/// What the attack said about itself (beyond the samples).
+#[derive(Clone, Debug, Serialize)]
+pub struct AttackSummary {
+    pub singular_values: Vec<f64>,
+    pub rank_threshold: f64,
+    pub rank_rule: Option<RankRule>,
+    pub notes: Vec<String>,
+    pub diagnostics: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<&Reconstruction> for AttackSummary {
+    fn from(r: &Reconstruction) -> Self {
+        AttackSummary {
+            singular_values: r.singular_values.clone(),
+            rank_threshold: r.rank_threshold,
+            rank_rule: r.rank_rule,
+            notes: r.notes.clone(),
+            diagnostics: r.diagnostics.clone(),
+        }
+    }
+}
+
+/// One true sample: its metrics and how the attack found its match.
+#[derive(Clone, Debug, Serialize)]
+pub struct PerSample {
+    #[serde(flatten)]
+    pub metrics: SampleMetrics,
+    pub residual: Option<f64>,
+    pub exact: Option<bool>,
+    pub stage: Option<String>,
+}
+
+/// The report of a simulated round: setting, truth-based metrics, timings.
+#[derive(Clone, Debug, Serialize)]
+pub struct SimulationReport {
+    pub gradleak_version: &'static str,
+    pub data: String,
+    pub batch_true: usize,
+    pub batch_estimated: usize,
+    pub dim: usize,
+    pub width: usize,
+    pub depth: usize,
+    pub hidden: usize,
+    pub outputs: usize,
+    pub activation: String,
+    pub loss: String,
+    pub init: String,
+    pub dtype: String,
+    pub method: String,
+    pub seed: u64,
+    pub defenses: Vec<Defense>,
+    pub defense: Option<DefenseReport>,
+    pub median_rel_error: f64,
+    pub max_rel_error: f64,
+    pub recovered_fraction: f64,
+    pub tol: f64,
+    pub missing: usize,
+    pub label_accuracy: Option<f64>,
+    pub mean_psnr: Option<f64>,
+    pub per_sample: Vec<PerSample>,
+    pub seconds: Seconds,
+    pub attack: AttackSummary,
+}
+
+/// Per-sample rows joining metrics with the reconstruction's own account.
+pub fn per_sample(metrics: &Metrics, rec: &Reconstruction) -> Vec<PerSample> {
+    metrics
+        .per_sample
+        .iter()
+        .map(|m| {
+            let s = m.matched.map(|k| &rec.samples[k]);
+            PerSample {
+                metrics: m.clone(),
+                residual: s.and_then(|s| s.residual),
+                exact: s.map(|s| s.exact),
+                stage: s.map(|s| s.stage.clone()),
+            }
+        })
+        .collect()
+}
+
+/// One recovered sample in an `attack` report (no truth to compare with).
+#[derive(Clone, Debug, Serialize)]
+pub struct AttackSample {
+    pub index: usize,
+    pub residual: Option<f64>,
+    pub exact: bool,
+    pub stage: String,
+    pub label: Option<usize>,
+}
+
+/// The report of `gradleak attack` on files.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttackReport {
+    pub gradleak_version: &'static str,
+    pub model: String,
+    pub gradient: String,
+    pub dim: usize,
+    pub width: usize,
+    pub depth: usize,
+    pub outputs: usize,
+    pub activation: String,
+    pub dtype: String,
+    pub method: String,
+    pub batch_estimated: usize,
+    pub recovered: usize,
+    pub missing: usize,
+    pub exact: usize,
+    pub labels: Option<Vec<Option<usize>>>,
+    pub samples: Vec<AttackSample>,
+    pub seconds: f64,
+    pub attack: AttackSummary,
+}
