@@ -299,6 +299,13 @@ mod tests {
         check(&v, &x, f32::EPSILON as f64);
     }
 
+    /// A wide rank-1 gradient: the SVD's own error (~eps s_1) must not count as signal.
+    #[test]
+    fn wide_rank_one_is_rank_one() {
+        let (v, x) = view(1024, 3072, 1, Dtype::F64, 5);
+        check(&v, &x, f64::EPSILON);
+    }
+
     #[test]
     fn randomized_path_agrees() {
         // 12000 x 2001 > DENSE_LIMIT entries: the streaming range finder runs.
