@@ -197,7 +197,7 @@ fn randomized_svd(
     let (m, n) = (view.width(), view.input_dim() + 1);
     let cap = m.min(n);
     let mut k = forced.map_or(48, |b| b + 16).min(cap);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5b5a_ce);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed5b_5ace);
     loop {
         let omega = Mat::from_fn(n, k, |_, _| StandardNormal.sample(&mut rng));
         let mut q = orthonormal(times(view, omega.as_ref())?);
