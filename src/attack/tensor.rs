@@ -28,6 +28,10 @@ pub struct TensorOptions {
     pub known_law: Option<WeightLaw>,
     /// Whiten with `known_law` instead of the law estimated from the m rows.
     pub use_known_law: bool,
+    /// Form the tensor as the paper does, (1/m) sum_j f_j (x) He_p(u_j), instead of
+    /// by regression on the Hermite features after removing the part linear in
+    /// (a_j, a_j u_j) (the default; much lower variance).
+    pub plain_moments: bool,
     pub cp: CpOptions,
 }
 
@@ -82,8 +86,12 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     };
     let degree = order.hermite_degree();
     let coeffs = Coefficients::new(view.activation)?;
-    let white = moments::whiten(&proj, &law, degree, &mut rng)?;
-    let tensor = moments::moment_tensor(&white, degree)?;
+    let white = moments::whiten(&proj, &law, degree, !opts.plain_moments, &mut rng)?;
+    let tensor = if opts.plain_moments {
+        moments::moment_tensor(&white, degree)?
+    } else {
+        moments::regression_tensor(&white, degree)?
+    };
     let (compressed, basis) = tensor.compress(b)?;
     let (cp, report) = decompose::decompose(&compressed, b, &opts.cp, &mut rng)?;
 
@@ -144,8 +152,16 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     dg.insert("als_sweeps".into(), json!(report.sweeps));
     dg.insert("law".into(), json!(law.source));
     dg.insert(
+        "estimator".into(),
+        json!(if opts.plain_moments {
+            "stein"
+        } else {
+            "regression"
+        }),
+    );
+    dg.insert(
         "output_modes".into(),
-        json!([proj.omega.ncols(), white.output_basis.ncols()]),
+        json!([proj.outputs.ncols(), white.output_basis.ncols()]),
     );
     dg.insert(
         "tensor_shape".into(),

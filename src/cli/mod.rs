@@ -1,5 +1,6 @@
 //! Subcommands. Each file turns flags into library calls; no numerics here.
 
+mod activations;
 mod attack;
 mod client;
 mod demo;
@@ -30,6 +31,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a grid of simulations and write one CSV row per run (resumable), plus plots.
     Sweep(sweep::SweepArgs),
+    /// Hermite coefficients E[act^(k+1)(z)] of every activation and the tensor order used.
+    Activations(activations::ActivationsArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(a) => simulate::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Activations(a) => activations::run(a),
     }
 }
 
