@@ -181,6 +181,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     if acfg.prior.is_none() {
         acfg.prior = Some(Prior::from(stats));
     }
+    if acfg.tensor.known_law.is_none() {
+        acfg.tensor.known_law = Some(attack::moments::WeightLaw::of_init(&init));
+    }
     let t_att = Instant::now();
     let rec = attack::run(&view, &acfg)?;
     let attack_seconds = t_att.elapsed().as_secs_f64();
@@ -335,6 +338,9 @@ pub const KEYS: &[&str] = &[
     "defense",
     "tol",
     "prior",
+    "tensor-law",
+    "tensor-order",
+    "tensor-estimator",
 ];
 
 impl SimConfig {
@@ -370,6 +376,35 @@ impl SimConfig {
             }
             "tol" => self.tol = num(key, value)?,
             "prior" => self.attack.prior = Some(value.parse()?),
+            "tensor-law" => {
+                self.attack.tensor.use_known_law = match value {
+                    "known" => true,
+                    "estimated" => false,
+                    _ => {
+                        return Err(Error::Unknown {
+                            kind: "tensor law",
+                            name: value.into(),
+                            expected: "estimated known".into(),
+                        });
+                    }
+                }
+            }
+            "tensor-estimator" => {
+                self.attack.tensor.plain_moments = match value {
+                    "stein" => true,
+                    "regression" => false,
+                    _ => {
+                        return Err(Error::Unknown {
+                            kind: "tensor estimator",
+                            name: value.into(),
+                            expected: "regression stein".into(),
+                        });
+                    }
+                }
+            }
+            "tensor-order" => {
+                self.attack.tensor.order = (value != "auto").then(|| num(key, value)).transpose()?
+            }
             _ => {
                 return Err(Error::Unknown {
                     kind: "setting",

@@ -6,6 +6,9 @@
 
 pub mod analytic;
 pub mod baseline;
+pub mod decompose;
+pub mod hermite;
+pub mod moments;
 pub mod prior;
 pub mod refine;
 pub mod span;
