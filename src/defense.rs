@@ -33,7 +33,11 @@ impl std::str::FromStr for Defense {
         let bad = || Error::Invalid(format!("--defense '{s}': bad value"));
         let parts: Vec<&str> = s.split(':').collect();
         let f = |i: usize| -> Result<f64> {
-            parts.get(i).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite()).ok_or_else(bad)
+            parts
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| v.is_finite())
+                .ok_or_else(bad)
         };
         let d = match (parts[0], parts.len()) {
             ("clip", 2) => Defense::Clip(f(1)?),
@@ -84,7 +88,9 @@ pub fn apply(
     _rng: &mut impl rand::Rng,
 ) -> Result<(Gradient<f64>, DefenseReport)> {
     if let Some(d) = defenses.first() {
-        return Err(Error::Invalid(format!("defence {d:?} is not implemented yet")));
+        return Err(Error::Invalid(format!(
+            "defence {d:?} is not implemented yet"
+        )));
     }
     Ok((grad, DefenseReport::default()))
 }

@@ -6,8 +6,11 @@
 
 pub mod analytic;
 pub mod baseline;
+pub mod labels;
+pub mod lm;
 pub mod prior;
 pub mod refine;
+pub mod signal;
 pub mod span;
 pub mod subspace;
 pub mod tensor;
@@ -43,8 +46,15 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 7] =
-        [Method::Analytic, Method::Tensor, Method::Refine, Method::Span, Method::Auto, Method::Dlg, Method::Ig];
+    pub const ALL: [Method; 7] = [
+        Method::Analytic,
+        Method::Tensor,
+        Method::Refine,
+        Method::Span,
+        Method::Auto,
+        Method::Dlg,
+        Method::Ig,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -62,11 +72,14 @@ impl Method {
 impl std::str::FromStr for Method {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| Error::Unknown {
-            kind: "method",
-            name: s.into(),
-            expected: Method::ALL.map(|m| m.name()).join(" "),
-        })
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| Error::Unknown {
+                kind: "method",
+                name: s.into(),
+                expected: Method::ALL.map(|m| m.name()).join(" "),
+            })
     }
 }
 
@@ -114,7 +127,11 @@ impl AttackConfig {
 
     /// Options of the subspace stage implied by this configuration.
     pub fn subspace_options(&self) -> SubspaceOptions {
-        SubspaceOptions { batch: self.batch, noise_std: self.noise_std, seed: self.seed }
+        SubspaceOptions {
+            batch: self.batch,
+            noise_std: self.noise_std,
+            seed: self.seed,
+        }
     }
 }
 
@@ -160,7 +177,12 @@ impl Reconstruction {
             method,
             batch_estimated: s.batch,
             samples: Vec::new(),
-            singular_values: s.singular_values.iter().take(2 * s.batch + 8).copied().collect(),
+            singular_values: s
+                .singular_values
+                .iter()
+                .take(2 * s.batch + 8)
+                .copied()
+                .collect(),
             rank_threshold: s.threshold,
             rank_rule: Some(s.rule),
             notes: Vec::new(),
@@ -194,7 +216,7 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let mut rec = if sub.batch == 1 && view.first.grad_bias.is_some() {
         analytic::attack(view, cfg)?
     } else {
-        tensor::attack(view, cfg)?
+        span::attack(view, cfg)?
     };
     rec.method = Method::Auto;
     Ok(rec)
