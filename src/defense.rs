@@ -59,6 +59,21 @@ impl std::str::FromStr for Defense {
     }
 }
 
+impl Defense {
+    /// The command-line spelling (`prune:0.9`).
+    pub fn spelling(&self) -> String {
+        match self {
+            Defense::Clip(c) => format!("clip:{c}"),
+            Defense::Noise(s) => format!("noise:{s}"),
+            Defense::NoiseRel(s) => format!("noise-rel:{s}"),
+            Defense::Prune(p) => format!("prune:{p}"),
+            Defense::TopK(k) => format!("topk:{k}"),
+            Defense::Quantize(b) => format!("quantize:{b}"),
+            Defense::LocalSteps(e, lr) => format!("local-steps:{e}:{lr}"),
+        }
+    }
+}
+
 /// What the client knows when it applies a defence.
 pub struct ClientContext<'a> {
     pub model: &'a Mlp<f64>,

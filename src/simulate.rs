@@ -87,13 +87,13 @@ fn targets(cfg: &SimConfig, data: &Dataset, batch: &Batch, k: usize) -> Result<T
 }
 
 /// The class labels the client trained with, when the loss has classes.
-fn class_labels(t: &Targets) -> Option<Vec<usize>> {
-    match t {
-        Targets::Classes(c) => Some(c.clone()),
-        Targets::Values(v) if v.ncols() == 1 => {
+fn class_labels(t: &Targets, loss: Loss) -> Option<Vec<usize>> {
+    match (t, loss) {
+        (Targets::Classes(c), _) => Some(c.clone()),
+        (Targets::Values(v), Loss::Bce) if v.ncols() == 1 => {
             Some((0..v.nrows()).map(|i| v[(i, 0)] as usize).collect())
         }
-        Targets::Values(_) => None,
+        _ => None,
     }
 }
 
@@ -185,7 +185,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     let rec = attack::run(&view, &acfg)?;
     let attack_seconds = t_att.elapsed().as_secs_f64();
 
-    let labels = class_labels(&targets);
+    let labels = class_labels(&targets, cfg.loss);
     let metrics = metrics::evaluate(&x, &rec.samples, data.range, cfg.tol, labels.as_deref())?;
     let report = SimulationReport {
         gradleak_version: env!("CARGO_PKG_VERSION"),
@@ -291,6 +291,92 @@ impl SimOutput {
                 self.range.unwrap_or((0.0, 1.0)),
                 zoom,
             )?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for SimConfig {
+    /// digits, B = 8, m = 4096, tanh, cross-entropy, PyTorch's init, f64, seed 1, auto.
+    fn default() -> Self {
+        SimConfig {
+            data: DataSpec::Digits,
+            batch: 8,
+            width: 4096,
+            depth: 1,
+            hidden: 256,
+            activation: Activation::Tanh,
+            loss: Loss::Ce,
+            classes: None,
+            init: Init::TorchDefault,
+            dtype: Dtype::F64,
+            seed: 1,
+            defenses: Vec::new(),
+            tol: metrics::DEFAULT_TOL,
+            attack: AttackConfig::new(attack::Method::Auto, 1),
+        }
+    }
+}
+
+/// Keys `SimConfig::set` understands (the sweep's grid keys).
+pub const KEYS: &[&str] = &[
+    "data",
+    "batch",
+    "width",
+    "depth",
+    "hidden",
+    "activation",
+    "loss",
+    "classes",
+    "init",
+    "dtype",
+    "seed",
+    "method",
+    "defense",
+    "tol",
+    "prior",
+];
+
+impl SimConfig {
+    /// Set one field from its command-line spelling (`defense` takes `+`-joined steps,
+    /// `none` for no defence).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
+            v.parse()
+                .map_err(|_| Error::Invalid(format!("{key}={v}: not a valid number")))
+        }
+        match key {
+            "data" => self.data = value.parse()?,
+            "batch" => self.batch = num(key, value)?,
+            "width" => self.width = num(key, value)?,
+            "depth" => self.depth = num(key, value)?,
+            "hidden" => self.hidden = num(key, value)?,
+            "activation" => self.activation = value.parse()?,
+            "loss" => self.loss = value.parse()?,
+            "classes" => self.classes = Some(num(key, value)?),
+            "init" => self.init = value.parse()?,
+            "dtype" => self.dtype = value.parse()?,
+            "seed" => {
+                self.seed = num(key, value)?;
+                self.attack.seed = self.seed;
+            }
+            "method" => self.attack.method = value.parse()?,
+            "defense" => {
+                self.defenses = if value == "none" || value.is_empty() {
+                    Vec::new()
+                } else {
+                    value.split('+').map(str::parse).collect::<Result<_>>()?
+                }
+            }
+            "tol" => self.tol = num(key, value)?,
+            "prior" => self.attack.prior = Some(value.parse()?),
+            _ => {
+                return Err(Error::Unknown {
+                    kind: "setting",
+                    name: key.into(),
+                    expected: KEYS.join(" "),
+                });
+            }
         }
         Ok(())
     }
