@@ -250,6 +250,7 @@ pub struct SearchStats {
     pub degenerate: usize,
     pub seconds: f64,
     pub exact_floor: f64,
+    pub rounds: usize,
 }
 
 /// The exact floor of F for this gradient (see `EXACT_FACTOR`).
@@ -286,47 +287,64 @@ fn effective_prior(cfg: &AttackConfig, model: &SignalModel, rows: &[Col<f64>]) -
     }
 }
 
-/// Candidate starts: row points g~_j / g_bj (affine combinations of the inputs,
-/// dominated by one sample on many neurons), prior draws and given extra starts.
-fn candidates(
-    model: &SignalModel,
-    sub: &Subspace,
-    prior: &Prior,
-    extra: &[Vec<f64>],
-    opts: &SearchOptions,
-    seed: u64,
-) -> Vec<Col<f64>> {
+/// Row points of a projected gradient GV (m x B): row j divided by its bias
+/// coordinate is an affine combination of the inputs, dominated by one sample on
+/// many neurons. Ordered by the share of the row in the bias direction.
+fn row_points(sub: &Subspace, gv: &Mat<f64>) -> Vec<Col<f64>> {
     let b = sub.batch;
     let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
-    let mut rows: Vec<(f64, Col<f64>)> = (0..sub.q.nrows())
+    let mut rows: Vec<(f64, Col<f64>)> = (0..gv.nrows())
         .filter_map(|j| {
-            let g = Col::from_fn(b, |k| sub.q[(j, k)] * sub.singular_values[k]);
+            let g = Col::from_fn(b, |k| gv[(j, k)]);
             let gb = (0..b).map(|k| g[k] * vl[k]).sum::<f64>();
             let share = gb.abs() / g.norm_l2().max(f64::MIN_POSITIVE);
             (share > 1e-6).then(|| (share, g * (1.0 / gb)))
         })
         .collect();
     rows.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let mut out: Vec<Col<f64>> = extra.iter().map(|x| model.coords.c_of_x(x)).collect();
+    rows.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Draws from the prior, projected into the span.
+fn prior_points(model: &SignalModel, prior: &Prior, count: usize, seed: u64) -> Vec<Col<f64>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5a11_c0de);
     let d = model.coords.input_dim();
-    for _ in 0..opts.prior_starts {
-        let x: Vec<f64> = (0..d)
-            .map(|_| {
-                let z: f64 = StandardNormal.sample(&mut rng);
-                (prior.mean + prior.std * z).clamp(prior.min, prior.max)
-            })
-            .collect();
-        out.push(model.coords.c_of_x(&x));
-    }
-    out.extend(rows.into_iter().map(|(_, c)| c));
-    out
+    (0..count)
+        .map(|_| {
+            let x: Vec<f64> = (0..d)
+                .map(|_| {
+                    let z: f64 = StandardNormal.sample(&mut rng);
+                    (prior.mean + prior.std * z).clamp(prior.min, prior.max)
+                })
+                .collect();
+            model.coords.c_of_x(&x)
+        })
+        .collect()
 }
 
 fn rel_dist(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// A candidate this close (relative) to a found sample converges to it: skip it.
+pub const SKIP_RADIUS: f64 = 0.05;
+/// Rounds of row points from the residual gradient (found samples removed).
+pub const MAX_ROUNDS: usize = 6;
+
+/// The projected gradient with the found samples' terms removed:
+/// GV - sum_i s_i c_i^T, the s_i with their least-squares scale (`labels::output_residuals`).
+fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat<f64> {
+    let b = sub.batch;
+    let mut gv = Mat::from_fn(sub.q.nrows(), b, |j, k| sub.q[(j, k)] * sub.singular_values[k]);
+    let rs = labels::output_residuals(sub, model, zeros);
+    let all: Vec<usize> = (0..model.width()).collect();
+    for (z, r) in zeros.iter().zip(&rs) {
+        let s = model.signal_matrix(&z.c, &all) * r;
+        gv -= &s * z.c.transpose();
+    }
+    gv
 }
 
 /// Run the search. `extra` are starting inputs from another stage (e.g. tensor estimates).
@@ -343,11 +361,7 @@ pub fn search(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5ea_2c4);
     let mut perm: Vec<usize> = (0..m).collect();
     perm.shuffle(&mut rng);
-    let n = opts
-        .neurons
-        .unwrap_or(NEURONS_PER_UNKNOWN * (b - 1 + k))
-        .max(MIN_NEURONS)
-        .min(m);
+    let n = opts.neurons.unwrap_or(NEURONS_PER_UNKNOWN * (b - 1 + k)).max(MIN_NEURONS).min(m);
     let mut rows: Vec<usize> = perm[..n].to_vec();
     rows.sort_unstable();
     let neurons = Neurons::new(&sub.q, rows);
@@ -358,19 +372,9 @@ pub fn search(
     let all = Neurons::all(&sub.q);
     let floor = exact_floor(view, sub);
 
-    let pre = candidates(
-        &model,
-        sub,
-        &cfg.prior.unwrap_or_default(),
-        &[],
-        &SearchOptions {
-            prior_starts: 0,
-            ..opts.clone()
-        },
-        cfg.seed,
-    );
-    let prior = effective_prior(cfg, &model, &pre);
-    let cands = candidates(&model, sub, &prior, extra, opts, cfg.seed);
+    let gv0 = Mat::from_fn(m, b, |j, kk| sub.q[(j, kk)] * sub.singular_values[kk]);
+    let first_rows = row_points(sub, &gv0);
+    let prior = effective_prior(cfg, &model, &first_rows);
     let d = model.coords.input_dim();
     let bound = Some((prior.mean, PRIOR_RADIUS * prior.std.max(1e-12)));
     let in_bound = |c: &Col<f64>| {
@@ -378,38 +382,27 @@ pub fn search(
         let d2: f64 = x.iter().map(|v| (v - prior.mean).powi(2)).sum::<f64>() / d.max(1) as f64;
         d2.sqrt() <= PRIOR_RADIUS * prior.std
     };
-    // screen: F with the best r, keep the order of increasing F
-    let mut scored: Vec<(f64, Col<f64>, Col<f64>)> = cands
-        .into_iter()
-        .filter(|c| in_bound(c))
-        .filter_map(|c| best_residual(&model, &screen, &c).map(|(f, r)| (f, c, r)))
-        .filter(|(f, _, _)| f.is_finite())
-        .collect();
-    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
-
-    let mut stats = SearchStats {
-        candidates: scored.len(),
-        exact_floor: floor,
-        ..Default::default()
-    };
-    // deflation radius: typical spread of the candidates in t
-    let rho = {
-        let ts: Vec<Col<f64>> = scored
-            .iter()
-            .take(64)
-            .map(|(_, c, _)| model.coords.t_of_c(c))
+    let screen_all = |cands: Vec<Col<f64>>| {
+        let mut scored: Vec<(f64, Col<f64>, Col<f64>)> = cands
+            .into_iter()
+            .filter(|c| in_bound(c))
+            .filter_map(|c| best_residual(&model, &screen, &c).map(|(f, r)| (f, c, r)))
+            .filter(|(f, _, _)| f.is_finite())
             .collect();
-        let mean = ts
-            .iter()
-            .fold(Col::<f64>::zeros(model.dims()), |a, t| a + t)
-            * (1.0 / ts.len().max(1) as f64);
-        (ts.iter()
-            .map(|t| (t - &mean).squared_norm_l2())
-            .sum::<f64>()
-            / ts.len().max(1) as f64)
-            .sqrt()
-            .max(1e-6)
-            * 0.1
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+        scored
+    };
+    let mut round0: Vec<Col<f64>> = extra.iter().map(|x| model.coords.c_of_x(x)).collect();
+    round0.extend(prior_points(&model, &prior, opts.prior_starts, cfg.seed));
+    round0.extend(first_rows);
+    let mut scored = screen_all(round0);
+
+    let mut stats = SearchStats { exact_floor: floor, ..Default::default() };
+    // deflation radius: a tenth of the typical spread of the candidates in t
+    let rho = {
+        let ts: Vec<Col<f64>> = scored.iter().take(64).map(|(_, c, _)| model.coords.t_of_c(c)).collect();
+        let mean = ts.iter().fold(Col::<f64>::zeros(model.dims()), |a, t| a + t) * (1.0 / ts.len().max(1) as f64);
+        (ts.iter().map(|t| (t - &mean).squared_norm_l2()).sum::<f64>() / ts.len().max(1) as f64).sqrt().max(1e-6) * 0.1
     };
     let mut zeros: Vec<Zero> = Vec::new();
     let mut found_x: Vec<Vec<f64>> = Vec::new();
@@ -418,90 +411,73 @@ pub fn search(
         pb.set_message("span search");
         pb
     });
-    let lm_opts = LmOptions {
-        max_iterations: LM_ITERATIONS,
-        target: floor * 1e-3,
-        stall: 1e-4,
-    };
-    for (_, c, r) in scored.into_iter() {
-        if zeros.len() >= b
-            || stats.starts >= opts.max_starts
-            || t0.elapsed().as_secs_f64() > opts.seconds
-        {
+    let lm_opts = LmOptions { max_iterations: LM_ITERATIONS, target: floor * 1e-3, stall: 1e-4 };
+    let out_of_budget = |stats: &SearchStats| stats.starts >= opts.max_starts || t0.elapsed().as_secs_f64() > opts.seconds;
+    let mut round = 0;
+    loop {
+        stats.candidates += scored.len();
+        let found_before = zeros.len();
+        for (_, c, r) in std::mem::take(&mut scored) {
+            if zeros.len() >= b || out_of_budget(&stats) {
+                break;
+            }
+            let xc = model.coords.x_of_c(&c);
+            if found_x.iter().any(|y| rel_dist(&xc, y) < SKIP_RADIUS) {
+                continue;
+            }
+            stats.starts += 1;
+            let t = model.coords.t_of_c(&c);
+            let nb = model.dims();
+            let u0 = Col::from_fn(nb + k, |i| if i < nb { t[i] } else { r[i - nb] });
+            let prob = SpanProblem {
+                model: &model,
+                neurons: &neurons,
+                found: zeros.iter().map(|z| model.coords.t_of_c(&z.c)).collect(),
+                rho,
+                bound,
+            };
+            let Some(res) = lm::solve(&prob, u0, &lm_opts) else { continue };
+            stats.lm_iterations += res.iterations;
+            let Some(f_sub) = prob.span_residual(&res.u) else { continue };
+            if f_sub > PROMISING {
+                continue;
+            }
+            // polish and check on every neuron, without deflation
+            let full = SpanProblem { model: &model, neurons: &all, found: Vec::new(), rho, bound };
+            let polish = LmOptions { max_iterations: POLISH_ITERATIONS, target: 0.0, stall: 1e-3 };
+            let polished = lm::solve(&full, res.u.clone(), &polish).map(|p| p.u).unwrap_or(res.u);
+            let Some(f) = full.span_residual(&polished) else { continue };
+            let (tv, rv) = full.split(&polished);
+            let cz = model.coords.c_of_t(&tv);
+            if degenerate(&model, &cz) {
+                stats.degenerate += 1;
+                continue;
+            }
+            let x = model.coords.x_of_c(&cz);
+            if found_x.iter().any(|y| rel_dist(&x, y) < DUPLICATE_TOL) {
+                stats.duplicates += 1;
+                continue;
+            }
+            if f <= floor {
+                found_x.push(x);
+                zeros.push(Zero { c: cz, r: rv, residual: f, exact: true });
+                if let Some(pb) = &bar {
+                    pb.inc(1);
+                }
+            }
+        }
+        round += 1;
+        if zeros.len() >= b || out_of_budget(&stats) || round >= MAX_ROUNDS || (round > 1 && zeros.len() == found_before) {
             break;
         }
-        stats.starts += 1;
-        let t = model.coords.t_of_c(&c);
-        let u0 = Col::from_fn(model.dims() + k, |i| {
-            if i < model.dims() {
-                t[i]
-            } else {
-                r[i - model.dims()]
-            }
-        });
-        let prob = SpanProblem {
-            model: &model,
-            neurons: &neurons,
-            found: zeros.iter().map(|z| model.coords.t_of_c(&z.c)).collect(),
-            rho,
-            bound,
-        };
-        let Some(res) = lm::solve(&prob, u0, &lm_opts) else {
-            continue;
-        };
-        stats.lm_iterations += res.iterations;
-        let Some(f_sub) = prob.span_residual(&res.u) else {
-            continue;
-        };
-        if f_sub > PROMISING {
-            continue;
-        }
-        // polish and check on every neuron, without deflation
-        let full = SpanProblem {
-            model: &model,
-            neurons: &all,
-            found: Vec::new(),
-            rho,
-            bound,
-        };
-        let polished = lm::solve(
-            &full,
-            res.u.clone(),
-            &LmOptions {
-                max_iterations: POLISH_ITERATIONS,
-                target: 0.0,
-                stall: 1e-3,
-            },
-        )
-        .map(|p| p.u)
-        .unwrap_or(res.u);
-        let Some(f) = full.span_residual(&polished) else {
-            continue;
-        };
-        let (tv, rv) = full.split(&polished);
-        let cz = model.coords.c_of_t(&tv);
-        if degenerate(&model, &cz) {
-            stats.degenerate += 1;
-            continue;
-        }
-        let x = model.coords.x_of_c(&cz);
-        if found_x.iter().any(|y| rel_dist(&x, y) < DUPLICATE_TOL) {
-            stats.duplicates += 1;
-            continue;
-        }
-        if f <= floor {
-            found_x.push(x);
-            zeros.push(Zero {
-                c: cz,
-                r: rv,
-                residual: f,
-                exact: true,
-            });
-            if let Some(pb) = &bar {
-                pb.inc(1);
-            }
+        // next round: row points of the gradient with the found samples removed
+        let gv = residual_gradient(sub, &model, &zeros);
+        scored = screen_all(row_points(sub, &gv));
+        if scored.is_empty() {
+            break;
         }
     }
+    stats.rounds = round;
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
@@ -557,6 +533,7 @@ pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
     d.insert("search_degenerate".into(), stats.degenerate.into());
     d.insert("search_seconds".into(), stats.seconds.into());
     d.insert("exact_floor".into(), stats.exact_floor.into());
+    d.insert("search_rounds".into(), stats.rounds.into());
     d.insert("found".into(), found.into());
     if found < rec.batch_estimated {
         rec.notes.push(format!(

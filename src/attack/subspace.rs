@@ -76,6 +76,11 @@ pub fn estimate(view: &ServerView, opts: &SubspaceOptions) -> Result<Subspace> {
         * (view.dtype.epsilon() / 2.0)
         * (fro / ((m * n) as f64).sqrt())
         * ((m as f64).sqrt() + (n as f64).sqrt());
+    // Entrywise rounding and the client's accumulation perturb G~ by at most
+    // ~eps ||G~||_F in spectral norm, whatever the sparsity of its columns (the rms
+    // bound above is too low when many input coordinates are constant, e.g. digits'
+    // border pixels, which left a spurious singular value at 5 u sigma_1).
+    let floor_round = floor_round.max(ROUNDING_FACTOR * view.dtype.epsilon() * fro);
     let floor_noise = noise.map_or(0.0, |sd| {
         NOISE_FACTOR * sd * ((m as f64).sqrt() + (n as f64).sqrt())
     });
