@@ -10,7 +10,11 @@ fn rng() -> rand_chacha::ChaCha8Rng {
 }
 
 fn shared(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(p).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(p)
+        .display()
+        .to_string()
 }
 
 #[test]
@@ -26,7 +30,9 @@ fn photos_give_deterministic_rgb_crops_in_unit_range() {
     assert!(s.min >= 0.0 && s.max <= 1.0 && s.std > 0.1, "{s:?}");
     // crops differ from each other (no duplicated tiles)
     for i in 1..a.len() {
-        let diff: f64 = (0..a.dim()).map(|j| (a.x[(i, j)] - a.x[(0, j)]).abs()).sum();
+        let diff: f64 = (0..a.dim())
+            .map(|j| (a.x[(i, j)] - a.x[(0, j)]).abs())
+            .sum();
         assert!(diff > 1.0, "crop {i} equals crop 0");
     }
     assert_eq!(a.image.unwrap().channels, 3);
@@ -34,21 +40,30 @@ fn photos_give_deterministic_rgb_crops_in_unit_range() {
 
 #[test]
 fn csv_is_standardised_per_column_and_labels_are_read() {
-    let spec: DataSpec = format!("csv:{}", shared("diabetes_data_raw.csv.gz")).parse().unwrap();
+    let spec: DataSpec = format!("csv:{}", shared("diabetes_data_raw.csv.gz"))
+        .parse()
+        .unwrap();
     let d = spec.load(0, &mut rng()).unwrap();
     assert_eq!(d.x.shape(), (442, 10));
     for j in 0..10 {
         let mean: f64 = (0..442).map(|i| d.x[(i, j)]).sum::<f64>() / 442.0;
         let var: f64 = (0..442).map(|i| (d.x[(i, j)] - mean).powi(2)).sum::<f64>() / 442.0;
-        assert!(mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-12, "column {j}: {mean} {var}");
+        assert!(
+            mean.abs() < 1e-12 && (var - 1.0).abs() < 1e-12,
+            "column {j}: {mean} {var}"
+        );
     }
     // column 1 is sex (1 or 2): usable as a label only after it is made 0-based, so
     // it is rejected here as "2 classes" would silently be 3
-    let spec: DataSpec = format!("csv:{}:label=1", shared("diabetes_data_raw.csv.gz")).parse().unwrap();
+    let spec: DataSpec = format!("csv:{}:label=1", shared("diabetes_data_raw.csv.gz"))
+        .parse()
+        .unwrap();
     let d = spec.load(0, &mut rng()).unwrap();
     assert_eq!(d.dim(), 9);
     assert_eq!(d.classes, Some(3));
-    let spec: DataSpec = format!("csv:{}:label=age", shared("diabetes_data_raw.csv.gz")).parse().unwrap();
+    let spec: DataSpec = format!("csv:{}:label=age", shared("diabetes_data_raw.csv.gz"))
+        .parse()
+        .unwrap();
     assert!(spec.load(0, &mut rng()).is_err());
 }
 
@@ -58,7 +73,11 @@ fn gaussian_has_variance_one_over_d() {
     let d = spec.load(400, &mut rng()).unwrap();
     let s = d.prior_stats();
     // 20000 draws: the sample variance of N(0, 1/50) has sd 0.02 * sqrt(2/20000) = 2e-4
-    assert!((s.std * s.std - 0.02).abs() < 5.0 * 2e-4, "{}", s.std * s.std);
+    assert!(
+        (s.std * s.std - 0.02).abs() < 5.0 * 2e-4,
+        "{}",
+        s.std * s.std
+    );
     assert!((s.sq_norm - 1.0).abs() < 0.05);
 }
 

@@ -29,7 +29,14 @@ fn run(name: &str, act: Activation, loss: Option<Loss>, method: Method, check_la
     run_dir(&dir, name, act, loss, method, check_labels)
 }
 
-fn run_dir(dir: &Path, name: &str, act: Activation, loss: Option<Loss>, method: Method, check_labels: bool) {
+fn run_dir(
+    dir: &Path,
+    name: &str,
+    act: Activation,
+    loss: Option<Loss>,
+    method: Method,
+    check_labels: bool,
+) {
     let view = ServerView::from_files(
         &dir.join("model.safetensors"),
         &dir.join("gradient.safetensors"),
@@ -107,8 +114,13 @@ fn diabetes_sigmoid_mse_is_recovered_exactly() {
 #[test]
 fn generated_fixtures() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytorch");
-    let Ok(dirs) = std::fs::read_dir(&root) else { return };
-    let mut dirs: Vec<PathBuf> = dirs.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        return;
+    };
+    let mut dirs: Vec<PathBuf> = dirs
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
     dirs.sort();
     let mut failed = Vec::new();
     for dir in dirs {
@@ -124,12 +136,17 @@ fn generated_fixtures() {
             Loss::Mse
         };
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let ok = std::panic::catch_unwind(|| run_dir(&dir, &name, act, Some(loss), Method::Auto, loss == Loss::Ce));
+        let ok = std::panic::catch_unwind(|| {
+            run_dir(&dir, &name, act, Some(loss), Method::Auto, loss == Loss::Ce)
+        });
         if ok.is_err() && !act.is_piecewise_linear() {
             failed.push(name);
         }
     }
-    assert!(failed.is_empty(), "smooth cases not recovered exactly: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "smooth cases not recovered exactly: {failed:?}"
+    );
 }
 
 /// Without being told the loss, the cross-entropy signature of the residuals gives the labels.

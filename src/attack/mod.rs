@@ -8,6 +8,7 @@ pub mod analytic;
 pub mod baseline;
 pub mod labels;
 pub mod lm;
+pub mod pattern;
 pub mod prior;
 pub mod refine;
 pub mod signal;

@@ -148,6 +148,13 @@ impl SignalModel {
     pub fn width(&self) -> usize {
         self.p.nrows()
     }
+    /// The output weights A (K x m) of a two-layer model.
+    pub fn output_weights(&self) -> Option<&Mat<f64>> {
+        match &self.upper {
+            Upper::TwoLayer { a } => Some(a),
+            Upper::Deep { .. } => None,
+        }
+    }
     pub fn batch(&self) -> usize {
         self.p.ncols()
     }

@@ -14,7 +14,7 @@ use rand_distr::{Distribution, StandardNormal};
 use super::lm::{self, LmOptions, Problem};
 use super::signal::{Neurons, SignalModel};
 use super::subspace::{self, Subspace};
-use super::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView, labels};
+use super::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView, labels, pattern};
 use crate::{Error, Result};
 
 /// Options of the search (`AttackConfig::search`).
@@ -195,10 +195,14 @@ pub fn best_residual(
     neurons: &Neurons,
     c: &Col<f64>,
 ) -> Option<(f64, Col<f64>)> {
-    let m = model.signal_matrix(c, &neurons.rows);
+    best_residual_of(&model.signal_matrix(c, &neurons.rows), neurons)
+}
+
+/// As [`best_residual`] for a given signal matrix M (n x K) on `neurons`.
+pub fn best_residual_of(m: &Mat<f64>, neurons: &Neurons) -> Option<(f64, Col<f64>)> {
     let k = m.ncols();
-    let g1 = m.transpose() * &m;
-    let mq = neurons.q.transpose() * &m;
+    let g1 = m.transpose() * m;
+    let mq = neurons.q.transpose() * m;
     let g2 = &g1 - mq.transpose() * &mq;
     let eig = g1.self_adjoint_eigen(Side::Lower).ok()?;
     let lam: Vec<f64> = eig.S().column_vector().iter().copied().collect();
@@ -290,7 +294,7 @@ fn effective_prior(cfg: &AttackConfig, model: &SignalModel, rows: &[Col<f64>]) -
 /// Row points of a projected gradient GV (m x B): row j divided by its bias
 /// coordinate is an affine combination of the inputs, dominated by one sample on
 /// many neurons. Ordered by the share of the row in the bias direction.
-fn row_points(sub: &Subspace, gv: &Mat<f64>) -> Vec<Col<f64>> {
+pub(crate) fn row_points(sub: &Subspace, gv: &Mat<f64>) -> Vec<Col<f64>> {
     let b = sub.batch;
     let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
     let mut rows: Vec<(f64, Col<f64>)> = (0..gv.nrows())
@@ -331,20 +335,31 @@ fn rel_dist(a: &[f64], b: &[f64]) -> f64 {
 /// A candidate this close (relative) to a found sample converges to it: skip it.
 pub const SKIP_RADIUS: f64 = 0.05;
 /// Rounds of row points from the residual gradient (found samples removed).
-pub const MAX_ROUNDS: usize = 6;
+pub const MAX_ROUNDS: usize = 12;
+/// Failed starts (times B) after which a new round is begun, if samples were found
+/// since the last one: removing them from the gradient makes better row points.
+pub const ROUND_PATIENCE: usize = 2;
 
-/// The projected gradient with the found samples' terms removed:
-/// GV - sum_i s_i c_i^T, the s_i with their least-squares scale (`labels::output_residuals`).
+/// The projected gradient with the found samples removed exactly: GV projected
+/// onto the complement of the found signals, (I - S_f S_f^+) GV = (I - S_f S_f^+) S_m C_m^T.
+/// Its rows are combinations of the missing samples only (no scale needs fitting).
 fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat<f64> {
     let b = sub.batch;
-    let mut gv = Mat::from_fn(sub.q.nrows(), b, |j, k| sub.q[(j, k)] * sub.singular_values[k]);
-    let rs = labels::output_residuals(sub, model, zeros);
-    let all: Vec<usize> = (0..model.width()).collect();
-    for (z, r) in zeros.iter().zip(&rs) {
-        let s = model.signal_matrix(&z.c, &all) * r;
-        gv -= &s * z.c.transpose();
+    let gv = Mat::from_fn(sub.q.nrows(), b, |j, k| {
+        sub.q[(j, k)] * sub.singular_values[k]
+    });
+    if zeros.is_empty() {
+        return gv;
     }
-    gv
+    let all: Vec<usize> = (0..model.width()).collect();
+    let mut sf = Mat::<f64>::zeros(model.width(), zeros.len());
+    for (i, z) in zeros.iter().enumerate() {
+        let s = model.signal_matrix(&z.c, &all) * &z.r;
+        sf.col_mut(i).copy_from(&s);
+    }
+    let qf = sf.qr().compute_thin_Q();
+    let proj = qf.transpose() * &gv;
+    &gv - &qf * &proj
 }
 
 /// Run the search. `extra` are starting inputs from another stage (e.g. tensor estimates).
@@ -361,7 +376,11 @@ pub fn search(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5ea_2c4);
     let mut perm: Vec<usize> = (0..m).collect();
     perm.shuffle(&mut rng);
-    let n = opts.neurons.unwrap_or(NEURONS_PER_UNKNOWN * (b - 1 + k)).max(MIN_NEURONS).min(m);
+    let n = opts
+        .neurons
+        .unwrap_or(NEURONS_PER_UNKNOWN * (b - 1 + k))
+        .max(MIN_NEURONS)
+        .min(m);
     let mut rows: Vec<usize> = perm[..n].to_vec();
     rows.sort_unstable();
     let neurons = Neurons::new(&sub.q, rows);
@@ -395,14 +414,31 @@ pub fn search(
     let mut round0: Vec<Col<f64>> = extra.iter().map(|x| model.coords.c_of_x(x)).collect();
     round0.extend(prior_points(&model, &prior, opts.prior_starts, cfg.seed));
     round0.extend(first_rows);
-    let mut scored = screen_all(round0);
+    let scored = screen_all(round0);
 
-    let mut stats = SearchStats { exact_floor: floor, ..Default::default() };
+    let mut stats = SearchStats {
+        exact_floor: floor,
+        candidates: scored.len(),
+        ..Default::default()
+    };
     // deflation radius: a tenth of the typical spread of the candidates in t
     let rho = {
-        let ts: Vec<Col<f64>> = scored.iter().take(64).map(|(_, c, _)| model.coords.t_of_c(c)).collect();
-        let mean = ts.iter().fold(Col::<f64>::zeros(model.dims()), |a, t| a + t) * (1.0 / ts.len().max(1) as f64);
-        (ts.iter().map(|t| (t - &mean).squared_norm_l2()).sum::<f64>() / ts.len().max(1) as f64).sqrt().max(1e-6) * 0.1
+        let ts: Vec<Col<f64>> = scored
+            .iter()
+            .take(64)
+            .map(|(_, c, _)| model.coords.t_of_c(c))
+            .collect();
+        let mean = ts
+            .iter()
+            .fold(Col::<f64>::zeros(model.dims()), |a, t| a + t)
+            * (1.0 / ts.len().max(1) as f64);
+        (ts.iter()
+            .map(|t| (t - &mean).squared_norm_l2())
+            .sum::<f64>()
+            / ts.len().max(1) as f64)
+            .sqrt()
+            .max(1e-6)
+            * 0.1
     };
     let mut zeros: Vec<Zero> = Vec::new();
     let mut found_x: Vec<Vec<f64>> = Vec::new();
@@ -411,14 +447,26 @@ pub fn search(
         pb.set_message("span search");
         pb
     });
-    let lm_opts = LmOptions { max_iterations: LM_ITERATIONS, target: floor * 1e-3, stall: 1e-4 };
-    let out_of_budget = |stats: &SearchStats| stats.starts >= opts.max_starts || t0.elapsed().as_secs_f64() > opts.seconds;
+    let lm_opts = LmOptions {
+        max_iterations: LM_ITERATIONS,
+        target: floor * 1e-3,
+        stall: 1e-4,
+    };
+    let out_of_budget = |stats: &SearchStats| {
+        stats.starts >= opts.max_starts || t0.elapsed().as_secs_f64() > opts.seconds
+    };
     let mut round = 0;
+    let mut failures = 0;
+    let mut found_at_round = 0;
+    let patience = ROUND_PATIENCE * b;
+    let mut pending: std::collections::VecDeque<(f64, Col<f64>, Col<f64>)> = scored.into();
     loop {
-        stats.candidates += scored.len();
-        let found_before = zeros.len();
-        for (_, c, r) in std::mem::take(&mut scored) {
+        while let Some((_, c, r)) = pending.pop_front() {
             if zeros.len() >= b || out_of_budget(&stats) {
+                break;
+            }
+            if failures >= patience && zeros.len() > found_at_round && round < MAX_ROUNDS {
+                pending.push_front((0.0, c, r));
                 break;
             }
             let xc = model.coords.x_of_c(&c);
@@ -426,6 +474,7 @@ pub fn search(
                 continue;
             }
             stats.starts += 1;
+            failures += 1;
             let t = model.coords.t_of_c(&c);
             let nb = model.dims();
             let u0 = Col::from_fn(nb + k, |i| if i < nb { t[i] } else { r[i - nb] });
@@ -436,17 +485,35 @@ pub fn search(
                 rho,
                 bound,
             };
-            let Some(res) = lm::solve(&prob, u0, &lm_opts) else { continue };
+            let Some(res) = lm::solve(&prob, u0, &lm_opts) else {
+                continue;
+            };
             stats.lm_iterations += res.iterations;
-            let Some(f_sub) = prob.span_residual(&res.u) else { continue };
+            let Some(f_sub) = prob.span_residual(&res.u) else {
+                continue;
+            };
             if f_sub > PROMISING {
                 continue;
             }
             // polish and check on every neuron, without deflation
-            let full = SpanProblem { model: &model, neurons: &all, found: Vec::new(), rho, bound };
-            let polish = LmOptions { max_iterations: POLISH_ITERATIONS, target: 0.0, stall: 1e-3 };
-            let polished = lm::solve(&full, res.u.clone(), &polish).map(|p| p.u).unwrap_or(res.u);
-            let Some(f) = full.span_residual(&polished) else { continue };
+            let full = SpanProblem {
+                model: &model,
+                neurons: &all,
+                found: Vec::new(),
+                rho,
+                bound,
+            };
+            let polish = LmOptions {
+                max_iterations: POLISH_ITERATIONS,
+                target: 0.0,
+                stall: 1e-3,
+            };
+            let polished = lm::solve(&full, res.u.clone(), &polish)
+                .map(|p| p.u)
+                .unwrap_or(res.u);
+            let Some(f) = full.span_residual(&polished) else {
+                continue;
+            };
             let (tv, rv) = full.split(&polished);
             let cz = model.coords.c_of_t(&tv);
             if degenerate(&model, &cz) {
@@ -460,22 +527,36 @@ pub fn search(
             }
             if f <= floor {
                 found_x.push(x);
-                zeros.push(Zero { c: cz, r: rv, residual: f, exact: true });
+                zeros.push(Zero {
+                    c: cz,
+                    r: rv,
+                    residual: f,
+                    exact: true,
+                });
+                failures = 0;
                 if let Some(pb) = &bar {
                     pb.inc(1);
                 }
             }
         }
+        if zeros.len() >= b
+            || out_of_budget(&stats)
+            || round >= MAX_ROUNDS
+            || zeros.len() == found_at_round
+        {
+            break;
+        }
+        // a new round: row points of the gradient with the found samples removed,
+        // merged with what is left of the earlier rounds
         round += 1;
-        if zeros.len() >= b || out_of_budget(&stats) || round >= MAX_ROUNDS || (round > 1 && zeros.len() == found_before) {
-            break;
-        }
-        // next round: row points of the gradient with the found samples removed
+        found_at_round = zeros.len();
+        failures = 0;
         let gv = residual_gradient(sub, &model, &zeros);
-        scored = screen_all(row_points(sub, &gv));
-        if scored.is_empty() {
-            break;
-        }
+        let fresh = screen_all(row_points(sub, &gv));
+        stats.candidates += fresh.len();
+        let mut merged: Vec<_> = fresh.into_iter().chain(pending.drain(..)).collect();
+        merged.sort_by(|a, b| a.0.total_cmp(&b.0));
+        pending = merged.into();
     }
     stats.rounds = round;
     if let Some(pb) = bar {
@@ -551,8 +632,28 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             "the span search needs a first-layer bias to fix each sample's scale".into(),
         ));
     }
-    let (zeros, stats, model) = search(view, &sub, cfg, &[])?;
-    rec.samples = to_samples(view, &sub, &model, &zeros, cfg, "span");
+    if view.activation == crate::model::Activation::Identity {
+        rec.notes.push(
+            "with the identity activation every sample's signal is the same vector A^T r: the inputs \
+             cannot be separated (only their span is known)"
+                .into(),
+        );
+        return Ok(rec);
+    }
+    let (zeros, stats, model, stage) = if pattern::slopes(view.activation).is_some() {
+        let (z, s, m) = pattern::search(view, &sub, cfg)?;
+        if z.is_empty() {
+            rec.notes.push(format!(
+                "pattern search found {} of {} activation patterns; the inputs need all of them",
+                s.rounds, sub.batch
+            ));
+        }
+        (z, s, m, "pattern")
+    } else {
+        let (z, s, m) = search(view, &sub, cfg, &[])?;
+        (z, s, m, "span")
+    };
+    rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);
     record(&mut rec, &stats, zeros.len());
     Ok(rec)
 }
