@@ -13,10 +13,12 @@ mod error;
 pub mod io;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod report;
 pub mod rng;
 mod scalar;
 pub mod simulate;
+pub mod sweep;
 
 pub use error::{Error, Result};
 pub use scalar::{Dtype, Real};

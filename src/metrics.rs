@@ -2,7 +2,7 @@
 //! error, then per-sample relative error, cosine and PSNR (docs/DESIGN.md, "Metrics").
 
 use faer::Mat;
-use pathfinding::prelude::{kuhn_munkres_min, Matrix};
+use pathfinding::prelude::{Matrix, kuhn_munkres_min};
 use serde::Serialize;
 
 use crate::attack::Sample;
@@ -91,17 +91,25 @@ pub fn evaluate(
     true_labels: Option<&[usize]>,
 ) -> Result<Metrics> {
     let (b, d) = truth.shape();
-    let rows: Vec<Vec<f64>> = (0..b).map(|i| (0..d).map(|j| truth[(i, j)]).collect()).collect();
+    let rows: Vec<Vec<f64>> = (0..b)
+        .map(|i| (0..d).map(|j| truth[(i, j)]).collect())
+        .collect();
     for (k, s) in samples.iter().enumerate() {
         if s.x.len() != d {
-            return Err(Error::Shape(format!("reconstruction {k} has {} values, the truth {d}", s.x.len())));
+            return Err(Error::Shape(format!(
+                "reconstruction {k} has {} values, the truth {d}",
+                s.x.len()
+            )));
         }
         if s.x.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFinite(format!("reconstruction {k}")));
         }
     }
     let r = samples.len();
-    let err: Vec<Vec<f64>> = rows.iter().map(|t| samples.iter().map(|s| rel_error(t, &s.x)).collect()).collect();
+    let err: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|t| samples.iter().map(|s| rel_error(t, &s.x)).collect())
+        .collect();
     let cost = |e: f64| (e.min(1e6) * COST_SCALE) as i64;
     // truth -> sample index
     let mut assign: Vec<Option<usize>> = vec![None; b];
@@ -124,7 +132,13 @@ pub fn evaluate(
     for i in 0..b {
         let m = assign[i].map(|k| {
             let s = &samples[k];
-            (k, err[i][k], cosine(&rows[i], &s.x), range.map(|rg| psnr(&rows[i], &s.x, rg)), s.label)
+            (
+                k,
+                err[i][k],
+                cosine(&rows[i], &s.x),
+                range.map(|rg| psnr(&rows[i], &s.x, rg)),
+                s.label,
+            )
         });
         per.push(SampleMetrics {
             truth: i,
@@ -137,11 +151,16 @@ pub fn evaluate(
             label_recovered: m.and_then(|t| t.4),
         });
     }
-    let mut errs: Vec<f64> = per.iter().map(|p| p.rel_error.unwrap_or(MISSING_ERROR)).collect();
+    let mut errs: Vec<f64> = per
+        .iter()
+        .map(|p| p.rel_error.unwrap_or(MISSING_ERROR))
+        .collect();
     let max = errs.iter().copied().fold(0.0, f64::max);
     let label_accuracy = match true_labels {
         Some(_) if samples.iter().any(|s| s.label.is_some()) => Some(
-            per.iter().filter(|p| p.label_recovered.is_some() && p.label_recovered == p.label_true).count() as f64
+            per.iter()
+                .filter(|p| p.label_recovered.is_some() && p.label_recovered == p.label_true)
+                .count() as f64
                 / b as f64,
         ),
         _ => None,
@@ -165,7 +184,14 @@ mod tests {
     use super::*;
 
     fn sample(x: Vec<f64>, label: Option<usize>) -> Sample {
-        Sample { x, residual: None, exact: false, stage: "test".into(), label, output_residual: None }
+        Sample {
+            x,
+            residual: None,
+            exact: false,
+            stage: "test".into(),
+            label,
+            output_residual: None,
+        }
     }
 
     #[test]
@@ -178,7 +204,10 @@ mod tests {
             sample(vec![3.0, 4.5], Some(0)),
         ];
         let m = evaluate(&truth, &recs, Some((0.0, 10.0)), 1e-3, Some(&[0, 1, 2])).unwrap();
-        assert_eq!(m.per_sample.iter().map(|p| p.matched).collect::<Vec<_>>(), vec![Some(1), Some(2), Some(0)]);
+        assert_eq!(
+            m.per_sample.iter().map(|p| p.matched).collect::<Vec<_>>(),
+            vec![Some(1), Some(2), Some(0)]
+        );
         assert_eq!(m.recovered_fraction, 2.0 / 3.0);
         let e = 0.5 / 5.0;
         assert!((m.max_rel_error - e).abs() < 1e-15);
@@ -205,6 +234,15 @@ mod tests {
     #[test]
     fn nan_is_rejected() {
         let truth = Mat::from_fn(1, 2, |_, _| 1.0);
-        assert!(evaluate(&truth, &[sample(vec![f64::NAN, 1.0], None)], None, 1e-3, None).is_err());
+        assert!(
+            evaluate(
+                &truth,
+                &[sample(vec![f64::NAN, 1.0], None)],
+                None,
+                1e-3,
+                None
+            )
+            .is_err()
+        );
     }
 }

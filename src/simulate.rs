@@ -11,9 +11,9 @@ use crate::data::{Batch, DataSpec, Dataset};
 use crate::defense::{self, ClientContext, Defense, DefenseReport};
 use crate::io::png::ImageShape;
 use crate::metrics::{self, Metrics};
-use crate::model::{cast_mat, Activation, Gradient, Init, InitConfig, Loss, Mlp, Targets};
-use crate::report::{per_sample, AttackSummary, Seconds, SimulationReport};
-use crate::rng::{stream, Stream};
+use crate::model::{Activation, Gradient, Init, InitConfig, Loss, Mlp, Targets, cast_mat};
+use crate::report::{AttackSummary, Seconds, SimulationReport, per_sample};
+use crate::rng::{Stream, stream};
 use crate::{Dtype, Error, Result};
 
 /// A simulated round.
@@ -68,24 +68,32 @@ fn targets(cfg: &SimConfig, data: &Dataset, batch: &Batch, k: usize) -> Result<T
             };
             Ok(Targets::Classes(labels))
         }
-        Loss::Bce => Ok(Targets::Values(Mat::from_fn(cfg.batch, k, |i, j| match &batch.labels {
-            Some(l) if k == 1 => f64::from(l[i] % 2 == 1),
-            Some(l) => f64::from(l[i] == j),
-            None => f64::from(rng.random::<bool>()),
-        }))),
+        Loss::Bce => Ok(Targets::Values(Mat::from_fn(
+            cfg.batch,
+            k,
+            |i, j| match &batch.labels {
+                Some(l) if k == 1 => f64::from(l[i] % 2 == 1),
+                Some(l) => f64::from(l[i] == j),
+                None => f64::from(rng.random::<bool>()),
+            },
+        ))),
         Loss::Mse => {
             let n = rand_distr::Normal::new(0.0, 1.0).expect("finite");
-            Ok(Targets::Values(Mat::from_fn(cfg.batch, k, |_, _| rand_distr::Distribution::sample(&n, &mut rng))))
+            Ok(Targets::Values(Mat::from_fn(cfg.batch, k, |_, _| {
+                rand_distr::Distribution::sample(&n, &mut rng)
+            })))
         }
     }
 }
 
 /// The class labels the client trained with, when the loss has classes.
-fn class_labels(t: &Targets) -> Option<Vec<usize>> {
-    match t {
-        Targets::Classes(c) => Some(c.clone()),
-        Targets::Values(v) if v.ncols() == 1 => Some((0..v.nrows()).map(|i| v[(i, 0)] as usize).collect()),
-        Targets::Values(_) => None,
+fn class_labels(t: &Targets, loss: Loss) -> Option<Vec<usize>> {
+    match (t, loss) {
+        (Targets::Classes(c), _) => Some(c.clone()),
+        (Targets::Values(v), Loss::Bce) if v.ncols() == 1 => {
+            Some((0..v.nrows()).map(|i| v[(i, 0)] as usize).collect())
+        }
+        _ => None,
     }
 }
 
@@ -95,7 +103,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     if cfg.batch == 0 {
         return Err(Error::Invalid("--batch must be at least 1".into()));
     }
-    let data = cfg.data.load(cfg.batch, &mut stream(cfg.seed, Stream::Data))?;
+    let data = cfg
+        .data
+        .load(cfg.batch, &mut stream(cfg.seed, Stream::Data))?;
     let batch = data.draw_batch(cfg.batch, &mut stream(cfg.seed, Stream::Data))?;
     let k = match (cfg.classes, cfg.loss) {
         (Some(k), _) => k,
@@ -103,7 +113,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
         (None, _) => 1,
     };
     if cfg.loss == Loss::Ce && k < 2 {
-        return Err(Error::Invalid("cross-entropy needs --classes of at least 2".into()));
+        return Err(Error::Invalid(
+            "cross-entropy needs --classes of at least 2".into(),
+        ));
     }
     let stats = data.prior_stats();
     let init = InitConfig {
@@ -131,17 +143,34 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
         Dtype::F32 => {
             let m32: Mlp<f32> = model.cast();
             let x32: Mat<f32> = cast_mat(batch.x.as_ref());
-            let g = m32.gradient(x32.as_ref(), &targets, cfg.loss)?.cast::<f64>();
+            let g = m32
+                .gradient(x32.as_ref(), &targets, cfg.loss)?
+                .cast::<f64>();
             model = m32.cast();
             (cast_mat(x32.as_ref()), g)
         }
     };
-    let ctx = ClientContext { model: &model, x: &x, targets: &targets, loss: cfg.loss };
-    let (grad, defense_report): (Gradient<f64>, Option<DefenseReport>) = if cfg.defenses.is_empty() {
+    let ctx = ClientContext {
+        model: &model,
+        x: &x,
+        targets: &targets,
+        loss: cfg.loss,
+    };
+    let (grad, defense_report): (Gradient<f64>, Option<DefenseReport>) = if cfg.defenses.is_empty()
+    {
         (grad, None)
     } else {
-        let (g, r) = defense::apply(&cfg.defenses, &ctx, grad, &mut stream(cfg.seed, Stream::Defense))?;
-        let g = if cfg.dtype == Dtype::F32 { g.cast::<f32>().cast::<f64>() } else { g };
+        let (g, r) = defense::apply(
+            &cfg.defenses,
+            &ctx,
+            grad,
+            &mut stream(cfg.seed, Stream::Defense),
+        )?;
+        let g = if cfg.dtype == Dtype::F32 {
+            g.cast::<f32>().cast::<f64>()
+        } else {
+            g
+        };
         (g, Some(r))
     };
     let grad_seconds = t_grad.elapsed().as_secs_f64();
@@ -156,7 +185,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     let rec = attack::run(&view, &acfg)?;
     let attack_seconds = t_att.elapsed().as_secs_f64();
 
-    let labels = class_labels(&targets);
+    let labels = class_labels(&targets, cfg.loss);
     let metrics = metrics::evaluate(&x, &rec.samples, data.range, cfg.tol, labels.as_deref())?;
     let report = SimulationReport {
         gradleak_version: env!("CARGO_PKG_VERSION"),
@@ -184,12 +213,20 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
         label_accuracy: metrics.label_accuracy,
         mean_psnr: metrics.mean_psnr,
         per_sample: per_sample(&metrics, &rec),
-        seconds: Seconds { gradient: grad_seconds, attack: attack_seconds, total: t0.elapsed().as_secs_f64() },
+        seconds: Seconds {
+            gradient: grad_seconds,
+            attack: attack_seconds,
+            total: t0.elapsed().as_secs_f64(),
+        },
         attack: AttackSummary::from(&rec),
     };
     Ok(SimOutput {
         report,
-        batch: Batch { x, labels: batch.labels, indices: batch.indices },
+        batch: Batch {
+            x,
+            labels: batch.labels,
+            indices: batch.indices,
+        },
         model,
         gradient: grad,
         reconstruction: rec,
@@ -218,25 +255,128 @@ impl SimOutput {
         npy::write_matrix(dir.join("truth.npy"), &self.batch.x)?;
         let d = self.batch.x.ncols();
         let rec = self.matched_reconstructions();
-        let rows: Vec<Vec<f64>> = rec.iter().map(|r| r.clone().unwrap_or_else(|| vec![0.0; d])).collect();
-        npy::write_matrix(dir.join("reconstruction.npy"), &Mat::from_fn(rows.len(), d, |i, j| rows[i][j]))?;
+        let rows: Vec<Vec<f64>> = rec
+            .iter()
+            .map(|r| r.clone().unwrap_or_else(|| vec![0.0; d]))
+            .collect();
+        npy::write_matrix(
+            dir.join("reconstruction.npy"),
+            &Mat::from_fn(rows.len(), d, |i, j| rows[i][j]),
+        )?;
         match self.report.dtype.as_str() {
             "f32" => {
                 safetensors::write_model(dir.join("model.safetensors"), &self.model.cast::<f32>())?;
-                safetensors::write_gradient(dir.join("gradient.safetensors"), &self.gradient.cast::<f32>())?;
+                safetensors::write_gradient(
+                    dir.join("gradient.safetensors"),
+                    &self.gradient.cast::<f32>(),
+                )?;
             }
             _ => {
                 safetensors::write_model(dir.join("model.safetensors"), &self.model)?;
                 safetensors::write_gradient(dir.join("gradient.safetensors"), &self.gradient)?;
             }
         }
-        let json = serde_json::to_vec_pretty(&self.report).map_err(|e| Error::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&self.report).map_err(|e| Error::Invalid(e.to_string()))?;
         crate::io::write_atomic(&dir.join("report.json"), &json)?;
         if let Some(shape) = self.image {
-            let truth: Vec<Option<Vec<f64>>> =
-                (0..self.batch.x.nrows()).map(|i| Some((0..d).map(|j| self.batch.x[(i, j)]).collect())).collect();
+            let truth: Vec<Option<Vec<f64>>> = (0..self.batch.x.nrows())
+                .map(|i| Some((0..d).map(|j| self.batch.x[(i, j)]).collect()))
+                .collect();
             let zoom = (96 / shape.height.max(1)).max(1);
-            png::write_grid(dir.join("grid.png"), &[truth, rec], shape, self.range.unwrap_or((0.0, 1.0)), zoom)?;
+            png::write_grid(
+                dir.join("grid.png"),
+                &[truth, rec],
+                shape,
+                self.range.unwrap_or((0.0, 1.0)),
+                zoom,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for SimConfig {
+    /// digits, B = 8, m = 4096, tanh, cross-entropy, PyTorch's init, f64, seed 1, auto.
+    fn default() -> Self {
+        SimConfig {
+            data: DataSpec::Digits,
+            batch: 8,
+            width: 4096,
+            depth: 1,
+            hidden: 256,
+            activation: Activation::Tanh,
+            loss: Loss::Ce,
+            classes: None,
+            init: Init::TorchDefault,
+            dtype: Dtype::F64,
+            seed: 1,
+            defenses: Vec::new(),
+            tol: metrics::DEFAULT_TOL,
+            attack: AttackConfig::new(attack::Method::Auto, 1),
+        }
+    }
+}
+
+/// Keys `SimConfig::set` understands (the sweep's grid keys).
+pub const KEYS: &[&str] = &[
+    "data",
+    "batch",
+    "width",
+    "depth",
+    "hidden",
+    "activation",
+    "loss",
+    "classes",
+    "init",
+    "dtype",
+    "seed",
+    "method",
+    "defense",
+    "tol",
+    "prior",
+];
+
+impl SimConfig {
+    /// Set one field from its command-line spelling (`defense` takes `+`-joined steps,
+    /// `none` for no defence).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
+            v.parse()
+                .map_err(|_| Error::Invalid(format!("{key}={v}: not a valid number")))
+        }
+        match key {
+            "data" => self.data = value.parse()?,
+            "batch" => self.batch = num(key, value)?,
+            "width" => self.width = num(key, value)?,
+            "depth" => self.depth = num(key, value)?,
+            "hidden" => self.hidden = num(key, value)?,
+            "activation" => self.activation = value.parse()?,
+            "loss" => self.loss = value.parse()?,
+            "classes" => self.classes = Some(num(key, value)?),
+            "init" => self.init = value.parse()?,
+            "dtype" => self.dtype = value.parse()?,
+            "seed" => {
+                self.seed = num(key, value)?;
+                self.attack.seed = self.seed;
+            }
+            "method" => self.attack.method = value.parse()?,
+            "defense" => {
+                self.defenses = if value == "none" || value.is_empty() {
+                    Vec::new()
+                } else {
+                    value.split('+').map(str::parse).collect::<Result<_>>()?
+                }
+            }
+            "tol" => self.tol = num(key, value)?,
+            "prior" => self.attack.prior = Some(value.parse()?),
+            _ => {
+                return Err(Error::Unknown {
+                    kind: "setting",
+                    name: key.into(),
+                    expected: KEYS.join(" "),
+                });
+            }
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! least squares: x = sum_j g_b_j g_w_j / sum_j g_b_j^2 (the neurons with the
 //! largest |g_b_j| dominate, which is what keeps the rounding error smallest).
 
-use super::{subspace, AttackConfig, Method, Reconstruction, Sample, ServerView};
+use super::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
 use crate::{Error, Result};
 
 /// Relative residual below `EXACT_FACTOR * eps(dtype)` counts as exact: the gradient's
@@ -13,7 +13,8 @@ pub const EXACT_FACTOR: f64 = 100.0;
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let (Some(gb), Some(_)) = (&view.first.grad_bias, &view.first.bias) else {
         return Err(Error::Invalid(
-            "the analytic attack needs a first-layer bias (it fixes the scale x = g_w / g_b)".into(),
+            "the analytic attack needs a first-layer bias (it fixes the scale x = g_w / g_b)"
+                .into(),
         ));
     };
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
@@ -28,7 +29,9 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let (m, d) = (view.width(), view.input_dim());
     let denom = gb.squared_norm_l2();
     if denom == 0.0 {
-        return Err(Error::Numerical("every bias gradient is zero: the sample cannot be scaled".into()));
+        return Err(Error::Numerical(
+            "every bias gradient is zero: the sample cannot be scaled".into(),
+        ));
     }
     let mut x = vec![0.0; d];
     let mut start = 0;

@@ -43,8 +43,15 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 7] =
-        [Method::Analytic, Method::Tensor, Method::Refine, Method::Span, Method::Auto, Method::Dlg, Method::Ig];
+    pub const ALL: [Method; 7] = [
+        Method::Analytic,
+        Method::Tensor,
+        Method::Refine,
+        Method::Span,
+        Method::Auto,
+        Method::Dlg,
+        Method::Ig,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -62,11 +69,14 @@ impl Method {
 impl std::str::FromStr for Method {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| Error::Unknown {
-            kind: "method",
-            name: s.into(),
-            expected: Method::ALL.map(|m| m.name()).join(" "),
-        })
+        Method::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| Error::Unknown {
+                kind: "method",
+                name: s.into(),
+                expected: Method::ALL.map(|m| m.name()).join(" "),
+            })
     }
 }
 
@@ -114,7 +124,11 @@ impl AttackConfig {
 
     /// Options of the subspace stage implied by this configuration.
     pub fn subspace_options(&self) -> SubspaceOptions {
-        SubspaceOptions { batch: self.batch, noise_std: self.noise_std, seed: self.seed }
+        SubspaceOptions {
+            batch: self.batch,
+            noise_std: self.noise_std,
+            seed: self.seed,
+        }
     }
 }
 
@@ -160,7 +174,12 @@ impl Reconstruction {
             method,
             batch_estimated: s.batch,
             samples: Vec::new(),
-            singular_values: s.singular_values.iter().take(2 * s.batch + 8).copied().collect(),
+            singular_values: s
+                .singular_values
+                .iter()
+                .take(2 * s.batch + 8)
+                .copied()
+                .collect(),
             rank_threshold: s.threshold,
             rank_rule: Some(s.rule),
             notes: Vec::new(),

@@ -18,13 +18,23 @@ pub struct Prior {
 impl Default for Prior {
     /// Standardised data: mean 0, sd 1, unbounded.
     fn default() -> Self {
-        Prior { mean: 0.0, std: 1.0, min: f64::NEG_INFINITY, max: f64::INFINITY }
+        Prior {
+            mean: 0.0,
+            std: 1.0,
+            min: f64::NEG_INFINITY,
+            max: f64::INFINITY,
+        }
     }
 }
 
 impl From<PriorStats> for Prior {
     fn from(s: PriorStats) -> Self {
-        Prior { mean: s.mean, std: s.std, min: s.min, max: s.max }
+        Prior {
+            mean: s.mean,
+            std: s.std,
+            min: s.min,
+            max: s.max,
+        }
     }
 }
 
@@ -34,9 +44,9 @@ impl std::str::FromStr for Prior {
     fn from_str(s: &str) -> Result<Self> {
         let mut p = Prior::default();
         for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| Error::Invalid(format!("--prior '{s}': expected key=value pairs")))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                Error::Invalid(format!("--prior '{s}': expected key=value pairs"))
+            })?;
             let v: f64 = v
                 .parse()
                 .map_err(|_| Error::Invalid(format!("--prior '{s}': '{v}' is not a number")))?;
@@ -46,12 +56,18 @@ impl std::str::FromStr for Prior {
                 "min" => p.min = v,
                 "max" => p.max = v,
                 _ => {
-                    return Err(Error::Unknown { kind: "prior key", name: k.into(), expected: "mean std min max".into() });
+                    return Err(Error::Unknown {
+                        kind: "prior key",
+                        name: k.into(),
+                        expected: "mean std min max".into(),
+                    });
                 }
             }
         }
         if !(p.std > 0.0) || !p.mean.is_finite() || p.min >= p.max {
-            return Err(Error::Invalid(format!("--prior '{s}': need std > 0, a finite mean and min < max")));
+            return Err(Error::Invalid(format!(
+                "--prior '{s}': need std > 0, a finite mean and min < max"
+            )));
         }
         Ok(p)
     }

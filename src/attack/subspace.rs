@@ -6,7 +6,7 @@ use faer::{Mat, MatRef};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::view::{ServerView, BLOCK_ROWS};
+use super::view::{BLOCK_ROWS, ServerView};
 use crate::{Error, Result};
 
 /// Largest m x (d+1) (in entries) for which G~ is decomposed directly by a thin SVD;
@@ -72,13 +72,18 @@ pub fn estimate(view: &ServerView, opts: &SubspaceOptions) -> Result<Subspace> {
     } else {
         randomized_svd(view, opts.seed, opts.batch)?
     };
-    let floor_round = ROUNDING_FACTOR * (view.dtype.epsilon() / 2.0) * (fro / ((m * n) as f64).sqrt())
+    let floor_round = ROUNDING_FACTOR
+        * (view.dtype.epsilon() / 2.0)
+        * (fro / ((m * n) as f64).sqrt())
         * ((m as f64).sqrt() + (n as f64).sqrt());
-    let floor_noise = noise.map_or(0.0, |sd| NOISE_FACTOR * sd * ((m as f64).sqrt() + (n as f64).sqrt()));
+    let floor_noise = noise.map_or(0.0, |sd| {
+        NOISE_FACTOR * sd * ((m as f64).sqrt() + (n as f64).sqrt())
+    });
     let threshold = floor_round.max(floor_noise);
     if s.first().is_none_or(|&s0| s0 <= threshold) {
         return Err(Error::Numerical(
-            "the first-layer gradient is zero (or below its noise floor): nothing to reconstruct".into(),
+            "the first-layer gradient is zero (or below its noise floor): nothing to reconstruct"
+                .into(),
         ));
     }
     let max_rank = m.min(n);
@@ -127,7 +132,9 @@ fn dense_svd(view: &ServerView) -> Result<Svd> {
     let m = view.width();
     let g = view.augmented_gradient_block(0..m)?;
     let fro = g.norm_l2();
-    let svd = g.thin_svd().map_err(|e| Error::Numerical(format!("SVD of the gradient: {e:?}")))?;
+    let svd = g
+        .thin_svd()
+        .map_err(|e| Error::Numerical(format!("SVD of the gradient: {e:?}")))?;
     let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
     Ok((svd.U().to_owned(), s, svd.V().to_owned(), fro))
 }
@@ -185,14 +192,24 @@ fn randomized_svd(view: &ServerView, seed: u64, forced: Option<usize>) -> Result
         if fro == 0.0 {
             fro = f;
         }
-        let svd = bt.thin_svd().map_err(|e| Error::Numerical(format!("SVD of the sketch: {e:?}")))?;
+        let svd = bt
+            .thin_svd()
+            .map_err(|e| Error::Numerical(format!("SVD of the sketch: {e:?}")))?;
         let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
         // Bt = V S W^T, so G~ ~ Q W S V^T.
         let u = &q * svd.V();
         let v = svd.U().to_owned();
-        let floor = ROUNDING_FACTOR * (view.dtype.epsilon() / 2.0) * (fro / ((m * n) as f64).sqrt())
+        let floor = ROUNDING_FACTOR
+            * (view.dtype.epsilon() / 2.0)
+            * (fro / ((m * n) as f64).sqrt())
             * ((m as f64).sqrt() + (n as f64).sqrt());
-        let fell = s.iter().position(|&x| x <= floor.max(view.noise_std.unwrap_or(0.0) * NOISE_FACTOR * ((m as f64).sqrt() + (n as f64).sqrt())));
+        let fell = s.iter().position(|&x| {
+            x <= floor.max(
+                view.noise_std.unwrap_or(0.0)
+                    * NOISE_FACTOR
+                    * ((m as f64).sqrt() + (n as f64).sqrt()),
+            )
+        });
         if fell.is_some_and(|p| p + 8 <= k) || k == cap || forced.is_some() {
             return Ok((u, s, v, fro));
         }
@@ -203,8 +220,8 @@ fn randomized_svd(view: &ServerView, seed: u64, forced: Option<usize>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Activation, Dense, Gradient, Mlp};
     use crate::Dtype;
+    use crate::model::{Activation, Dense, Gradient, Mlp};
     use faer::Col;
 
     /// A rank-B gradient built from (1) directly, in f64 and rounded to f32.
@@ -217,11 +234,29 @@ mod tests {
         let bias = g(m, 1);
         let gw = &delta * &x;
         let gb = Col::from_fn(m, |j| (0..b).map(|i| delta[(j, i)]).sum::<f64>());
-        let round = |v: f64| if dtype == Dtype::F32 { v as f32 as f64 } else { v };
+        let round = |v: f64| {
+            if dtype == Dtype::F32 {
+                v as f32 as f64
+            } else {
+                v
+            }
+        };
         let gw = Mat::from_fn(m, d, |i, j| round(gw[(i, j)]));
         let gb = Col::from_fn(m, |i| round(gb[i]));
-        let model = Mlp::new(vec![Dense { weight: w, bias: Some(bias.col(0).to_owned()) }], Activation::Identity).unwrap();
-        let grad = Gradient { layers: vec![Dense { weight: gw, bias: Some(gb) }] };
+        let model = Mlp::new(
+            vec![Dense {
+                weight: w,
+                bias: Some(bias.col(0).to_owned()),
+            }],
+            Activation::Identity,
+        )
+        .unwrap();
+        let grad = Gradient {
+            layers: vec![Dense {
+                weight: gw,
+                bias: Some(gb),
+            }],
+        };
         (ServerView::from_memory(&model, &grad, dtype).unwrap(), x)
     }
 
@@ -231,7 +266,10 @@ mod tests {
         let s = estimate(view, &SubspaceOptions::default()).unwrap();
         assert_eq!(s.batch, x.nrows());
         for i in 0..x.nrows() {
-            let xt = Col::from_fn(x.ncols() + 1, |j| if j < x.ncols() { x[(i, j)] } else { 1.0 });
+            let xt = Col::from_fn(
+                x.ncols() + 1,
+                |j| if j < x.ncols() { x[(i, j)] } else { 1.0 },
+            );
             let c = s.v.transpose() * &xt;
             let res = (&xt - &s.v * &c).norm_l2() / xt.norm_l2();
             assert!(res < 1e3 * eps, "sample {i}: residual {res}");
@@ -257,7 +295,14 @@ mod tests {
     #[test]
     fn forced_batch_beyond_the_layer_is_an_error() {
         let (v, _) = view(50, 4, 2, Dtype::F64, 4);
-        let e = estimate(&v, &SubspaceOptions { batch: Some(9), ..Default::default() }).unwrap_err();
+        let e = estimate(
+            &v,
+            &SubspaceOptions {
+                batch: Some(9),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("at most"), "{e}");
     }
 }

@@ -8,5 +8,7 @@ use crate::{Error, Result};
 pub struct TensorOptions {}
 
 pub fn attack(_view: &ServerView, _cfg: &AttackConfig) -> Result<Reconstruction> {
-    Err(Error::Invalid("--method tensor is not implemented yet".into()))
+    Err(Error::Invalid(
+        "--method tensor is not implemented yet".into(),
+    ))
 }

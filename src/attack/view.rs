@@ -8,7 +8,7 @@ use std::path::Path;
 
 use faer::{Col, Mat};
 
-use crate::io::safetensors::{check_like, MappedMatrix, TensorFile};
+use crate::io::safetensors::{MappedMatrix, TensorFile, check_like};
 use crate::model::{Activation, Dense, Gradient, Mlp};
 use crate::{Dtype, Error, Result};
 
@@ -126,10 +126,17 @@ impl ServerView {
         }
         let vec = |f: &TensorFile, n: usize| -> Result<Option<Col<f64>>> {
             let name = format!("{n}.bias");
-            if f.contains(&name) { f.vector(&name).map(Some) } else { Ok(None) }
+            if f.contains(&name) {
+                f.vector(&name).map(Some)
+            } else {
+                Ok(None)
+            }
         };
         let dense = |f: &TensorFile, n: usize| -> Result<Dense<f64>> {
-            Ok(Dense { weight: f.matrix(&format!("{n}.weight"))?, bias: vec(f, n)? })
+            Ok(Dense {
+                weight: f.matrix(&format!("{n}.weight"))?,
+                bias: vec(f, n)?,
+            })
         };
         let first_name = format!("{}.weight", mi[0]);
         let w = mf.mapped(&first_name)?;
@@ -143,38 +150,68 @@ impl ServerView {
                 gw.ncols()
             )));
         }
-        let upper: Vec<Dense<f64>> = mi[1..].iter().map(|&n| dense(&mf, n)).collect::<Result<_>>()?;
-        let upper_grad: Vec<Dense<f64>> = mi[1..].iter().map(|&n| dense(&gf, n)).collect::<Result<_>>()?;
+        let upper: Vec<Dense<f64>> = mi[1..]
+            .iter()
+            .map(|&n| dense(&mf, n))
+            .collect::<Result<_>>()?;
+        let upper_grad: Vec<Dense<f64>> = mi[1..]
+            .iter()
+            .map(|&n| dense(&gf, n))
+            .collect::<Result<_>>()?;
         let first = FirstLayer {
             bias: vec(&mf, mi[0])?,
             grad_bias: vec(&gf, mi[0])?,
             weight: Rows::Mapped(w),
             grad_weight: Rows::Mapped(gw),
         };
-        let view = ServerView { activation, dtype, first, upper, upper_grad, noise_std: None };
+        let view = ServerView {
+            activation,
+            dtype,
+            first,
+            upper,
+            upper_grad,
+            noise_std: None,
+        };
         view.check()?;
         Ok(view)
     }
 
     fn check(&self) -> Result<()> {
         let m = self.width();
-        for (what, b) in [("bias", &self.first.bias), ("bias gradient", &self.first.grad_bias)] {
+        for (what, b) in [
+            ("bias", &self.first.bias),
+            ("bias gradient", &self.first.grad_bias),
+        ] {
             if let Some(b) = b
                 && b.nrows() != m
             {
-                return Err(Error::Shape(format!("first-layer {what} has {} entries, expected {m}", b.nrows())));
+                return Err(Error::Shape(format!(
+                    "first-layer {what} has {} entries, expected {m}",
+                    b.nrows()
+                )));
             }
         }
         if self.first.bias.is_some() != self.first.grad_bias.is_some() {
-            return Err(Error::Shape("the model and the gradient disagree on the first-layer bias".into()));
+            return Err(Error::Shape(
+                "the model and the gradient disagree on the first-layer bias".into(),
+            ));
         }
         let mut fan_in = m;
         for (l, (w, g)) in self.upper.iter().zip(&self.upper_grad).enumerate() {
             if w.inputs() != fan_in {
-                return Err(Error::Shape(format!("layer {} takes {} inputs, the layer below gives {fan_in}", l + 1, w.inputs())));
+                return Err(Error::Shape(format!(
+                    "layer {} takes {} inputs, the layer below gives {fan_in}",
+                    l + 1,
+                    w.inputs()
+                )));
             }
-            if w.weight.shape() != g.weight.shape() || w.bias.as_ref().map(|b| b.nrows()) != g.bias.as_ref().map(|b| b.nrows()) {
-                return Err(Error::Shape(format!("layer {}: gradient and weight shapes differ", l + 1)));
+            if w.weight.shape() != g.weight.shape()
+                || w.bias.as_ref().map(|b| b.nrows()) != g.bias.as_ref().map(|b| b.nrows())
+            {
+                return Err(Error::Shape(format!(
+                    "layer {}: gradient and weight shapes differ",
+                    l + 1
+                )));
             }
             fan_in = w.outputs();
         }
@@ -200,14 +237,20 @@ impl ServerView {
 
     /// The whole model in memory.
     pub fn model(&self) -> Result<Mlp<f64>> {
-        let mut layers = vec![Dense { weight: self.first.weight.to_mat()?, bias: self.first.bias.clone() }];
+        let mut layers = vec![Dense {
+            weight: self.first.weight.to_mat()?,
+            bias: self.first.bias.clone(),
+        }];
         layers.extend(self.upper.iter().cloned());
         Mlp::new(layers, self.activation)
     }
 
     /// The whole gradient in memory.
     pub fn gradient(&self) -> Result<Gradient<f64>> {
-        let mut layers = vec![Dense { weight: self.first.grad_weight.to_mat()?, bias: self.first.grad_bias.clone() }];
+        let mut layers = vec![Dense {
+            weight: self.first.grad_weight.to_mat()?,
+            bias: self.first.grad_bias.clone(),
+        }];
         layers.extend(self.upper_grad.iter().cloned());
         Ok(Gradient { layers })
     }
@@ -215,12 +258,20 @@ impl ServerView {
     /// Augmented first-layer gradient rows [g_W, g_b] for neurons `r` (len x (d+1));
     /// without a bias the last column is zero.
     pub fn augmented_gradient_block(&self, r: Range<usize>) -> Result<Mat<f64>> {
-        augment(self.first.grad_weight.block(r.clone())?, self.first.grad_bias.as_ref(), r)
+        augment(
+            self.first.grad_weight.block(r.clone())?,
+            self.first.grad_bias.as_ref(),
+            r,
+        )
     }
 
     /// Augmented first-layer weight rows [W, b] for neurons `r`.
     pub fn augmented_weight_block(&self, r: Range<usize>) -> Result<Mat<f64>> {
-        augment(self.first.weight.block(r.clone())?, self.first.bias.as_ref(), r)
+        augment(
+            self.first.weight.block(r.clone())?,
+            self.first.bias.as_ref(),
+            r,
+        )
     }
 }
 

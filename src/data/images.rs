@@ -25,7 +25,10 @@ pub(super) fn load_crops(dir: &Path, size: usize) -> Result<Dataset> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::Invalid(format!("{}: no PNG or JPEG photos", dir.display())));
+        return Err(Error::Invalid(format!(
+            "{}: no PNG or JPEG photos",
+            dir.display()
+        )));
     }
     let mut rows: Vec<Vec<f64>> = Vec::new();
     for f in &files {
@@ -43,8 +46,20 @@ pub(super) fn load_crops(dir: &Path, size: usize) -> Result<Dataset> {
             let (ox, oy) = ((w - nx * s) / 2, (h - ny * s) / 2);
             for ty in 0..ny {
                 for tx in 0..nx {
-                    let crop = image::imageops::crop_imm(&img, (ox + tx * s) as u32, (oy + ty * s) as u32, s as u32, s as u32).to_image();
-                    let small = image::imageops::resize(&crop, size as u32, size as u32, FilterType::Triangle);
+                    let crop = image::imageops::crop_imm(
+                        &img,
+                        (ox + tx * s) as u32,
+                        (oy + ty * s) as u32,
+                        s as u32,
+                        s as u32,
+                    )
+                    .to_image();
+                    let small = image::imageops::resize(
+                        &crop,
+                        size as u32,
+                        size as u32,
+                        FilterType::Triangle,
+                    );
                     rows.push(small.as_raw().iter().map(|&v| v as f64 / 255.0).collect());
                 }
             }
@@ -57,6 +72,10 @@ pub(super) fn load_crops(dir: &Path, size: usize) -> Result<Dataset> {
         labels: None,
         classes: None,
         range: Some((0.0, 1.0)),
-        image: Some(ImageShape { height: size, width: size, channels: 3 }),
+        image: Some(ImageShape {
+            height: size,
+            width: size,
+            channels: 3,
+        }),
     })
 }

@@ -27,10 +27,20 @@ static DIGITS_CSV_GZ: &[u8] = include_bytes!("../../assets/digits.csv.gz");
 #[derive(Clone, Debug, PartialEq)]
 pub enum DataSpec {
     Digits,
-    Gaussian { dim: usize },
-    Images { dir: PathBuf, size: usize },
-    Csv { path: PathBuf, label: Option<String> },
-    Npy { path: PathBuf },
+    Gaussian {
+        dim: usize,
+    },
+    Images {
+        dir: PathBuf,
+        size: usize,
+    },
+    Csv {
+        path: PathBuf,
+        label: Option<String>,
+    },
+    Npy {
+        path: PathBuf,
+    },
 }
 
 /// Default side of image crops.
@@ -44,7 +54,9 @@ impl std::str::FromStr for DataSpec {
         match kind {
             "digits" if rest.is_empty() => Ok(DataSpec::Digits),
             "gaussian" => {
-                let dim: usize = rest.parse().map_err(|_| bad("expected gaussian:D with D a positive integer"))?;
+                let dim: usize = rest
+                    .parse()
+                    .map_err(|_| bad("expected gaussian:D with D a positive integer"))?;
                 if dim == 0 {
                     return Err(bad("the dimension must be at least 1"));
                 }
@@ -63,15 +75,24 @@ impl std::str::FromStr for DataSpec {
                 if size == 0 {
                     return Err(bad("the image size must be at least 1"));
                 }
-                Ok(DataSpec::Images { dir: dir.into(), size })
+                Ok(DataSpec::Images {
+                    dir: dir.into(),
+                    size,
+                })
             }
             "csv" => {
                 if rest.is_empty() {
                     return Err(bad("expected csv:FILE[:label=COL]"));
                 }
                 match rest.rsplit_once(":label=") {
-                    Some((f, col)) => Ok(DataSpec::Csv { path: f.into(), label: Some(col.to_string()) }),
-                    None => Ok(DataSpec::Csv { path: rest.into(), label: None }),
+                    Some((f, col)) => Ok(DataSpec::Csv {
+                        path: f.into(),
+                        label: Some(col.to_string()),
+                    }),
+                    None => Ok(DataSpec::Csv {
+                        path: rest.into(),
+                        label: None,
+                    }),
                 }
             }
             "npy" if !rest.is_empty() => Ok(DataSpec::Npy { path: rest.into() }),
@@ -131,7 +152,8 @@ impl DataSpec {
     pub fn load(&self, generated_rows: usize, rng: &mut impl rand::Rng) -> Result<Dataset> {
         match self {
             DataSpec::Digits => {
-                let t = table::parse_table(std::path::Path::new("digits.csv.gz"), DIGITS_CSV_GZ, None)?;
+                let t =
+                    table::parse_table(std::path::Path::new("digits.csv.gz"), DIGITS_CSV_GZ, None)?;
                 let n = t.values.nrows();
                 let d = t.values.ncols() - 1;
                 let x = Mat::from_fn(n, d, |i, j| t.values[(i, j)] / 16.0);
@@ -142,7 +164,11 @@ impl DataSpec {
                     labels: Some(labels),
                     classes: Some(10),
                     range: Some((0.0, 1.0)),
-                    image: Some(ImageShape { height: 8, width: 8, channels: 1 }),
+                    image: Some(ImageShape {
+                        height: 8,
+                        width: 8,
+                        channels: 1,
+                    }),
                 })
             }
             DataSpec::Gaussian { dim } => {
@@ -203,8 +229,15 @@ impl Dataset {
         idx.shuffle(rng);
         idx.truncate(b);
         let x = Mat::from_fn(b, self.dim(), |i, j| self.x[(idx[i], j)]);
-        let labels = self.labels.as_ref().map(|l| idx.iter().map(|&i| l[i]).collect());
-        Ok(Batch { x, labels, indices: idx })
+        let labels = self
+            .labels
+            .as_ref()
+            .map(|l| idx.iter().map(|&i| l[i]).collect());
+        Ok(Batch {
+            x,
+            labels,
+            indices: idx,
+        })
     }
 
     /// Mean, spread and norms of the data, as a server's public prior.
@@ -244,20 +277,39 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_ones_are_errors() {
         assert_eq!("digits".parse::<DataSpec>().unwrap(), DataSpec::Digits);
-        assert_eq!("gaussian:64".parse::<DataSpec>().unwrap(), DataSpec::Gaussian { dim: 64 });
+        assert_eq!(
+            "gaussian:64".parse::<DataSpec>().unwrap(),
+            DataSpec::Gaussian { dim: 64 }
+        );
         assert_eq!(
             "images:/a/b:16".parse::<DataSpec>().unwrap(),
-            DataSpec::Images { dir: "/a/b".into(), size: 16 }
+            DataSpec::Images {
+                dir: "/a/b".into(),
+                size: 16
+            }
         );
         assert_eq!(
             "images:/a/b".parse::<DataSpec>().unwrap(),
-            DataSpec::Images { dir: "/a/b".into(), size: 32 }
+            DataSpec::Images {
+                dir: "/a/b".into(),
+                size: 32
+            }
         );
         assert_eq!(
             "csv:t.csv:label=target".parse::<DataSpec>().unwrap(),
-            DataSpec::Csv { path: "t.csv".into(), label: Some("target".into()) }
+            DataSpec::Csv {
+                path: "t.csv".into(),
+                label: Some("target".into())
+            }
         );
-        for bad in ["gaussian", "gaussian:0", "gaussian:x", "mnist", "images", "npy:"] {
+        for bad in [
+            "gaussian",
+            "gaussian:0",
+            "gaussian:x",
+            "mnist",
+            "images",
+            "npy:",
+        ] {
             assert!(bad.parse::<DataSpec>().is_err(), "{bad}");
         }
     }
@@ -278,8 +330,12 @@ mod tests {
     fn batches_are_real_distinct_rows_and_reproducible() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let d = DataSpec::Digits.load(0, &mut rng).unwrap();
-        let b1 = d.draw_batch(16, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7)).unwrap();
-        let b2 = d.draw_batch(16, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7)).unwrap();
+        let b1 = d
+            .draw_batch(16, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7))
+            .unwrap();
+        let b2 = d
+            .draw_batch(16, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7))
+            .unwrap();
         assert_eq!(b1.indices, b2.indices);
         let mut u = b1.indices.clone();
         u.sort();

@@ -42,7 +42,10 @@ pub(super) fn parse_table(path: &Path, raw: &[u8], _hint: Option<()>) -> Result<
             continue;
         }
         let cells = split(line);
-        let parsed: std::result::Result<Vec<f64>, _> = cells.iter().map(|c| c.trim_matches('"').parse::<f64>()).collect();
+        let parsed: std::result::Result<Vec<f64>, _> = cells
+            .iter()
+            .map(|c| c.trim_matches('"').parse::<f64>())
+            .collect();
         match parsed {
             Ok(v) => {
                 if let Some(first) = rows.first()
@@ -50,18 +53,37 @@ pub(super) fn parse_table(path: &Path, raw: &[u8], _hint: Option<()>) -> Result<
                 {
                     return Err(Error::format(
                         path,
-                        format!("line {}: {} columns, expected {}", n + 1, v.len(), first.len()),
+                        format!(
+                            "line {}: {} columns, expected {}",
+                            n + 1,
+                            v.len(),
+                            first.len()
+                        ),
                     ));
                 }
                 if v.iter().any(|x| !x.is_finite()) {
-                    return Err(Error::NonFinite(format!("{} line {}", path.display(), n + 1)));
+                    return Err(Error::NonFinite(format!(
+                        "{} line {}",
+                        path.display(),
+                        n + 1
+                    )));
                 }
                 rows.push(v);
             }
             Err(_) if rows.is_empty() && header.is_none() => {
-                header = Some(cells.iter().map(|c| c.trim_matches('"').to_string()).collect());
+                header = Some(
+                    cells
+                        .iter()
+                        .map(|c| c.trim_matches('"').to_string())
+                        .collect(),
+                );
             }
-            Err(_) => return Err(Error::format(path, format!("line {}: non-numeric value", n + 1))),
+            Err(_) => {
+                return Err(Error::format(
+                    path,
+                    format!("line {}: non-numeric value", n + 1),
+                ));
+            }
         }
     }
     if rows.is_empty() {
@@ -71,9 +93,15 @@ pub(super) fn parse_table(path: &Path, raw: &[u8], _hint: Option<()>) -> Result<
     if let Some(h) = &header
         && h.len() != d
     {
-        return Err(Error::format(path, format!("header has {} names, rows have {d} values", h.len())));
+        return Err(Error::format(
+            path,
+            format!("header has {} names, rows have {d} values", h.len()),
+        ));
     }
-    Ok(Table { header, values: Mat::from_fn(n, d, |i, j| rows[i][j]) })
+    Ok(Table {
+        header,
+        values: Mat::from_fn(n, d, |i, j| rows[i][j]),
+    })
 }
 
 /// `csv:FILE[:label=COL]`: standardise every feature column to mean 0, sd 1.
@@ -86,24 +114,36 @@ pub(super) fn load_csv(path: &Path, label: Option<&str>) -> Result<Dataset> {
     let label_col = match label {
         None => None,
         Some(col) => {
-            let by_name = t.header.as_ref().and_then(|h| h.iter().position(|c| c == col));
-            let idx = by_name.or_else(|| col.parse::<usize>().ok()).ok_or_else(|| {
-                Error::Invalid(format!("{}: no column '{col}'", path.display()))
-            })?;
+            let by_name = t
+                .header
+                .as_ref()
+                .and_then(|h| h.iter().position(|c| c == col));
+            let idx = by_name
+                .or_else(|| col.parse::<usize>().ok())
+                .ok_or_else(|| Error::Invalid(format!("{}: no column '{col}'", path.display())))?;
             if idx >= d {
-                return Err(Error::Invalid(format!("{}: column {idx} out of range ({d} columns)", path.display())));
+                return Err(Error::Invalid(format!(
+                    "{}: column {idx} out of range ({d} columns)",
+                    path.display()
+                )));
             }
             Some(idx)
         }
     };
     let feats: Vec<usize> = (0..d).filter(|&j| Some(j) != label_col).collect();
     if feats.is_empty() {
-        return Err(Error::Shape(format!("{}: no feature columns", path.display())));
+        return Err(Error::Shape(format!(
+            "{}: no feature columns",
+            path.display()
+        )));
     }
     let mut x = Mat::zeros(n, feats.len());
     for (k, &j) in feats.iter().enumerate() {
         let mean = (0..n).map(|i| t.values[(i, j)]).sum::<f64>() / n as f64;
-        let var = (0..n).map(|i| (t.values[(i, j)] - mean).powi(2)).sum::<f64>() / n as f64;
+        let var = (0..n)
+            .map(|i| (t.values[(i, j)] - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
         let sd = if var > 0.0 { var.sqrt() } else { 1.0 };
         for i in 0..n {
             x[(i, k)] = (t.values[(i, j)] - mean) / sd;

@@ -41,7 +41,7 @@ pub enum Defense {
 
 impl Defense {
     /// The command-line spelling (`clip:1`, `local-steps:5:0.1`, ...).
-    pub fn spec(&self) -> String {
+    pub fn spelling(&self) -> String {
         match self {
             Defense::Clip(c) => format!("clip:{c}"),
             Defense::Noise(s) => format!("noise:{s}"),
@@ -55,7 +55,12 @@ impl Defense {
 
     /// Check the parameter's range: an invalid one is a one-line error, never a panic.
     pub fn check(&self) -> Result<()> {
-        let bad = |why: &str| Err(Error::Invalid(format!("--defense {}: {why}", self.spec())));
+        let bad = |why: &str| {
+            Err(Error::Invalid(format!(
+                "--defense {}: {why}",
+                self.spelling()
+            )))
+        };
         match *self {
             Defense::Clip(c) if !(c > 0.0 && c.is_finite()) => {
                 bad("the clipping norm C must be positive")
@@ -123,7 +128,7 @@ impl std::str::FromStr for Defense {
 
 impl std::fmt::Display for Defense {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.spec())
+        f.write_str(&self.spelling())
     }
 }
 
@@ -360,7 +365,7 @@ pub(crate) mod tests {
             "local-steps:3:0.01",
         ] {
             let d: Defense = good.parse().unwrap();
-            assert_eq!(d.spec().parse::<Defense>().unwrap(), d);
+            assert_eq!(d.spelling().parse::<Defense>().unwrap(), d);
         }
     }
 

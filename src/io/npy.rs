@@ -17,7 +17,12 @@ pub fn read_matrix(path: impl AsRef<Path>) -> Result<Mat<f64>> {
         Ok(a) => a,
         Err(_) => Array2::<f32>::read_npy(&bytes[..])
             .map(|a| a.mapv(f64::from))
-            .map_err(|e| Error::format(path, format!("expected a 2-D float32/float64 .npy array ({e})")))?,
+            .map_err(|e| {
+                Error::format(
+                    path,
+                    format!("expected a 2-D float32/float64 .npy array ({e})"),
+                )
+            })?,
     };
     if arr.iter().any(|v| !v.is_finite()) {
         return Err(Error::NonFinite(path.display().to_string()));
@@ -58,8 +63,14 @@ mod tests {
         write_matrix(&p, &m).unwrap();
         assert_eq!(read_matrix(&p).unwrap(), m);
         std::fs::write(dir.join("bad.npy"), b"not numpy").unwrap();
-        assert!(matches!(read_matrix(dir.join("bad.npy")), Err(Error::Format { .. })));
-        assert!(matches!(read_matrix(dir.join("missing.npy")), Err(Error::Io { .. })));
+        assert!(matches!(
+            read_matrix(dir.join("bad.npy")),
+            Err(Error::Format { .. })
+        ));
+        assert!(matches!(
+            read_matrix(dir.join("missing.npy")),
+            Err(Error::Io { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -42,7 +42,11 @@ pub fn write_grid(
     }
     let gap = 2;
     let (cw, ch) = (shape.width * zoom + gap, shape.height * zoom + gap);
-    let mut img = ImageBuffer::from_pixel((cols * cw + gap) as u32, (rows.len() * ch + gap) as u32, Rgb([255u8, 255, 255]));
+    let mut img = ImageBuffer::from_pixel(
+        (cols * cw + gap) as u32,
+        (rows.len() * ch + gap) as u32,
+        Rgb([255u8, 255, 255]),
+    );
     let (lo, hi) = range;
     for (r, row) in rows.iter().enumerate() {
         for (c, cell) in row.iter().enumerate() {
@@ -52,7 +56,9 @@ pub fn write_grid(
                         None => Rgb([128, 128, 128]),
                         Some(v) => {
                             let base = ((y / zoom) * shape.width + x / zoom) * shape.channels;
-                            let to8 = |t: f64| ((t - lo) / (hi - lo) * 255.0).round().clamp(0.0, 255.0) as u8;
+                            let to8 = |t: f64| {
+                                ((t - lo) / (hi - lo) * 255.0).round().clamp(0.0, 255.0) as u8
+                            };
                             if shape.channels == 3 {
                                 Rgb([to8(v[base]), to8(v[base + 1]), to8(v[base + 2])])
                             } else {

@@ -81,7 +81,11 @@ impl TensorFile {
             let (a, b) = info.data_offsets;
             index.insert(name, (info.dtype, info.shape.clone(), start + a..start + b));
         }
-        Ok(TensorFile { path, map: Arc::new(map), index })
+        Ok(TensorFile {
+            path,
+            map: Arc::new(map),
+            index,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -165,7 +169,10 @@ impl TensorFile {
             }
         };
         if v.iter().any(|x| !x.is_finite()) {
-            return Err(Error::NonFinite(format!("tensor '{name}' of {}", self.path.display())));
+            return Err(Error::NonFinite(format!(
+                "tensor '{name}' of {}",
+                self.path.display()
+            )));
         }
         Ok((shape.clone(), v))
     }
@@ -203,7 +210,10 @@ impl TensorFile {
         let mut idx: Vec<usize> = Vec::new();
         for name in self.index.keys() {
             let Some((prefix, suffix)) = name.rsplit_once('.') else {
-                return Err(Error::format(&self.path, format!("unexpected tensor name '{name}'")));
+                return Err(Error::format(
+                    &self.path,
+                    format!("unexpected tensor name '{name}'"),
+                ));
             };
             if suffix != "weight" && suffix != "bias" {
                 return Err(Error::format(
@@ -212,17 +222,26 @@ impl TensorFile {
                 ));
             }
             let n: usize = prefix.parse().map_err(|_| {
-                Error::format(&self.path, format!("unexpected tensor name '{name}' (expected N.weight / N.bias)"))
+                Error::format(
+                    &self.path,
+                    format!("unexpected tensor name '{name}' (expected N.weight / N.bias)"),
+                )
             })?;
             if suffix == "weight" {
                 idx.push(n);
             } else if !self.index.contains_key(&format!("{n}.weight")) {
-                return Err(Error::format(&self.path, format!("'{name}' without '{n}.weight'")));
+                return Err(Error::format(
+                    &self.path,
+                    format!("'{name}' without '{n}.weight'"),
+                ));
             }
         }
         idx.sort_unstable();
         if idx.is_empty() {
-            return Err(Error::format(&self.path, "no layer weights ('0.weight', ...)"));
+            return Err(Error::format(
+                &self.path,
+                "no layer weights ('0.weight', ...)",
+            ));
         }
         Ok(idx)
     }
@@ -289,9 +308,11 @@ impl MappedMatrix {
             // pages are read again from the file on the next access, so the bytes
             // any live slice sees do not change.
             unsafe {
-                let _ = self
-                    .map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start);
+                let _ = self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                );
             }
         }
     }
@@ -314,10 +335,17 @@ fn layers_from(file: &TensorFile) -> Result<Vec<Dense<f64>>> {
     for n in idx {
         let weight = file.matrix(&format!("{n}.weight"))?;
         if file.shape(&format!("{n}.weight"))?.len() != 2 {
-            return Err(Error::Shape(format!("{}: '{n}.weight' is not a matrix", file.path().display())));
+            return Err(Error::Shape(format!(
+                "{}: '{n}.weight' is not a matrix",
+                file.path().display()
+            )));
         }
         let bname = format!("{n}.bias");
-        let bias = if file.contains(&bname) { Some(file.vector(&bname)?) } else { None };
+        let bias = if file.contains(&bname) {
+            Some(file.vector(&bname)?)
+        } else {
+            None
+        };
         layers.push(Dense { weight, bias });
     }
     Ok(layers)
@@ -388,11 +416,19 @@ impl OutTensor {
                 values.push(m[(i, j)].to_f64());
             }
         }
-        OutTensor { name: name.into(), shape: vec![r, c], values }
+        OutTensor {
+            name: name.into(),
+            shape: vec![r, c],
+            values,
+        }
     }
 
     pub fn vector<T: Real>(name: impl Into<String>, v: &Col<T>) -> Self {
-        OutTensor { name: name.into(), shape: vec![v.nrows()], values: v.iter().map(|x| x.to_f64()).collect() }
+        OutTensor {
+            name: name.into(),
+            shape: vec![v.nrows()],
+            values: v.iter().map(|x| x.to_f64()).collect(),
+        }
     }
 }
 
@@ -402,7 +438,11 @@ pub fn write_tensors(path: impl AsRef<Path>, tensors: &[OutTensor], dtype: Dtype
     let bufs: Vec<Vec<u8>> = tensors
         .iter()
         .map(|t| match dtype {
-            Dtype::F32 => t.values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+            Dtype::F32 => t
+                .values
+                .iter()
+                .flat_map(|v| (*v as f32).to_le_bytes())
+                .collect(),
             Dtype::F64 => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         })
         .collect();
@@ -461,7 +501,10 @@ pub fn read_batch(path: impl AsRef<Path>) -> Result<BatchFile> {
         return Err(Error::format(file.path(), "no tensor named 'x'"));
     }
     if file.shape("x")?.len() != 2 {
-        return Err(Error::Shape(format!("{}: 'x' must be B x d", file.path().display())));
+        return Err(Error::Shape(format!(
+            "{}: 'x' must be B x d",
+            file.path().display()
+        )));
     }
     let dtype = file.dtype("x")?;
     let x = file.matrix("x")?;
@@ -480,11 +523,21 @@ pub fn read_batch(path: impl AsRef<Path>) -> Result<BatchFile> {
     } else {
         (None, false)
     };
-    Ok(BatchFile { x, y, y_is_integer, dtype })
+    Ok(BatchFile {
+        x,
+        y,
+        y_is_integer,
+        dtype,
+    })
 }
 
 /// Write a batch file (`x` in `dtype`, `y` as given).
-pub fn write_batch(path: impl AsRef<Path>, x: &Mat<f64>, y: Option<&Mat<f64>>, dtype: Dtype) -> Result<()> {
+pub fn write_batch(
+    path: impl AsRef<Path>,
+    x: &Mat<f64>,
+    y: Option<&Mat<f64>>,
+    dtype: Dtype,
+) -> Result<()> {
     let mut t = vec![OutTensor::matrix("x", x)];
     if let Some(y) = y {
         t.push(OutTensor::matrix("y", y));

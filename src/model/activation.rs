@@ -253,8 +253,8 @@ mod tests {
         for act in Activation::ALL {
             for &z in &[-3.1, -1.3, -0.4, 0.27, 0.9, 2.2, 4.5] {
                 for k in 1..=3 {
-                    let fd = (act.derivative(k - 1, z + h) - act.derivative(k - 1, z - h))
-                        / (2.0 * h);
+                    let fd =
+                        (act.derivative(k - 1, z + h) - act.derivative(k - 1, z - h)) / (2.0 * h);
                     let an = act.derivative(k, z);
                     assert!(
                         (fd - an).abs() <= 1e-7 * (1.0 + an.abs()),

@@ -24,7 +24,12 @@ pub enum Init {
 }
 
 impl Init {
-    pub const ALL: [Init; 4] = [Init::Gaussian, Init::Centred, Init::TorchDefault, Init::KaimingNormal];
+    pub const ALL: [Init; 4] = [
+        Init::Gaussian,
+        Init::Centred,
+        Init::TorchDefault,
+        Init::KaimingNormal,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -89,13 +94,21 @@ fn uniform_dense(rows: usize, cols: usize, rng: &mut impl rand::Rng) -> Dense<f6
     // PyTorch draws the whole weight, then the bias.
     let weight = Mat::from_fn(rows, cols, |_, _| u.sample(rng));
     let bias = Col::from_fn(rows, |_| u.sample(rng));
-    Dense { weight, bias: Some(bias) }
+    Dense {
+        weight,
+        bias: Some(bias),
+    }
 }
 
 impl InitConfig {
     /// Draw the model from the seeded generator.
     pub fn build(&self, rng: &mut impl rand::Rng) -> Result<Mlp<f64>> {
-        if self.depth == 0 || self.width == 0 || self.input_dim == 0 || self.outputs == 0 || self.hidden == 0 {
+        if self.depth == 0
+            || self.width == 0
+            || self.input_dim == 0
+            || self.outputs == 0
+            || self.hidden == 0
+        {
             return Err(Error::Invalid(
                 "depth, width, hidden, input and output dimensions must all be at least 1".into(),
             ));
@@ -106,7 +119,10 @@ impl InitConfig {
                 let s = 1.0 / (self.prior_sq_norm + 1.0).sqrt();
                 let w = normal_mat(m, d, s, rng);
                 let b = normal_mat(m, 1, s, rng);
-                Dense { weight: w, bias: Some(b.col(0).to_owned()) }
+                Dense {
+                    weight: w,
+                    bias: Some(b.col(0).to_owned()),
+                }
             }
             Init::Centred => {
                 let s = 1.0 / self.prior_centred_sq_norm.max(f64::MIN_POSITIVE).sqrt();
@@ -116,7 +132,10 @@ impl InitConfig {
                     let dot: f64 = (0..d).map(|k| w[(j, k)]).sum::<f64>() * self.prior_mean;
                     -dot + noise[(j, 0)]
                 });
-                Dense { weight: w, bias: Some(b) }
+                Dense {
+                    weight: w,
+                    bias: Some(b),
+                }
             }
             Init::TorchDefault => uniform_dense(m, d, rng),
             Init::KaimingNormal => Dense {
@@ -127,7 +146,11 @@ impl InitConfig {
         let mut layers = vec![first];
         let mut fan_in = m;
         for l in 1..=self.depth {
-            let out = if l == self.depth { self.outputs } else { self.hidden };
+            let out = if l == self.depth {
+                self.outputs
+            } else {
+                self.hidden
+            };
             let layer = match self.init {
                 Init::TorchDefault => uniform_dense(out, fan_in, rng),
                 Init::KaimingNormal => Dense {

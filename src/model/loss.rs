@@ -41,7 +41,9 @@ impl Targets {
 
 fn softmax_row(out: &Mat<f64>, i: usize) -> Vec<f64> {
     let k = out.ncols();
-    let mx = (0..k).map(|j| out[(i, j)]).fold(f64::NEG_INFINITY, f64::max);
+    let mx = (0..k)
+        .map(|j| out[(i, j)])
+        .fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = (0..k).map(|j| (out[(i, j)] - mx).exp()).collect();
     let s: f64 = e.iter().sum();
     e.into_iter().map(|v| v / s).collect()
@@ -222,8 +224,13 @@ mod tests {
                     p[(i, j)] += h;
                     let mut m = out.clone();
                     m[(i, j)] -= h;
-                    let fd = (loss.value(&p, &t).unwrap() - loss.value(&m, &t).unwrap()) / (2.0 * h);
-                    assert!((fd - r[(i, j)]).abs() < 1e-8, "{loss} ({i},{j}): {fd} vs {}", r[(i, j)]);
+                    let fd =
+                        (loss.value(&p, &t).unwrap() - loss.value(&m, &t).unwrap()) / (2.0 * h);
+                    assert!(
+                        (fd - r[(i, j)]).abs() < 1e-8,
+                        "{loss} ({i},{j}): {fd} vs {}",
+                        r[(i, j)]
+                    );
                 }
             }
         }
@@ -232,8 +239,16 @@ mod tests {
     #[test]
     fn bad_targets_are_errors() {
         let out = Mat::<f64>::zeros(2, 3);
-        assert!(Loss::Ce.residual(&out, &Targets::Classes(vec![0, 3])).is_err());
+        assert!(
+            Loss::Ce
+                .residual(&out, &Targets::Classes(vec![0, 3]))
+                .is_err()
+        );
         assert!(Loss::Ce.residual(&out, &Targets::Classes(vec![0])).is_err());
-        assert!(Loss::Mse.residual(&out, &Targets::Classes(vec![0, 1])).is_err());
+        assert!(
+            Loss::Mse
+                .residual(&out, &Targets::Classes(vec![0, 1]))
+                .is_err()
+        );
     }
 }

@@ -81,7 +81,10 @@ impl<T: Real> Gradient<T> {
             .iter()
             .map(|l| {
                 let w: f64 = l.weight.squared_norm_l2().to_f64();
-                let b: f64 = l.bias.as_ref().map_or(0.0, |b| b.squared_norm_l2().to_f64());
+                let b: f64 = l
+                    .bias
+                    .as_ref()
+                    .map_or(0.0, |b| b.squared_norm_l2().to_f64());
                 w + b
             })
             .sum::<f64>()
@@ -130,7 +133,9 @@ impl<T: Real> Mlp<T> {
     /// A network from its layers; checks that consecutive shapes agree.
     pub fn new(layers: Vec<Dense<T>>, activation: Activation) -> Result<Self> {
         if layers.is_empty() {
-            return Err(Error::Shape("a model needs at least one Linear layer".into()));
+            return Err(Error::Shape(
+                "a model needs at least one Linear layer".into(),
+            ));
         }
         for (l, pair) in layers.windows(2).enumerate() {
             if pair[1].inputs() != pair[0].outputs() {
@@ -226,7 +231,12 @@ impl<T: Real> Mlp<T> {
     }
 
     /// Backward pass from the output residuals `dout` = dL/d output (B x K).
-    pub fn backward(&self, x: MatRef<'_, T>, fw: &Forward<T>, dout: MatRef<'_, T>) -> Result<Backward<T>> {
+    pub fn backward(
+        &self,
+        x: MatRef<'_, T>,
+        fw: &Forward<T>,
+        dout: MatRef<'_, T>,
+    ) -> Result<Backward<T>> {
         let n = self.layers.len();
         if dout.nrows() != x.nrows() || dout.ncols() != self.output_dim() {
             return Err(Error::Shape(format!(
@@ -254,7 +264,10 @@ impl<T: Real> Mlp<T> {
                     s
                 })
             });
-            grads.push(Dense { weight: gw, bias: gb });
+            grads.push(Dense {
+                weight: gw,
+                bias: gb,
+            });
             if l > 0 {
                 let back = &delta * &layer.weight;
                 let z = &fw.pre[l - 1];
@@ -278,7 +291,12 @@ impl<T: Real> Mlp<T> {
     }
 
     /// Backward pass for a loss, keeping the per-layer signals.
-    pub fn backward_loss(&self, x: MatRef<'_, T>, targets: &Targets, loss: Loss) -> Result<Backward<T>> {
+    pub fn backward_loss(
+        &self,
+        x: MatRef<'_, T>,
+        targets: &Targets,
+        loss: Loss,
+    ) -> Result<Backward<T>> {
         let fw = self.forward(x)?;
         let out: Mat<f64> = cast_mat(fw.output().as_ref());
         let r: Mat<T> = cast_mat(loss.residual(&out, targets)?.as_ref());
@@ -325,8 +343,16 @@ mod tests {
         for act in Activation::ALL {
             for (loss, k, targets) in [
                 (Loss::Ce, 4, Targets::Classes(vec![1, 3, 0])),
-                (Loss::Mse, 2, Targets::Values(Mat::from_fn(3, 2, |i, j| (i + 2 * j) as f64 * 0.3))),
-                (Loss::Bce, 1, Targets::Values(Mat::from_fn(3, 1, |i, _| (i % 2) as f64))),
+                (
+                    Loss::Mse,
+                    2,
+                    Targets::Values(Mat::from_fn(3, 2, |i, j| (i + 2 * j) as f64 * 0.3)),
+                ),
+                (
+                    Loss::Bce,
+                    1,
+                    Targets::Values(Mat::from_fn(3, 1, |i, _| (i % 2) as f64)),
+                ),
             ] {
                 for depth in [1, 2] {
                     let m = model(act, depth, k, 3);
@@ -357,7 +383,10 @@ mod tests {
                             - q.loss(x.as_ref(), &targets, loss).unwrap())
                             / (2.0 * h);
                         let an = g.layers[l].bias.as_ref().unwrap()[rows - 1];
-                        assert!((fd - an).abs() <= 1e-7 * scale.max(1e-3) + 1e-9, "{act} {loss} bias {l}");
+                        assert!(
+                            (fd - an).abs() <= 1e-7 * scale.max(1e-3) + 1e-9,
+                            "{act} {loss} bias {l}"
+                        );
                     }
                 }
             }
@@ -369,7 +398,9 @@ mod tests {
     fn first_layer_gradient_is_signals_times_inputs() {
         let m = model(Activation::Tanh, 2, 3, 9);
         let x = Mat::from_fn(4, 5, |i, j| ((i * 3 + j) as f64 * 0.21).cos());
-        let bw = m.backward_loss(x.as_ref(), &Targets::Classes(vec![0, 1, 2, 1]), Loss::Ce).unwrap();
+        let bw = m
+            .backward_loss(x.as_ref(), &Targets::Classes(vec![0, 1, 2, 1]), Loss::Ce)
+            .unwrap();
         let d = &bw.deltas[0];
         let gw = d.transpose() * &x;
         let err = (&gw - &bw.gradient.layers[0].weight).norm_l2();
@@ -384,7 +415,10 @@ mod tests {
         let g64 = m.gradient(x.as_ref(), &t, Loss::Ce).unwrap();
         let m32: Mlp<f32> = m.cast();
         let x32: Mat<f32> = cast_mat(x.as_ref());
-        let g32 = m32.gradient(x32.as_ref(), &t, Loss::Ce).unwrap().cast::<f64>();
+        let g32 = m32
+            .gradient(x32.as_ref(), &t, Loss::Ce)
+            .unwrap()
+            .cast::<f64>();
         for l in 0..3 {
             let e = (&g32.layers[l].weight - &g64.layers[l].weight).norm_l2()
                 / g64.layers[l].weight.norm_l2();

@@ -8,4 +8,4 @@ mod mlp;
 pub use activation::{Activation, LEAKY_SLOPE};
 pub use init::{Init, InitConfig};
 pub use loss::{Loss, Targets};
-pub use mlp::{cast_mat, mat_is_finite, Backward, Dense, Forward, Gradient, Mlp};
+pub use mlp::{Backward, Dense, Forward, Gradient, Mlp, cast_mat, mat_is_finite};

@@ -1,0 +1,132 @@
+//! `gradleak attack`: what a server can reconstruct from the files it holds.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use faer::Mat;
+
+use gradleak::attack::{self, AttackConfig, ServerView};
+use gradleak::io::{npy, write_atomic};
+use gradleak::report::{AttackReport, AttackSample, AttackSummary};
+
+#[derive(Args, Debug)]
+pub struct AttackArgs {
+    /// The model the server sent (safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// The gradient the client returned (safetensors, same names).
+    #[arg(long)]
+    gradient: PathBuf,
+    /// The model's activation.
+    #[arg(long)]
+    activation: String,
+    /// analytic tensor refine span auto dlg ig.
+    #[arg(long, default_value = "auto")]
+    method: String,
+    /// Force the batch size instead of estimating it from the gradient's rank.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// The client's loss, if known (mse ce bce): enables label recovery rules and baselines.
+    #[arg(long)]
+    loss: Option<String>,
+    /// Public prior over input values: mean=..,std=..,min=..,max=..
+    #[arg(long)]
+    prior: Option<String>,
+    /// Known noise standard deviation per gradient entry (a defence's noise).
+    #[arg(long)]
+    noise_std: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Reconstruction: rows are recovered samples (any order), float64 .npy.
+    #[arg(long)]
+    out: PathBuf,
+    /// JSON report.
+    #[arg(long)]
+    report: PathBuf,
+    /// Recovered labels as int64 .npy (-1 where unknown), in the order of --out.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+}
+
+pub fn run(a: AttackArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let act = super::parse(&a.activation)?;
+    let mut cfg = AttackConfig::new(super::parse(&a.method)?, a.seed);
+    cfg.batch = a.batch;
+    cfg.loss = a.loss.as_deref().map(super::parse).transpose()?;
+    cfg.prior = a.prior.as_deref().map(super::parse).transpose()?;
+    if let Some(s) = a.noise_std
+        && !(s >= 0.0 && s.is_finite())
+    {
+        anyhow::bail!("--noise-std must be a finite number >= 0");
+    }
+    cfg.noise_std = a.noise_std;
+    cfg.progress = true;
+    let view = ServerView::from_files(&a.model, &a.gradient, act)?;
+    let rec = super::with_spinner("attacking", || attack::run(&view, &cfg))?;
+    let d = view.input_dim();
+    let n = rec.samples.len();
+    let x = Mat::from_fn(n, d, |i, j| rec.samples[i].x[j]);
+    let labels: Vec<Option<usize>> = rec.samples.iter().map(|s| s.label).collect();
+    let report = AttackReport {
+        gradleak_version: env!("CARGO_PKG_VERSION"),
+        model: a.model.display().to_string(),
+        gradient: a.gradient.display().to_string(),
+        dim: d,
+        width: view.width(),
+        depth: view.depth(),
+        outputs: view.outputs(),
+        activation: act.to_string(),
+        dtype: view.dtype.to_string(),
+        method: cfg.method.to_string(),
+        batch_estimated: rec.batch_estimated,
+        recovered: n,
+        missing: rec.missing(),
+        exact: rec.samples.iter().filter(|s| s.exact).count(),
+        labels: labels.iter().any(Option::is_some).then(|| labels.clone()),
+        samples: rec
+            .samples
+            .iter()
+            .enumerate()
+            .map(|(i, s)| AttackSample {
+                index: i,
+                residual: s.residual,
+                exact: s.exact,
+                stage: s.stage.clone(),
+                label: s.label,
+            })
+            .collect(),
+        seconds: t0.elapsed().as_secs_f64(),
+        attack: AttackSummary::from(&rec),
+    };
+    npy::write_matrix(&a.out, &x)?;
+    write_atomic(&a.report, &serde_json::to_vec_pretty(&report)?)?;
+    if let Some(p) = &a.labels {
+        let l: Vec<i64> = labels.iter().map(|l| l.map_or(-1, |v| v as i64)).collect();
+        npy::write_labels(p, &l)?;
+    }
+    println!(
+        "batch size {} (rank rule {:?}); recovered {} ({} exact), missing {}; {:.2} s",
+        rec.batch_estimated,
+        rec.rank_rule,
+        n,
+        report.exact,
+        rec.missing(),
+        report.seconds
+    );
+    for (i, s) in rec.samples.iter().enumerate() {
+        println!(
+            "  sample {i}: residual {} exact {} stage {}{}",
+            s.residual.map_or("-".into(), |r| format!("{r:.2e}")),
+            s.exact,
+            s.stage,
+            s.label.map_or(String::new(), |l| format!(" label {l}"))
+        );
+    }
+    for n in &rec.notes {
+        println!("note: {n}");
+    }
+    eprintln!("wrote {} and {}", a.out.display(), a.report.display());
+    Ok(())
+}

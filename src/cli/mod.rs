@@ -1,0 +1,62 @@
+//! Subcommands. Each file turns flags into library calls; no numerics here.
+
+mod attack;
+mod client;
+mod demo;
+mod simulate;
+mod sweep;
+mod table;
+
+use clap::{Parser, Subcommand};
+
+/// How much does one gradient leak? Reconstruct a client's private batch from one
+/// model gradient, exactly where the maths allows, and measure what defences change.
+#[derive(Parser, Debug)]
+#[command(name = "gradleak", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Compute the gradient a client would send (agrees with PyTorch).
+    Client(client::ClientArgs),
+    /// Reconstruct the batch from a model and a gradient held by the server.
+    Attack(attack::AttackArgs),
+    /// Simulate one round end to end: data, server's parameters, gradient, attack, metrics.
+    Simulate(simulate::SimulateArgs),
+    /// A small honest run on the embedded digits, with a table and a picture.
+    Demo(demo::DemoArgs),
+    /// Run a grid of simulations and write one CSV row per run (resumable), plus plots.
+    Sweep(sweep::SweepArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Client(a) => client::run(a),
+        Command::Attack(a) => attack::run(a),
+        Command::Simulate(a) => simulate::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Sweep(a) => sweep::run(a),
+    }
+}
+
+/// Parse a name with the library's own error (one line naming the choices).
+pub fn parse<T: std::str::FromStr<Err = gradleak::Error>>(s: &str) -> anyhow::Result<T> {
+    Ok(s.parse::<T>()?)
+}
+
+/// A spinner on stderr while `f` runs (hidden when stderr is not a terminal).
+pub fn with_spinner<R>(msg: &str, f: impl FnOnce() -> R) -> R {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .expect("valid template"),
+    );
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    let r = f();
+    pb.finish_and_clear();
+    r
+}

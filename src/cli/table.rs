@@ -1,0 +1,80 @@
+//! Readable tables on stdout.
+
+use gradleak::simulate::SimOutput;
+
+fn fmt_opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.prec$e}"))
+}
+
+/// Per-sample table and summary of a simulated round.
+pub fn print_simulation(out: &SimOutput) {
+    let r = &out.report;
+    println!(
+        "{} | B = {} (estimated {}) | d = {} | m = {} | depth {} | {} | {} | init {} | {} | method {}",
+        r.data,
+        r.batch_true,
+        r.batch_estimated,
+        r.dim,
+        r.width,
+        r.depth,
+        r.activation,
+        r.loss,
+        r.init,
+        r.dtype,
+        r.method
+    );
+    if !r.defenses.is_empty() {
+        println!("defences: {:?}", r.defenses);
+    }
+    let psnr = r.mean_psnr.is_some();
+    println!(
+        "{:>6} {:>12} {:>10} {:>8} {:>12} {:>6} {:>10} {:>7}",
+        "sample",
+        "rel.error",
+        "cosine",
+        if psnr { "PSNR dB" } else { "" },
+        "residual",
+        "exact",
+        "stage",
+        "label"
+    );
+    for p in &r.per_sample {
+        let m = &p.metrics;
+        let label = match (m.label_true, m.label_recovered) {
+            (Some(t), Some(g)) => format!("{g}/{t}{}", if g == t { "" } else { "!" }),
+            (Some(t), None) => format!("-/{t}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:>6} {:>12} {:>10} {:>8} {:>12} {:>6} {:>10} {:>7}",
+            m.truth,
+            m.rel_error.map_or("missing".into(), |e| format!("{e:.3e}")),
+            m.cosine.map_or("-".into(), |c| format!("{c:.6}")),
+            m.psnr.map_or(String::new(), |p| format!("{p:.1}")),
+            fmt_opt(p.residual, 2),
+            p.exact.map_or("-", |e| if e { "yes" } else { "no" }),
+            p.stage.as_deref().unwrap_or("-"),
+            label,
+        );
+    }
+    println!(
+        "median rel. error {:.3e} | max {:.3e} | recovered within {:.0e}: {}/{} | missing {}{}{} | attack {:.2} s, total {:.2} s",
+        r.median_rel_error,
+        r.max_rel_error,
+        r.tol,
+        (r.recovered_fraction * r.batch_true as f64).round(),
+        r.batch_true,
+        r.missing,
+        r.label_accuracy.map_or(String::new(), |a| format!(
+            " | label accuracy {:.0}%",
+            100.0 * a
+        )),
+        r.mean_psnr
+            .map_or(String::new(), |p| format!(" | mean PSNR {p:.1} dB")),
+        r.seconds.attack,
+        r.seconds.total
+    );
+    for n in &r.attack.notes {
+        println!("note: {n}");
+    }
+}

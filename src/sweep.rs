@@ -1,0 +1,271 @@
+//! Grids of simulated rounds: one CSV row per run, resumable (rows already in the
+//! CSV are skipped), each row the full setting plus its metrics.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::Path;
+
+use crate::simulate::{self, KEYS, SimConfig};
+use crate::{Error, Result};
+
+/// Metric columns written after the setting.
+pub const METRICS: &[&str] = &[
+    "batch_estimated",
+    "median_rel_error",
+    "max_rel_error",
+    "recovered_fraction",
+    "exact_fraction",
+    "missing",
+    "label_accuracy",
+    "mean_psnr",
+    "min_psnr",
+    "gradient_relative_change",
+    "epsilon",
+    "seconds_attack",
+    "seconds_total",
+    "error",
+];
+
+/// One axis of the grid: a `SimConfig` key and its values.
+#[derive(Clone, Debug)]
+pub struct Axis {
+    pub key: String,
+    pub values: Vec<String>,
+}
+
+impl std::str::FromStr for Axis {
+    type Err = Error;
+    /// `key=v1,v2,...` (for `prior`, values are separated by `;`).
+    fn from_str(s: &str) -> Result<Self> {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| Error::Invalid(format!("--grid '{s}': expected key=v1,v2,...")))?;
+        if !KEYS.contains(&k) {
+            return Err(Error::Unknown {
+                kind: "grid key",
+                name: k.into(),
+                expected: KEYS.join(" "),
+            });
+        }
+        let sep = if k == "prior" { ';' } else { ',' };
+        let values: Vec<String> = v
+            .split(sep)
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect();
+        if values.is_empty() {
+            return Err(Error::Invalid(format!("--grid '{s}': no values")));
+        }
+        Ok(Axis {
+            key: k.into(),
+            values,
+        })
+    }
+}
+
+/// Canonical value of every key of a configuration, in `KEYS` order.
+pub fn setting(c: &SimConfig) -> Vec<String> {
+    KEYS.iter()
+        .map(|k| match *k {
+            "data" => data_name(&c.data),
+            "batch" => c.batch.to_string(),
+            "width" => c.width.to_string(),
+            "depth" => c.depth.to_string(),
+            "hidden" => c.hidden.to_string(),
+            "activation" => c.activation.to_string(),
+            "loss" => c.loss.to_string(),
+            "classes" => c.classes.map_or("default".into(), |k| k.to_string()),
+            "init" => c.init.to_string(),
+            "dtype" => c.dtype.to_string(),
+            "seed" => c.seed.to_string(),
+            "method" => c.attack.method.to_string(),
+            "defense" => {
+                if c.defenses.is_empty() {
+                    "none".into()
+                } else {
+                    c.defenses
+                        .iter()
+                        .map(crate::defense::Defense::spelling)
+                        .collect::<Vec<_>>()
+                        .join("+")
+                }
+            }
+            "tol" => c.tol.to_string(),
+            "prior" => c.attack.prior.map_or("data".into(), |p| {
+                format!("mean={};std={};min={};max={}", p.mean, p.std, p.min, p.max)
+            }),
+            _ => unreachable!("every key is listed"),
+        })
+        .collect()
+}
+
+fn data_name(d: &crate::data::DataSpec) -> String {
+    use crate::data::DataSpec::*;
+    match d {
+        Digits => "digits".into(),
+        Gaussian { dim } => format!("gaussian:{dim}"),
+        Images { dir, size } => format!("images:{}:{size}", dir.display()),
+        Csv { path, label } => format!(
+            "csv:{}{}",
+            path.display(),
+            label
+                .as_ref()
+                .map_or(String::new(), |l| format!(":label={l}"))
+        ),
+        Npy { path } => format!("npy:{}", path.display()),
+    }
+}
+
+/// Every configuration of the grid (the last axis varies fastest).
+pub fn expand(base: &SimConfig, axes: &[Axis]) -> Result<Vec<SimConfig>> {
+    let mut out = vec![base.clone()];
+    for ax in axes {
+        let mut next = Vec::with_capacity(out.len() * ax.values.len());
+        for c in &out {
+            for v in &ax.values {
+                let mut c = c.clone();
+                c.set(&ax.key, v)?;
+                next.push(c);
+            }
+        }
+        out = next;
+    }
+    Ok(out)
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Split one CSV line (double-quoted fields allowed).
+pub fn csv_split(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match (ch, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(ch),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// The header of a sweep CSV.
+pub fn header() -> Vec<String> {
+    KEYS.iter().chain(METRICS).map(|s| s.to_string()).collect()
+}
+
+/// Read a sweep CSV: header and rows (rows with the wrong number of fields, e.g. a
+/// line cut by an interrupted run, are skipped).
+pub fn read_csv(path: &Path) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut lines = text.lines();
+    let head = csv_split(
+        lines
+            .next()
+            .ok_or_else(|| Error::format(path, "empty CSV"))?,
+    );
+    let rows = lines
+        .map(csv_split)
+        .filter(|r| r.len() == head.len())
+        .collect();
+    Ok((head, rows))
+}
+
+fn metric_row(out: &Result<simulate::SimOutput>) -> Vec<String> {
+    let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.6e}"));
+    match out {
+        Ok(o) => {
+            let r = &o.report;
+            let matched: Vec<_> = r.per_sample.iter().filter(|p| p.exact.is_some()).collect();
+            let exact = matched.iter().filter(|p| p.exact == Some(true)).count() as f64
+                / r.batch_true as f64;
+            let min_psnr = r
+                .per_sample
+                .iter()
+                .filter_map(|p| p.metrics.psnr)
+                .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.min(b))));
+            vec![
+                r.batch_estimated.to_string(),
+                f(Some(r.median_rel_error)),
+                f(Some(r.max_rel_error)),
+                f(Some(r.recovered_fraction)),
+                f(Some(exact)),
+                r.missing.to_string(),
+                f(r.label_accuracy),
+                f(r.mean_psnr),
+                f(min_psnr),
+                f(r.defense.as_ref().map(|d| d.relative_change)),
+                f(r.defense.as_ref().and_then(|d| d.epsilon)),
+                format!("{:.3}", r.seconds.attack),
+                format!("{:.3}", r.seconds.total),
+                String::new(),
+            ]
+        }
+        Err(e) => {
+            let mut v = vec![String::new(); METRICS.len() - 1];
+            v.push(e.to_string());
+            v
+        }
+    }
+}
+
+/// Run every configuration not yet in `csv`, appending one row per run.
+/// `on_row` is called after each run (progress).
+pub fn run(
+    configs: &[SimConfig],
+    csv: &Path,
+    mut on_row: impl FnMut(usize, usize, &[String]),
+) -> Result<usize> {
+    let head = header();
+    let mut done: HashSet<Vec<String>> = HashSet::new();
+    if csv.exists() {
+        let (h, rows) = read_csv(csv)?;
+        if h != head {
+            return Err(Error::format(
+                csv,
+                "existing CSV has different columns; use another --csv",
+            ));
+        }
+        done.extend(rows.into_iter().map(|r| r[..KEYS.len()].to_vec()));
+    } else {
+        crate::io::write_atomic(csv, format!("{}\n", head.join(",")).as_bytes())?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(csv)
+        .map_err(|e| Error::io(csv, e))?;
+    let todo: Vec<&SimConfig> = configs
+        .iter()
+        .filter(|c| !done.contains(&setting(c)))
+        .collect();
+    let total = todo.len();
+    for (i, c) in todo.into_iter().enumerate() {
+        let key = setting(c);
+        let out = simulate::run(c);
+        let mut row = key.clone();
+        row.extend(metric_row(&out));
+        let line = row
+            .iter()
+            .map(|s| csv_field(s))
+            .collect::<Vec<_>>()
+            .join(",");
+        writeln!(file, "{line}")
+            .and_then(|_| file.flush())
+            .map_err(|e| Error::io(csv, e))?;
+        on_row(i + 1, total, &row);
+    }
+    Ok(total)
+}
