@@ -181,6 +181,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     if acfg.prior.is_none() {
         acfg.prior = Some(Prior::from(stats));
     }
+    if acfg.baseline.image.is_none() {
+        acfg.baseline.image = data.image; // IG's total-variation prior
+    }
     let t_att = Instant::now();
     let rec = attack::run(&view, &acfg)?;
     let attack_seconds = t_att.elapsed().as_secs_f64();

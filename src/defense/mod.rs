@@ -415,3 +415,35 @@ pub(crate) mod tests {
         assert!(distance(&g2, &g) > 0.0);
     }
 }
+
+#[cfg(test)]
+mod noise_tests {
+    use crate::attack::{AttackConfig, Method};
+    use crate::simulate::{self, SimConfig};
+
+    /// The analytic attack's stated confidence under noise matches what it achieves:
+    /// the measured error of one digit under noise-rel is within a factor 2 of the
+    /// predicted first-order error (a chi-square fluctuation, not a bias).
+    #[test]
+    fn analytic_predicts_its_error_under_noise() {
+        for s in [1e-4, 1e-2] {
+            let cfg = SimConfig {
+                batch: 1,
+                width: 512,
+                defenses: vec![super::Defense::NoiseRel(s)],
+                attack: AttackConfig::new(Method::Analytic, 1),
+                ..SimConfig::default()
+            };
+            let out = simulate::run(&cfg).unwrap();
+            let predicted = out.reconstruction.diagnostics["predicted_rel_error"]
+                .as_f64()
+                .unwrap();
+            let measured = out.report.median_rel_error;
+            assert!(
+                measured < 2.0 * predicted && measured > 0.5 * predicted,
+                "{s}: {measured} vs {predicted}"
+            );
+            assert!(!out.reconstruction.samples[0].exact);
+        }
+    }
+}
