@@ -64,7 +64,7 @@ impl std::str::FromStr for Prior {
                 }
             }
         }
-        if !(p.std > 0.0) || !p.mean.is_finite() || p.min >= p.max {
+        if p.std.is_nan() || p.std <= 0.0 || !p.mean.is_finite() || p.min >= p.max {
             return Err(Error::Invalid(format!(
                 "--prior '{s}': need std > 0, a finite mean and min < max"
             )));

@@ -22,8 +22,10 @@ pub const ROUNDING_FACTOR: f64 = 50.0;
 /// sigma * (sqrt m + sqrt n), when the noise level is known.
 pub const NOISE_FACTOR: f64 = 1.2;
 
-/// Power iterations of the randomized range finder.
-pub const POWER_ITERATIONS: usize = 2;
+/// Power iterations of the randomized range finder. G~ is rank B plus noise at the
+/// dtype floor, a spectrum with a cliff, for which one iteration already resolves the
+/// range to the floor; each iteration costs two more passes over the gradient.
+pub const POWER_ITERATIONS: usize = 1;
 
 /// How the batch size was decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -70,16 +72,16 @@ pub fn estimate(view: &ServerView, opts: &SubspaceOptions) -> Result<Subspace> {
     let (u, s, v, fro) = if m * n <= DENSE_LIMIT {
         dense_svd(view)?
     } else {
-        randomized_svd(view, opts.seed, opts.batch)?
+        randomized_svd(view, opts.seed, opts.batch, noise)?
     };
-    let floor_round = ROUNDING_FACTOR
-        * (view.dtype.epsilon() / 2.0)
-        * (fro / ((m * n) as f64).sqrt())
-        * ((m as f64).sqrt() + (n as f64).sqrt());
-    let floor_noise = noise.map_or(0.0, |sd| {
-        NOISE_FACTOR * sd * ((m as f64).sqrt() + (n as f64).sqrt())
-    });
-    let threshold = floor_round.max(floor_noise);
+    let threshold = floor(
+        view.dtype,
+        m,
+        n,
+        fro,
+        s.first().copied().unwrap_or(0.0),
+        noise,
+    );
     if s.first().is_none_or(|&s0| s0 <= threshold) {
         return Err(Error::Numerical(
             "the first-layer gradient is zero (or below its noise floor): nothing to reconstruct"
@@ -128,6 +130,18 @@ pub fn estimate(view: &ServerView, opts: &SubspaceOptions) -> Result<Subspace> {
 
 type Svd = (Mat<f64>, Vec<f64>, Mat<f64>, f64);
 
+/// The largest singular value that can still be noise: the dtype's rounding of G~,
+/// the f64 SVD's own backward error (s_1 max(m, n) eps, the usual numerical-rank
+/// tolerance), and the known noise level, whichever is largest.
+fn floor(dtype: crate::Dtype, m: usize, n: usize, fro: f64, s1: f64, noise: Option<f64>) -> f64 {
+    let edge = (m as f64).sqrt() + (n as f64).sqrt();
+    let rounding =
+        ROUNDING_FACTOR * (dtype.epsilon() / 2.0) * (fro / ((m * n) as f64).sqrt()) * edge;
+    let svd = s1 * m.max(n) as f64 * f64::EPSILON;
+    let noise = noise.map_or(0.0, |sd| NOISE_FACTOR * sd * edge);
+    rounding.max(svd).max(noise)
+}
+
 fn dense_svd(view: &ServerView) -> Result<Svd> {
     let m = view.width();
     let g = view.augmented_gradient_block(0..m)?;
@@ -174,11 +188,16 @@ fn orthonormal(a: Mat<f64>) -> Mat<f64> {
 
 /// Randomized range finder (Halko, Martinsson & Tropp 2011) with power iterations,
 /// doubling the sketch until the spectrum has fallen to its floor inside it.
-fn randomized_svd(view: &ServerView, seed: u64, forced: Option<usize>) -> Result<Svd> {
+fn randomized_svd(
+    view: &ServerView,
+    seed: u64,
+    forced: Option<usize>,
+    noise: Option<f64>,
+) -> Result<Svd> {
     let (m, n) = (view.width(), view.input_dim() + 1);
     let cap = m.min(n);
     let mut k = forced.map_or(48, |b| b + 16).min(cap);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5b5a_ce);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed5b_5ace);
     loop {
         let omega = Mat::from_fn(n, k, |_, _| StandardNormal.sample(&mut rng));
         let mut q = orthonormal(times(view, omega.as_ref())?);
@@ -199,17 +218,15 @@ fn randomized_svd(view: &ServerView, seed: u64, forced: Option<usize>) -> Result
         // Bt = V S W^T, so G~ ~ Q W S V^T.
         let u = &q * svd.V();
         let v = svd.U().to_owned();
-        let floor = ROUNDING_FACTOR
-            * (view.dtype.epsilon() / 2.0)
-            * (fro / ((m * n) as f64).sqrt())
-            * ((m as f64).sqrt() + (n as f64).sqrt());
-        let fell = s.iter().position(|&x| {
-            x <= floor.max(
-                view.noise_std.unwrap_or(0.0)
-                    * NOISE_FACTOR
-                    * ((m as f64).sqrt() + (n as f64).sqrt()),
-            )
-        });
+        let t = floor(
+            view.dtype,
+            m,
+            n,
+            fro,
+            s.first().copied().unwrap_or(0.0),
+            noise,
+        );
+        let fell = s.iter().position(|&x| x <= t);
         if fell.is_some_and(|p| p + 8 <= k) || k == cap || forced.is_some() {
             return Ok((u, s, v, fro));
         }
@@ -282,6 +299,13 @@ mod tests {
         check(&v, &x, f64::EPSILON);
         let (v, x) = view(500, 30, 6, Dtype::F32, 2);
         check(&v, &x, f32::EPSILON as f64);
+    }
+
+    /// A wide rank-1 gradient: the SVD's own error (~eps s_1) must not count as signal.
+    #[test]
+    fn wide_rank_one_is_rank_one() {
+        let (v, x) = view(1024, 3072, 1, Dtype::F64, 5);
+        check(&v, &x, f64::EPSILON);
     }
 
     #[test]

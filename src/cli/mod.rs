@@ -1,6 +1,7 @@
 //! Subcommands. Each file turns flags into library calls; no numerics here.
 
 mod attack;
+mod bench;
 mod client;
 mod demo;
 mod simulate;
@@ -30,6 +31,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a grid of simulations and write one CSV row per run (resumable), plus plots.
     Sweep(sweep::SweepArgs),
+    /// Time the pipeline's stages on fixed cases (prints the machine and the command).
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(a) => simulate::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
