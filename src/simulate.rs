@@ -184,6 +184,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     if acfg.tensor.known_law.is_none() {
         acfg.tensor.known_law = Some(attack::moments::WeightLaw::of_init(&init));
     }
+    if acfg.baseline.image.is_none() {
+        acfg.baseline.image = data.image; // IG's total-variation prior
+    }
     let t_att = Instant::now();
     let rec = attack::run(&view, &acfg)?;
     let attack_seconds = t_att.elapsed().as_secs_f64();

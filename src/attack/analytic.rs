@@ -65,10 +65,23 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         start = r.end;
     }
     let residual = (res2 / norm2.max(f64::MIN_POSITIVE)).sqrt();
+    let noise = cfg.noise_std.or(view.noise_std).filter(|&s| s > 0.0);
+    if let Some(sd) = noise {
+        // first-order error of the least-squares ratio under N(0, sd^2) per entry:
+        // sd sqrt(1 + x_k^2) / ||g_b|| per coordinate (docs/DESIGN.defense.md)
+        let xn2: f64 = x.iter().map(|v| v * v).sum();
+        let predicted =
+            sd * (d as f64 + xn2).sqrt() / (denom.sqrt() * xn2.sqrt().max(f64::MIN_POSITIVE));
+        rec.diagnostics
+            .insert("predicted_rel_error".into(), predicted.into());
+        rec.notes.push(format!(
+            "gradient noise sd {sd:.3e}: expected relative error of the sample about {predicted:.2e}"
+        ));
+    }
     rec.samples.push(Sample {
         x,
         residual: Some(residual),
-        exact: residual <= EXACT_FACTOR * view.dtype.epsilon(),
+        exact: noise.is_none() && residual <= EXACT_FACTOR * view.dtype.epsilon(),
         stage: "analytic".into(),
         label: None,
         output_residual: None,
