@@ -269,10 +269,10 @@ mod tests {
         simulate::run(&cfg).unwrap()
     }
 
-    /// End to end at m = 20000, B = 4, gaussian:16, tanh, ten-class CE: measured
-    /// median relative error ~0.05 (1/sqrt(m) scaling from 0.025 at 1e5 with B = 8);
-    /// 0.12 leaves room for the seed while failing any broken stage (a wrong
-    /// whitening or order gives errors near 1).
+    /// End to end at m = 20000, B = 4, gaussian:16, tanh, ten-class CE, Gaussian init.
+    /// The width sweep (docs/EXPERIMENTS.tensor.md) gives median 0.02-0.06 for B = 4
+    /// at m = 1e4-3e4 and a slope near -1/2 to -3/4; 0.12 leaves room for the seed while
+    /// failing any broken stage (a wrong whitening, order or scale gives errors near 1).
     #[test]
     fn end_to_end_small() {
         let out = sim(20_000, 4, 16, Activation::Tanh, Init::Gaussian, 3);
