@@ -303,7 +303,7 @@ impl SimOutput {
 }
 
 impl Default for SimConfig {
-    /// digits, B = 8, m = 4096, tanh, cross-entropy, PyTorch's init, f64, seed 1, auto.
+    /// digits, B = 8, m = 4096, tanh, cross-entropy, Gaussian init (the paper's), f64, seed 1, auto.
     fn default() -> Self {
         SimConfig {
             data: DataSpec::Digits,
@@ -314,7 +314,7 @@ impl Default for SimConfig {
             activation: Activation::Tanh,
             loss: Loss::Ce,
             classes: None,
-            init: Init::TorchDefault,
+            init: Init::Gaussian,
             dtype: Dtype::F64,
             seed: 1,
             defenses: Vec::new(),

@@ -34,8 +34,8 @@ pub struct SimArgs {
     /// Output dimension K (classes for ce). Default: the data's classes, 10 for ce, 1 otherwise.
     #[arg(long)]
     pub classes: Option<usize>,
-    /// Server's parameters: gaussian centred torch-default kaiming-normal.
-    #[arg(long, default_value = "torch-default")]
+    /// Server's parameters: gaussian (the paper's law) centred torch-default kaiming-normal.
+    #[arg(long, default_value = "gaussian")]
     pub init: String,
     /// Client's precision: f32 or f64.
     #[arg(long, default_value = "f64")]
