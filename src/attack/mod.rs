@@ -224,7 +224,7 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         }
         rec
     } else {
-        span::attack(view, cfg)?
+        span::attack_on(view, cfg, &sub)?
     };
     rec.method = Method::Auto;
     Ok(rec)

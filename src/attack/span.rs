@@ -666,6 +666,12 @@ pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
 
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
+    attack_on(view, cfg, &sub)
+}
+
+/// The search (or the pattern search) on an already computed subspace.
+pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Result<Reconstruction> {
+    let sub = sub.clone();
     let mut rec = Reconstruction::from_subspace(Method::Span, &sub);
     if view.first.bias.is_none() {
         return Err(Error::Invalid(
