@@ -53,9 +53,9 @@ pub const SCREEN_NEURONS: usize = 384;
 
 /// A zero counts as exact when F <= EXACT_FACTOR * eps(dtype) * kappa, kappa = sigma_1 / sigma_B:
 /// rounding the gradient to its dtype perturbs G~ by ~eps ||G~||, which tilts its
-/// column space by ~eps kappa (Wedin's theorem); the factor covers the client's
-/// own accumulated rounding in the forward/backward pass (measured: F at the truth
-/// is 1-20 eps kappa on the fixtures and simulations).
+/// column space by up to ~eps kappa (Wedin's theorem); the factor covers the client's
+/// own accumulated rounding. Measured F at the truth: 1-3 eps on all twelve PyTorch
+/// fixtures (f32 and f64), well inside the floor; wrong inputs give F > 1e-4.
 pub const EXACT_FACTOR: f64 = 200.0;
 /// LM result on the subsample worth checking on all neurons.
 pub const PROMISING: f64 = 1e-3;
