@@ -379,6 +379,9 @@ pub const MAX_ROUNDS: usize = 12;
 /// Failed starts (times B) after which a new round is begun, if samples were found
 /// since the last one: removing them from the gradient makes better row points.
 pub const ROUND_PATIENCE: usize = 2;
+/// With this few samples missing, a new round starts at once: the projected
+/// gradient then has rank <= LAST_FEW and its row points are (nearly) the samples.
+pub const LAST_FEW: usize = 2;
 
 /// The projected gradient with the found samples removed exactly: GV projected
 /// onto the complement of the found signals, (I - S_f S_f^+) GV = (I - S_f S_f^+) S_m C_m^T.
@@ -505,7 +508,10 @@ pub fn search(
             if zeros.len() >= b || out_of_budget(&stats) {
                 break;
             }
-            if failures >= patience && zeros.len() > found_at_round && round < MAX_ROUNDS {
+            if (failures >= patience || b - zeros.len() <= LAST_FEW)
+                && zeros.len() > found_at_round
+                && round < MAX_ROUNDS
+            {
                 pending.push_front((0.0, c, r));
                 break;
             }
@@ -533,6 +539,12 @@ pub fn search(
                 continue;
             };
             if f_sub > PROMISING {
+                continue;
+            }
+            // a start that stalled next to a found zero would polish onto it: skip early
+            let xs = model.coords.x_of_c(&model.coords.c_of_t(&prob.split(&res.u).0));
+            if found_x.iter().any(|y| rel_dist(&xs, y) < SKIP_RADIUS) {
+                stats.duplicates += 1;
                 continue;
             }
             // polish and check on every neuron, without deflation
