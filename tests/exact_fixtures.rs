@@ -49,16 +49,17 @@ fn run_dir(
     let rec = attack::run(&view, &cfg).unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let truth = read_batch(dir.join("batch.safetensors")).unwrap();
-    let labels: Option<Vec<usize>> = (check_labels && truth.y.as_ref().is_some_and(|y| y.ncols() == 1)).then(|| {
-        truth
-            .y
-            .as_ref()
-            .unwrap()
-            .col(0)
-            .iter()
-            .map(|&v| v as usize)
-            .collect()
-    });
+    let labels: Option<Vec<usize>> =
+        (check_labels && truth.y.as_ref().is_some_and(|y| y.ncols() == 1)).then(|| {
+            truth
+                .y
+                .as_ref()
+                .unwrap()
+                .col(0)
+                .iter()
+                .map(|&v| v as usize)
+                .collect()
+        });
     let m = metrics::evaluate(&truth.x, &rec.samples, None, TOL, labels.as_deref()).unwrap();
     eprintln!(
         "{name}: found {}/{} max rel error {:.2e} labels {:?} in {secs:.1} s; residuals {:?}",

@@ -50,17 +50,32 @@ fn alternate(
     let mid = 0.5 * (lo + hi);
     for _ in 0..MAX_SWEEPS {
         stats.lm_iterations += 1;
-        let mmat = Mat::from_fn(n, a.nrows(), |i, k| if pat[i] { hi } else { lo } * a[(k, neurons.rows[i])]);
+        let mmat = Mat::from_fn(
+            n,
+            a.nrows(),
+            |i, k| if pat[i] { hi } else { lo } * a[(k, neurons.rows[i])],
+        );
         let (f, r) = best_residual_of(&mmat, neurons)?;
         if f <= floor {
             return Some((pat, r, f));
         }
-        let ar: Vec<f64> = neurons.rows.iter().map(|&j| (0..a.nrows()).map(|k| a[(k, j)] * r[k]).sum()).collect();
+        let ar: Vec<f64> = neurons
+            .rows
+            .iter()
+            .map(|&j| (0..a.nrows()).map(|k| a[(k, j)] * r[k]).sum())
+            .collect();
         let s = &mmat * &r;
         let y = &s - neurons.perp(&s);
         let gamma = (y.transpose() * &s) / s.squared_norm_l2().max(f64::MIN_POSITIVE);
-        let new: Vec<bool> =
-            (0..n).map(|i| if ar[i].abs() < 1e-300 { pat[i] } else { y[i] / (gamma * ar[i]) > mid }).collect();
+        let new: Vec<bool> = (0..n)
+            .map(|i| {
+                if ar[i].abs() < 1e-300 {
+                    pat[i]
+                } else {
+                    y[i] / (gamma * ar[i]) > mid
+                }
+            })
+            .collect();
         if new == pat {
             return None;
         }
@@ -103,7 +118,9 @@ pub fn search(
     let rows: Vec<usize> = (0..m).collect();
     let small = {
         let mut perm = rows.clone();
-        perm.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x9a7));
+        perm.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+            cfg.seed ^ 0x9a7,
+        ));
         let n = PATTERN_NEURONS.max(16 * (b + a.nrows())).min(m);
         let mut r = perm[..n].to_vec();
         r.sort_unstable();
@@ -133,7 +150,10 @@ pub fn search(
         // then lift the signal to every neuron through its coordinates in Q and finish there
         let zs = model.z(&c, &small.rows);
         let pat0: Vec<bool> = zs.iter().map(|&z| z > 0.0).collect();
-        let Some((ps, rs, _)) = alternate(&a, &small, pat0, (lo, hi), floor_small, &mut stats) else { continue };
+        let Some((ps, rs, _)) = alternate(&a, &small, pat0, (lo, hi), floor_small, &mut stats)
+        else {
+            continue;
+        };
         let ss = Col::from_fn(ps.len(), |i| {
             let j = small.rows[i];
             (if ps[i] { hi } else { lo }) * (0..a.nrows()).map(|k| a[(k, j)] * rs[k]).sum::<f64>()
@@ -142,7 +162,15 @@ pub fn search(
         let coef = qs.qr().solve_lstsq(&ss);
         let y = &sub.q * &coef;
         let ar = a.transpose() * &rs;
-        let pat_full: Vec<bool> = (0..m).map(|j| if ar[j].abs() < 1e-300 { false } else { y[j] / ar[j] > mid }).collect();
+        let pat_full: Vec<bool> = (0..m)
+            .map(|j| {
+                if ar[j].abs() < 1e-300 {
+                    false
+                } else {
+                    y[j] / ar[j] > mid
+                }
+            })
+            .collect();
         let result = alternate(&a, &all, pat_full, (lo, hi), floor, &mut stats);
         let Some((pat, r, f)) = result else { continue };
         let result = Some((r, f));

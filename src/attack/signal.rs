@@ -185,7 +185,11 @@ impl SignalModel {
     pub fn signal_matrix(&self, c: &Col<f64>, rows: &[usize]) -> Mat<f64> {
         match &self.upper {
             Upper::TwoLayer { a } => {
-                let d1: Vec<f64> = self.z(c, rows).into_iter().map(|z| self.act.d1(z)).collect();
+                let d1: Vec<f64> = self
+                    .z(c, rows)
+                    .into_iter()
+                    .map(|z| self.act.d1(z))
+                    .collect();
                 Mat::from_fn(rows.len(), self.k, |i, k| d1[i] * a[(k, rows[i])])
             }
             Upper::Deep { model } => {
@@ -232,7 +236,11 @@ impl SignalModel {
                     .map(|&j| (0..self.k).map(|k| a[(k, j)] * r[k]).sum())
                     .collect();
                 let d1: Vec<f64> = z.iter().map(|&z| self.act.d1(z)).collect();
-                let d2ar: Vec<f64> = z.iter().zip(&ar).map(|(&z, &ar)| self.act.d2(z) * ar).collect();
+                let d2ar: Vec<f64> = z
+                    .iter()
+                    .zip(&ar)
+                    .map(|(&z, &ar)| self.act.d2(z) * ar)
+                    .collect();
                 let s = Col::from_fn(rows.len(), |i| d1[i] * ar[i]);
                 let dt = Mat::from_fn(rows.len(), nb, |i, k| d2ar[i] * self.pnt[(k, rows[i])]);
                 let m = Mat::from_fn(rows.len(), self.k, |i, k| d1[i] * a[(k, rows[i])]);

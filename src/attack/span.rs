@@ -542,7 +542,9 @@ pub fn search(
                 continue;
             }
             // a start that stalled next to a found zero would polish onto it: skip early
-            let xs = model.coords.x_of_c(&model.coords.c_of_t(&prob.split(&res.u).0));
+            let xs = model
+                .coords
+                .x_of_c(&model.coords.c_of_t(&prob.split(&res.u).0));
             if found_x.iter().any(|y| rel_dist(&xs, y) < SKIP_RADIUS) {
                 stats.duplicates += 1;
                 continue;
