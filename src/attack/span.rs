@@ -700,6 +700,14 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
         );
         return Ok(rec);
     }
+    if pattern::slopes(view.activation).is_some() && view.depth() > 1 {
+        rec.notes.push(format!(
+            "{} with {} hidden layers: the pattern search handles one hidden layer only; no sample returned",
+            view.activation,
+            view.depth()
+        ));
+        return Ok(rec);
+    }
     let (zeros, stats, model, stage) = if pattern::slopes(view.activation).is_some() {
         let (z, s, m) = pattern::search(view, &sub, cfg)?;
         if z.is_empty() {
