@@ -218,9 +218,19 @@ pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
 fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
     let mut rec = if sub.batch == 1 && view.first.grad_bias.is_some() {
-        analytic::attack(view, cfg)?
+        let mut rec = analytic::attack(view, cfg)?;
+        // with one sample the output bias gradient is its residual r_1 = dL/df
+        if let (Some(s), Some(gc)) = (
+            rec.samples.first_mut(),
+            view.upper_grad.last().and_then(|l| l.bias.as_ref()),
+        ) {
+            let r = faer::Col::from_fn(gc.nrows(), |k| gc[k]);
+            s.label = labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];
+            s.output_residual = Some(r.iter().copied().collect());
+        }
+        rec
     } else {
-        span::attack(view, cfg)?
+        span::attack_on(view, cfg, &sub)?
     };
     rec.method = Method::Auto;
     Ok(rec)

@@ -10,8 +10,10 @@
 //! is stable. Starts are the patterns of the gradient's row points. Once all B
 //! signals S are known, the inputs follow linearly from G~ V = S diag(alpha) C^T.
 
-use faer::linalg::solvers::Solve;
+use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
 
 use super::signal::{Neurons, SignalModel};
 use super::span::{self, SearchStats, Zero, best_residual_of};
@@ -33,6 +35,57 @@ pub fn slopes(act: Activation) -> Option<(f64, f64)> {
         _ => None,
     }
 }
+
+/// Alternating projections on `neurons` from pattern `pat` (one entry per neuron of
+/// `neurons`); Some((pattern, unit r, F)) when F reaches `floor`.
+fn alternate(
+    a: &Mat<f64>,
+    neurons: &Neurons,
+    mut pat: Vec<bool>,
+    (lo, hi): (f64, f64),
+    floor: f64,
+    stats: &mut SearchStats,
+) -> Option<(Vec<bool>, Col<f64>, f64)> {
+    let n = neurons.len();
+    let mid = 0.5 * (lo + hi);
+    for _ in 0..MAX_SWEEPS {
+        stats.lm_iterations += 1;
+        let mmat = Mat::from_fn(
+            n,
+            a.nrows(),
+            |i, k| if pat[i] { hi } else { lo } * a[(k, neurons.rows[i])],
+        );
+        let (f, r) = best_residual_of(&mmat, neurons)?;
+        if f <= floor {
+            return Some((pat, r, f));
+        }
+        let ar: Vec<f64> = neurons
+            .rows
+            .iter()
+            .map(|&j| (0..a.nrows()).map(|k| a[(k, j)] * r[k]).sum())
+            .collect();
+        let s = &mmat * &r;
+        let y = &s - neurons.perp(&s);
+        let gamma = (y.transpose() * &s) / s.squared_norm_l2().max(f64::MIN_POSITIVE);
+        let new: Vec<bool> = (0..n)
+            .map(|i| {
+                if ar[i].abs() < 1e-300 {
+                    pat[i]
+                } else {
+                    y[i] / (gamma * ar[i]) > mid
+                }
+            })
+            .collect();
+        if new == pat {
+            return None;
+        }
+        pat = new;
+    }
+    None
+}
+
+/// Neurons of the subsample the alternation starts on.
+pub const PATTERN_NEURONS: usize = 2048;
 
 /// Signals found by the pattern search, then the inputs by the linear solve.
 pub fn search(
@@ -63,6 +116,19 @@ pub fn search(
     let all = Neurons::all(&sub.q);
     let floor = span::exact_floor(view, sub);
     let rows: Vec<usize> = (0..m).collect();
+    let small = {
+        let mut perm = rows.clone();
+        perm.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+            cfg.seed ^ 0x9a7,
+        ));
+        let n = PATTERN_NEURONS.max(16 * (b + a.nrows())).min(m);
+        let mut r = perm[..n].to_vec();
+        r.sort_unstable();
+        Neurons::new(&sub.q, r)
+    };
+    // F on the subsample is computed against a re-orthonormalised basis: the same
+    // rounding floor applies (it depends on the conditioning of G~, not on m)
+    let floor_small = floor;
     let gv = Mat::from_fn(m, b, |j, k| sub.q[(j, k)] * sub.singular_values[k]);
     let starts = span::row_points(sub, &gv);
     let mut stats = SearchStats {
@@ -80,41 +146,34 @@ pub fn search(
             break;
         }
         stats.starts += 1;
-        let z = model.z(&c, &rows);
-        let mut pat: Vec<bool> = z.iter().map(|&z| z > 0.0).collect();
-        let mut result = None;
-        for _ in 0..MAX_SWEEPS {
-            stats.lm_iterations += 1;
-            let mmat = Mat::from_fn(
-                m,
-                a.nrows(),
-                |j, k| if pat[j] { hi } else { lo } * a[(k, j)],
-            );
-            let Some((f, r)) = best_residual_of(&mmat, &all) else {
-                break;
-            };
-            let ar = a.transpose() * &r;
-            let s = &mmat * &r;
-            if f <= floor {
-                result = Some((r, f));
-                break;
-            }
-            let y = &s - all.perp(&s);
-            let gamma = (y.transpose() * &s) / s.squared_norm_l2().max(f64::MIN_POSITIVE);
-            let new: Vec<bool> = (0..m)
-                .map(|j| {
-                    if ar[j].abs() < 1e-300 {
-                        pat[j]
-                    } else {
-                        y[j] / (gamma * ar[j]) > mid
-                    }
-                })
-                .collect();
-            if new == pat {
-                break;
-            }
-            pat = new;
-        }
+        // alternate on the subsample (fewer hyperplanes: row-point patterns agree more),
+        // then lift the signal to every neuron through its coordinates in Q and finish there
+        let zs = model.z(&c, &small.rows);
+        let pat0: Vec<bool> = zs.iter().map(|&z| z > 0.0).collect();
+        let Some((ps, rs, _)) = alternate(&a, &small, pat0, (lo, hi), floor_small, &mut stats)
+        else {
+            continue;
+        };
+        let ss = Col::from_fn(ps.len(), |i| {
+            let j = small.rows[i];
+            (if ps[i] { hi } else { lo }) * (0..a.nrows()).map(|k| a[(k, j)] * rs[k]).sum::<f64>()
+        });
+        let qs = Mat::from_fn(small.len(), b, |i, k| sub.q[(small.rows[i], k)]);
+        let coef = qs.qr().solve_lstsq(&ss);
+        let y = &sub.q * &coef;
+        let ar = a.transpose() * &rs;
+        let pat_full: Vec<bool> = (0..m)
+            .map(|j| {
+                if ar[j].abs() < 1e-300 {
+                    false
+                } else {
+                    y[j] / ar[j] > mid
+                }
+            })
+            .collect();
+        let result = alternate(&a, &all, pat_full, (lo, hi), floor, &mut stats);
+        let Some((pat, r, f)) = result else { continue };
+        let result = Some((r, f));
         let Some((r, f)) = result else { continue };
         let active = pat.iter().filter(|&&p| p).count();
         if active == 0 || (lo == 0.0 && active < b) {

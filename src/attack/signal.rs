@@ -104,6 +104,9 @@ pub struct SignalModel {
     pub p: Mat<f64>,
     /// P N (m x (B-1)): dz/dt.
     pub pn: Mat<f64>,
+    /// P^T and (P N)^T, so a neuron's row is a contiguous column.
+    pt: Mat<f64>,
+    pnt: Mat<f64>,
     /// Output dimension K.
     pub k: usize,
     upper: Upper,
@@ -135,11 +138,15 @@ impl SignalModel {
                 model: Box::new(view.model()?),
             }
         };
+        let pt = p.transpose().to_owned();
+        let pnt = pn.transpose().to_owned();
         Ok(SignalModel {
             act: view.activation,
             coords,
             p,
             pn,
+            pt,
+            pnt,
             k: view.outputs(),
             upper,
         })
@@ -165,8 +172,12 @@ impl SignalModel {
 
     /// Pre-activations of the first layer at c, on `rows`.
     pub fn z(&self, c: &Col<f64>, rows: &[usize]) -> Vec<f64> {
+        let c: Vec<f64> = c.iter().copied().collect();
         rows.iter()
-            .map(|&j| (0..c.nrows()).map(|k| self.p[(j, k)] * c[k]).sum())
+            .map(|&j| {
+                let col = self.pt.col(j);
+                c.iter().enumerate().map(|(k, ck)| col[k] * ck).sum()
+            })
             .collect()
     }
 
@@ -174,10 +185,12 @@ impl SignalModel {
     pub fn signal_matrix(&self, c: &Col<f64>, rows: &[usize]) -> Mat<f64> {
         match &self.upper {
             Upper::TwoLayer { a } => {
-                let z = self.z(c, rows);
-                Mat::from_fn(rows.len(), self.k, |i, k| {
-                    self.act.d1(z[i]) * a[(k, rows[i])]
-                })
+                let d1: Vec<f64> = self
+                    .z(c, rows)
+                    .into_iter()
+                    .map(|z| self.act.d1(z))
+                    .collect();
+                Mat::from_fn(rows.len(), self.k, |i, k| d1[i] * a[(k, rows[i])])
             }
             Upper::Deep { model } => {
                 let full = self.deep_signals(model, c);
@@ -222,13 +235,15 @@ impl SignalModel {
                     .iter()
                     .map(|&j| (0..self.k).map(|k| a[(k, j)] * r[k]).sum())
                     .collect();
-                let s = Col::from_fn(rows.len(), |i| self.act.d1(z[i]) * ar[i]);
-                let dt = Mat::from_fn(rows.len(), nb, |i, k| {
-                    self.act.d2(z[i]) * ar[i] * self.pn[(rows[i], k)]
-                });
-                let m = Mat::from_fn(rows.len(), self.k, |i, k| {
-                    self.act.d1(z[i]) * a[(k, rows[i])]
-                });
+                let d1: Vec<f64> = z.iter().map(|&z| self.act.d1(z)).collect();
+                let d2ar: Vec<f64> = z
+                    .iter()
+                    .zip(&ar)
+                    .map(|(&z, &ar)| self.act.d2(z) * ar)
+                    .collect();
+                let s = Col::from_fn(rows.len(), |i| d1[i] * ar[i]);
+                let dt = Mat::from_fn(rows.len(), nb, |i, k| d2ar[i] * self.pnt[(k, rows[i])]);
+                let m = Mat::from_fn(rows.len(), self.k, |i, k| d1[i] * a[(k, rows[i])]);
                 (s, dt, m)
             }
             Upper::Deep { .. } => {
