@@ -338,6 +338,7 @@ pub const KEYS: &[&str] = &[
     "defense",
     "tol",
     "prior",
+    "attack_batch",
 ];
 
 impl SimConfig {
@@ -373,6 +374,14 @@ impl SimConfig {
             }
             "tol" => self.tol = num(key, value)?,
             "prior" => self.attack.prior = Some(value.parse()?),
+            // the batch size the attack is told (`auto`: estimated from the rank)
+            "attack_batch" => {
+                self.attack.batch = if value == "auto" {
+                    None
+                } else {
+                    Some(num(key, value)?)
+                }
+            }
             _ => {
                 return Err(Error::Unknown {
                     kind: "setting",
