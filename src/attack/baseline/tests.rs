@@ -35,7 +35,7 @@ fn dlg_recovers_one_digit() {
 fn ig_runs_end_to_end() {
     let mut cfg = digits(Method::Ig, 2, 32, 2);
     cfg.attack.baseline.ig_iters = 200;
-    cfg.attack.baseline.restarts = 1;
+    cfg.attack.baseline.ig_restarts = 1;
     let out = simulate::run(&cfg).unwrap();
     assert_eq!(out.reconstruction.samples.len(), 2);
     assert!(
