@@ -84,7 +84,29 @@ struct Problem {
 
 impl Problem {
     fn new(view: &ServerView, cfg: &AttackConfig, method: Method) -> Result<Self> {
-        let sub = subspace::estimate(view, &cfg.subspace_options())?;
+        // Gradient matching needs only B: when it is given, a gradient the subspace stage
+        // rejects (e.g. below its noise floor) is still matched.
+        let (batch, mut rec) = match (subspace::estimate(view, &cfg.subspace_options()), cfg.batch)
+        {
+            (Ok(sub), _) => (sub.batch, Reconstruction::from_subspace(method, &sub)),
+            (Err(e), Some(b)) if b >= 1 => {
+                let mut rec = Reconstruction {
+                    method,
+                    batch_estimated: b,
+                    samples: Vec::new(),
+                    singular_values: Vec::new(),
+                    rank_threshold: f64::NAN,
+                    rank_rule: None,
+                    notes: Vec::new(),
+                    diagnostics: Default::default(),
+                };
+                rec.notes.push(format!(
+                    "subspace stage: {e}; matching with the given batch size {b}"
+                ));
+                (b, rec)
+            }
+            (Err(e), _) => return Err(e),
+        };
         let model = view.model()?;
         let observed = view.gradient()?;
         let observed_norm = observed.norm();
@@ -93,7 +115,6 @@ impl Problem {
         } else {
             Loss::Mse
         });
-        let mut rec = Reconstruction::from_subspace(method, &sub);
         if cfg.loss.is_none() {
             rec.notes.push(format!(
                 "the loss was not given: matched gradients of {loss}"
@@ -104,7 +125,7 @@ impl Problem {
             observed,
             observed_norm,
             labels: LabelModel::for_loss(loss),
-            batch: sub.batch,
+            batch,
             prior: cfg.prior.unwrap_or_default(),
             rec,
         })

@@ -46,3 +46,24 @@ fn ig_runs_end_to_end() {
     );
     assert!(out.report.median_rel_error.is_finite());
 }
+
+/// With B given, a gradient the subspace stage rejects (below its noise floor) is
+/// still matched, and the report says why.
+#[test]
+fn dlg_with_given_batch_matches_a_gradient_below_the_noise_floor() {
+    let mut cfg = digits(Method::Dlg, 1, 32, 3);
+    cfg.defenses = vec![crate::defense::Defense::NoiseRel(20.0)];
+    cfg.attack.batch = Some(1);
+    cfg.attack.baseline.restarts = 1;
+    cfg.attack.baseline.dlg_iters = 20;
+    let out = simulate::run(&cfg).unwrap();
+    assert_eq!(out.reconstruction.samples.len(), 1);
+    assert!(
+        out.reconstruction
+            .notes
+            .iter()
+            .any(|n| n.contains("subspace stage")),
+        "{:?}",
+        out.reconstruction.notes
+    );
+}
