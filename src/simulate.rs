@@ -344,6 +344,7 @@ pub const KEYS: &[&str] = &[
     "tensor-law",
     "tensor-order",
     "tensor-estimator",
+    "attack_batch",
 ];
 
 impl SimConfig {
@@ -407,6 +408,14 @@ impl SimConfig {
             }
             "tensor-order" => {
                 self.attack.tensor.order = (value != "auto").then(|| num(key, value)).transpose()?
+            }
+            // the batch size the attack is told (`auto`: estimated from the rank)
+            "attack_batch" => {
+                self.attack.batch = if value == "auto" {
+                    None
+                } else {
+                    Some(num(key, value)?)
+                }
             }
             _ => {
                 return Err(Error::Unknown {

@@ -111,6 +111,7 @@ pub fn setting(c: &SimConfig) -> Vec<String> {
                 "regression"
             }
             .into(),
+            "attack_batch" => c.attack.batch.map_or("auto".into(), |b| b.to_string()),
             _ => unreachable!("every key is listed"),
         })
         .collect()

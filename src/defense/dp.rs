@@ -20,8 +20,9 @@ pub const DP_DELTA: f64 = 1e-5;
 /// matters, and above the f64 resolution of delta(eps) near 1e-5.
 const EPSILON_TOL: f64 = 1e-12;
 
-/// Above this epsilon the step is reported as unbounded (the noise is negligible).
-const EPSILON_MAX: f64 = 1e6;
+/// Above this epsilon the step is reported as unbounded. For small multipliers
+/// epsilon ~ 1/(2 z^2), so 1e15 still resolves z down to ~2e-8.
+const EPSILON_MAX: f64 = 1e15;
 
 /// The target rows of sample `i` alone.
 pub(crate) fn sample_targets(t: &Targets, i: usize) -> Targets {
@@ -182,6 +183,8 @@ mod tests {
         // tiny noise: epsilon ~ 1/(2 z^2), finite and large, no overflow
         let e = gaussian_epsilon(0.01, 1e-5).unwrap();
         assert!(e.is_finite() && e > 4000.0, "{e}");
+        let e = gaussian_epsilon(1e-6, 1e-5).unwrap();
+        assert!(e.is_finite() && e > 1e11, "{e}");
     }
 
     #[test]

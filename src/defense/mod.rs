@@ -297,6 +297,16 @@ pub(crate) fn axpy(a: &mut Gradient<f64>, s: f64, b: &Gradient<f64>) {
     }
 }
 
+/// g *= s, over every parameter.
+pub(crate) fn for_each_layer_scale(g: &mut Gradient<f64>, s: f64) {
+    for l in &mut g.layers {
+        l.weight *= faer::Scale(s);
+        if let Some(b) = &mut l.bias {
+            *b *= faer::Scale(s);
+        }
+    }
+}
+
 /// A gradient of zeros shaped like `model`.
 pub(crate) fn zeros_like(model: &Mlp<f64>) -> Gradient<f64> {
     Gradient {

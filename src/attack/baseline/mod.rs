@@ -48,8 +48,10 @@ pub struct BaselineOptions {
     pub dlg_iters: usize,
     /// IG's Adam iterations.
     pub ig_iters: usize,
-    /// Independent random starts; the best gradient fit is kept.
+    /// DLG's independent random starts; the best gradient fit is kept.
     pub restarts: usize,
+    /// IG's random starts (Adam's budget is the cost: one by default).
+    pub ig_restarts: usize,
     /// Weight of IG's total-variation prior (images only).
     pub tv_weight: f64,
     /// Image shape of the inputs (enables IG's total variation).
@@ -62,6 +64,7 @@ impl Default for BaselineOptions {
             dlg_iters: DLG_ITERS,
             ig_iters: IG_ITERS,
             restarts: DEFAULT_RESTARTS,
+            ig_restarts: 1,
             tv_weight: IG_TV_WEIGHT,
             image: None,
         }
@@ -81,7 +84,29 @@ struct Problem {
 
 impl Problem {
     fn new(view: &ServerView, cfg: &AttackConfig, method: Method) -> Result<Self> {
-        let sub = subspace::estimate(view, &cfg.subspace_options())?;
+        // Gradient matching needs only B: when it is given, a gradient the subspace stage
+        // rejects (e.g. below its noise floor) is still matched.
+        let (batch, mut rec) = match (subspace::estimate(view, &cfg.subspace_options()), cfg.batch)
+        {
+            (Ok(sub), _) => (sub.batch, Reconstruction::from_subspace(method, &sub)),
+            (Err(e), Some(b)) if b >= 1 => {
+                let mut rec = Reconstruction {
+                    method,
+                    batch_estimated: b,
+                    samples: Vec::new(),
+                    singular_values: Vec::new(),
+                    rank_threshold: f64::NAN,
+                    rank_rule: None,
+                    notes: Vec::new(),
+                    diagnostics: Default::default(),
+                };
+                rec.notes.push(format!(
+                    "subspace stage: {e}; matching with the given batch size {b}"
+                ));
+                (b, rec)
+            }
+            (Err(e), _) => return Err(e),
+        };
         let model = view.model()?;
         let observed = view.gradient()?;
         let observed_norm = observed.norm();
@@ -90,7 +115,6 @@ impl Problem {
         } else {
             Loss::Mse
         });
-        let mut rec = Reconstruction::from_subspace(method, &sub);
         if cfg.loss.is_none() {
             rec.notes.push(format!(
                 "the loss was not given: matched gradients of {loss}"
@@ -101,7 +125,7 @@ impl Problem {
             observed,
             observed_norm,
             labels: LabelModel::for_loss(loss),
-            batch: sub.batch,
+            batch,
             prior: cfg.prior.unwrap_or_default(),
             rec,
         })
@@ -168,10 +192,11 @@ impl Problem {
         let (x, lam) = self.unpack(theta);
         let (g, tape) = self.map().eval(&x, &lam)?;
         let s = 1.0 / (self.observed_norm * self.observed_norm).max(f64::MIN_POSITIVE);
-        let diff = combine(1.0, &g, -1.0, &self.observed);
+        let mut diff = g;
+        crate::defense::axpy(&mut diff, -1.0, &self.observed);
         let f = s * dot(&diff, &diff);
-        let adj = combine(2.0 * s, &diff, 0.0, &diff);
-        let (ax, al) = self.map().vjp(&tape, &adj);
+        crate::defense::for_each_layer_scale(&mut diff, 2.0 * s);
+        let (ax, al) = self.map().vjp(&tape, &diff);
         Ok((f, self.pack(&ax, &al)))
     }
 
@@ -308,7 +333,7 @@ const ADAM_EPS: f64 = 1e-8;
 /// inputs onto the prior's box after every step; best of `restarts`.
 pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let o = &cfg.baseline;
-    check_budget(o.ig_iters, o.restarts)?;
+    check_budget(o.ig_iters, o.ig_restarts)?;
     let mut prob = Problem::new(view, cfg, Method::Ig)?;
     let (b, d, _) = prob.dims();
     let image = o.image.filter(|s| s.len() == d);
@@ -318,7 +343,7 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             .push("inputs are not images: no total-variation prior".into());
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x16_16_16);
-    let pb = progress(cfg, o.ig_iters * o.restarts, "ig");
+    let pb = progress(cfg, o.ig_iters * o.ig_restarts, "ig");
     let p = prob.prior;
     let step_x = IG_STEP
         * if p.std > 0.0 && p.std.is_finite() {
@@ -327,7 +352,7 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             1.0
         };
     let mut best: Option<(f64, Vec<f64>)> = None;
-    for r in 0..o.restarts {
+    for r in 0..o.ig_restarts {
         let mut theta = prob.start(&mut rng);
         let (mut m, mut v) = (vec![0.0; theta.len()], vec![0.0; theta.len()]);
         let mut run_best: Option<(f64, Vec<f64>)> = None;
@@ -378,7 +403,7 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     prob.rec.diagnostics.insert("objective".into(), f.into());
     prob.rec
         .diagnostics
-        .insert("iterations".into(), (o.ig_iters * o.restarts).into());
+        .insert("iterations".into(), (o.ig_iters * o.ig_restarts).into());
     prob.finish(&theta, "ig", view.dtype.epsilon())
 }
 

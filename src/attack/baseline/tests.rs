@@ -35,7 +35,7 @@ fn dlg_recovers_one_digit() {
 fn ig_runs_end_to_end() {
     let mut cfg = digits(Method::Ig, 2, 32, 2);
     cfg.attack.baseline.ig_iters = 200;
-    cfg.attack.baseline.restarts = 1;
+    cfg.attack.baseline.ig_restarts = 1;
     let out = simulate::run(&cfg).unwrap();
     assert_eq!(out.reconstruction.samples.len(), 2);
     assert!(
@@ -45,4 +45,25 @@ fn ig_runs_end_to_end() {
             .all(|s| s.x.iter().all(|v| (0.0..=1.0).contains(v)))
     );
     assert!(out.report.median_rel_error.is_finite());
+}
+
+/// With B given, a gradient the subspace stage rejects (below its noise floor) is
+/// still matched, and the report says why.
+#[test]
+fn dlg_with_given_batch_matches_a_gradient_below_the_noise_floor() {
+    let mut cfg = digits(Method::Dlg, 1, 32, 3);
+    cfg.defenses = vec![crate::defense::Defense::NoiseRel(20.0)];
+    cfg.attack.batch = Some(1);
+    cfg.attack.baseline.restarts = 1;
+    cfg.attack.baseline.dlg_iters = 20;
+    let out = simulate::run(&cfg).unwrap();
+    assert_eq!(out.reconstruction.samples.len(), 1);
+    assert!(
+        out.reconstruction
+            .notes
+            .iter()
+            .any(|n| n.contains("subspace stage")),
+        "{:?}",
+        out.reconstruction.notes
+    );
 }
