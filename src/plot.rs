@@ -15,6 +15,20 @@ use crate::{Error, Result};
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
+/// Tableau's ten colours: distinct on white and for common colour blindness.
+const COLORS: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
 const WIDTH: u32 = 900;
 const HEIGHT: u32 = 600;
 
@@ -206,7 +220,8 @@ pub fn line_plot(path: impl AsRef<Path>, spec: &PlotSpec, series: &[Series]) -> 
                 }
                 mesh.draw().map_err(plot_err)?;
                 for (k, s) in series.iter().enumerate() {
-                    let color = Palette99::pick(k).to_rgba();
+                    let (r, g, b) = COLORS[k % COLORS.len()];
+                    let color = RGBColor(r, g, b).to_rgba();
                     if s.points.iter().any(|p| p.2 != p.3) {
                         let mut band: Vec<(f64, f64)> =
                             s.points.iter().map(|p| (p.0, p.3)).collect();

@@ -181,6 +181,9 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     if acfg.prior.is_none() {
         acfg.prior = Some(Prior::from(stats));
     }
+    if acfg.tensor.known_law.is_none() {
+        acfg.tensor.known_law = Some(attack::moments::WeightLaw::of_init(&init));
+    }
     if acfg.baseline.image.is_none() {
         acfg.baseline.image = data.image; // IG's total-variation prior
     }
@@ -300,7 +303,7 @@ impl SimOutput {
 }
 
 impl Default for SimConfig {
-    /// digits, B = 8, m = 4096, tanh, cross-entropy, PyTorch's init, f64, seed 1, auto.
+    /// digits, B = 8, m = 4096, tanh, cross-entropy, Gaussian init (the paper's), f64, seed 1, auto.
     fn default() -> Self {
         SimConfig {
             data: DataSpec::Digits,
@@ -311,7 +314,7 @@ impl Default for SimConfig {
             activation: Activation::Tanh,
             loss: Loss::Ce,
             classes: None,
-            init: Init::TorchDefault,
+            init: Init::Gaussian,
             dtype: Dtype::F64,
             seed: 1,
             defenses: Vec::new(),
@@ -338,7 +341,10 @@ pub const KEYS: &[&str] = &[
     "defense",
     "tol",
     "prior",
-    "attack_batch",
+    "attack-batch",
+    "tensor-law",
+    "tensor-order",
+    "tensor-estimator",
 ];
 
 impl SimConfig {
@@ -375,12 +381,41 @@ impl SimConfig {
             "tol" => self.tol = num(key, value)?,
             "prior" => self.attack.prior = Some(value.parse()?),
             // the batch size the attack is told (`auto`: estimated from the rank)
-            "attack_batch" => {
+            "attack-batch" => {
                 self.attack.batch = if value == "auto" {
                     None
                 } else {
                     Some(num(key, value)?)
                 }
+            }
+            "tensor-law" => {
+                self.attack.tensor.use_known_law = match value {
+                    "known" => true,
+                    "estimated" => false,
+                    _ => {
+                        return Err(Error::Unknown {
+                            kind: "tensor law",
+                            name: value.into(),
+                            expected: "estimated known".into(),
+                        });
+                    }
+                }
+            }
+            "tensor-estimator" => {
+                self.attack.tensor.plain_moments = match value {
+                    "stein" => true,
+                    "regression" => false,
+                    _ => {
+                        return Err(Error::Unknown {
+                            kind: "tensor estimator",
+                            name: value.into(),
+                            expected: "regression stein".into(),
+                        });
+                    }
+                }
+            }
+            "tensor-order" => {
+                self.attack.tensor.order = (value != "auto").then(|| num(key, value)).transpose()?
             }
             _ => {
                 return Err(Error::Unknown {

@@ -94,7 +94,24 @@ pub fn setting(c: &SimConfig) -> Vec<String> {
             "prior" => c.attack.prior.map_or("data".into(), |p| {
                 format!("mean={};std={};min={};max={}", p.mean, p.std, p.min, p.max)
             }),
-            "attack_batch" => c.attack.batch.map_or("auto".into(), |b| b.to_string()),
+            "attack-batch" => c.attack.batch.map_or("auto".into(), |b| b.to_string()),
+            "tensor-law" => if c.attack.tensor.use_known_law {
+                "known"
+            } else {
+                "estimated"
+            }
+            .into(),
+            "tensor-order" => c
+                .attack
+                .tensor
+                .order
+                .map_or("auto".into(), |o| o.to_string()),
+            "tensor-estimator" => if c.attack.tensor.plain_moments {
+                "stein"
+            } else {
+                "regression"
+            }
+            .into(),
             _ => unreachable!("every key is listed"),
         })
         .collect()

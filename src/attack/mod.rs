@@ -6,8 +6,15 @@
 
 pub mod analytic;
 pub mod baseline;
+pub mod decompose;
+pub mod hermite;
+pub mod labels;
+pub mod lm;
+pub mod moments;
+pub mod pattern;
 pub mod prior;
 pub mod refine;
+pub mod signal;
 pub mod span;
 pub mod subspace;
 pub mod tensor;
@@ -213,7 +220,7 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let mut rec = if sub.batch == 1 && view.first.grad_bias.is_some() {
         analytic::attack(view, cfg)?
     } else {
-        tensor::attack(view, cfg)?
+        span::attack(view, cfg)?
     };
     rec.method = Method::Auto;
     Ok(rec)

@@ -28,6 +28,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut cfg = SimConfig::default();
     cfg.set("method", &a.method)?;
     cfg.set("seed", &a.seed.to_string())?;
+    cfg.set("init", "torch-default")?;
     cfg.batch = a.batch;
     cfg.width = a.width;
     cfg.attack.progress = true;

@@ -1,5 +1,6 @@
 //! Subcommands. Each file turns flags into library calls; no numerics here.
 
+mod activations;
 mod attack;
 mod bench;
 mod client;
@@ -33,6 +34,8 @@ enum Command {
     Sweep(sweep::SweepArgs),
     /// Time the pipeline's stages on fixed cases (prints the machine and the command).
     Bench(bench::BenchArgs),
+    /// Hermite coefficients E[act^(k+1)(z)] of every activation and the tensor order used.
+    Activations(activations::ActivationsArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -43,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Sweep(a) => sweep::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Activations(a) => activations::run(a),
     }
 }
 

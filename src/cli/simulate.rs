@@ -34,8 +34,8 @@ pub struct SimArgs {
     /// Output dimension K (classes for ce). Default: the data's classes, 10 for ce, 1 otherwise.
     #[arg(long)]
     pub classes: Option<usize>,
-    /// Server's parameters: gaussian centred torch-default kaiming-normal.
-    #[arg(long, default_value = "torch-default")]
+    /// Server's parameters: gaussian (the paper's law) centred torch-default kaiming-normal.
+    #[arg(long, default_value = "gaussian")]
     pub init: String,
     /// Client's precision: f32 or f64.
     #[arg(long, default_value = "f64")]
@@ -55,6 +55,15 @@ pub struct SimArgs {
     /// Relative error under which a sample counts as recovered.
     #[arg(long, default_value_t = gradleak::metrics::DEFAULT_TOL)]
     pub tol: f64,
+    /// Tensor attack: whiten with the `estimated` law of the weight rows or the server's `known` one.
+    #[arg(long, default_value = "estimated")]
+    pub tensor_law: String,
+    /// Tensor attack: moment order 3 or 4 (auto: from the activation's Hermite coefficients).
+    #[arg(long, default_value = "auto")]
+    pub tensor_order: String,
+    /// Tensor attack: `regression` on the Hermite features (default) or the paper's plain `stein` average.
+    #[arg(long, default_value = "regression")]
+    pub tensor_estimator: String,
 }
 
 impl SimArgs {
@@ -74,6 +83,9 @@ impl SimArgs {
             ("method", self.method.clone()),
             ("defense", self.defenses.join("+")),
             ("tol", self.tol.to_string()),
+            ("tensor-law", self.tensor_law.clone()),
+            ("tensor-order", self.tensor_order.clone()),
+            ("tensor-estimator", self.tensor_estimator.clone()),
         ] {
             c.set(k, &v)?;
         }

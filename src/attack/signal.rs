@@ -1,0 +1,296 @@
+//! The predicted first-layer signal of one candidate input with a free output
+//! residual: s(c, r)_j = dL/dz_j for x~ = V c and dL/df = r (docs/DESIGN.exact.md,
+//! "Signal model"). Shared by the span search and refinement.
+//!
+//! Coordinates: every candidate lies in the row space, x~ = V c, and its bias
+//! coordinate is 1, so c = c0 + N t with t in R^(B-1) (N spans the directions that
+//! keep the bias coordinate fixed).
+
+use faer::{Col, Mat};
+
+use super::subspace::Subspace;
+use super::view::{BLOCK_ROWS, ServerView};
+use crate::model::{Activation, Forward, Mlp};
+use crate::{Error, Result};
+
+/// Affine coordinates of the inputs inside the row space.
+#[derive(Clone, Debug)]
+pub struct Coordinates {
+    /// Row-space basis V, (d+1) x B.
+    pub v: Mat<f64>,
+    /// The point of the span closest to 0 with bias coordinate 1.
+    pub c0: Col<f64>,
+    /// B x (B-1) orthonormal basis of the directions with zero bias coordinate.
+    pub n: Mat<f64>,
+}
+
+impl Coordinates {
+    /// From the row-space basis; needs a first-layer bias (the last row of V non-zero).
+    pub fn new(v: &Mat<f64>) -> Result<Self> {
+        let (d1, b) = v.shape();
+        let vl = Col::from_fn(b, |k| v[(d1 - 1, k)]);
+        let nl = vl.norm_l2();
+        if nl < 1e-8 {
+            return Err(Error::Invalid(
+                "the first layer has no bias (or its gradient is zero): the search needs the bias \
+                 coordinate to fix each sample's scale"
+                    .into(),
+            ));
+        }
+        let c0 = Col::from_fn(b, |k| vl[k] / (nl * nl));
+        // Householder QR of [vl/|vl|, I]: the first column of Q is +-vl/|vl|, the
+        // other B-1 are an orthonormal basis of its complement.
+        let basis = Mat::from_fn(b, b + 1, |i, j| {
+            if j == 0 {
+                vl[i] / nl
+            } else {
+                f64::from(i == j - 1)
+            }
+        });
+        let q = basis.qr().compute_Q();
+        let n = q.subcols(1, b - 1).to_owned();
+        Ok(Coordinates {
+            v: v.clone(),
+            c0,
+            n,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.v.ncols()
+    }
+    pub fn input_dim(&self) -> usize {
+        self.v.nrows() - 1
+    }
+    pub fn c_of_t(&self, t: &Col<f64>) -> Col<f64> {
+        &self.c0 + &self.n * t
+    }
+    pub fn t_of_c(&self, c: &Col<f64>) -> Col<f64> {
+        self.n.transpose() * (c - &self.c0)
+    }
+    /// x (d values) of coordinates c, the bias coordinate dropped.
+    pub fn x_of_c(&self, c: &Col<f64>) -> Vec<f64> {
+        let xt = &self.v * c;
+        (0..self.input_dim()).map(|k| xt[k]).collect()
+    }
+    /// Coordinates of an input x: the closest point of the span with bias coordinate 1.
+    pub fn c_of_x(&self, x: &[f64]) -> Col<f64> {
+        let d = self.input_dim();
+        let xt = Col::from_fn(d + 1, |k| if k < d { x[k] } else { 1.0 });
+        let c = self.v.transpose() * &xt;
+        self.c_of_t(&self.t_of_c(&c))
+    }
+}
+
+/// The network above the first layer, as the signal model needs it.
+#[derive(Clone, Debug)]
+enum Upper {
+    /// f = A act(z) + c: s_j = act'(z_j) (A_{:,j} . r), closed-form derivatives.
+    TwoLayer { a: Mat<f64> },
+    /// Deeper: one forward and K backward passes (one per output unit).
+    Deep { model: Box<Mlp<f64>> },
+}
+
+/// Relative step of the central differences used for deeper nets' t-Jacobian:
+/// the truncation error h^2 and the rounding eps/h balance near eps^(1/3) ~ 6e-6.
+const FD_STEP: f64 = 6e-6;
+
+/// Predicts first-layer signals for candidate inputs.
+#[derive(Clone, Debug)]
+pub struct SignalModel {
+    pub act: Activation,
+    pub coords: Coordinates,
+    /// Projected first-layer weights P = W~ V (m x B): z = P c.
+    pub p: Mat<f64>,
+    /// P N (m x (B-1)): dz/dt.
+    pub pn: Mat<f64>,
+    /// Output dimension K.
+    pub k: usize,
+    upper: Upper,
+}
+
+impl SignalModel {
+    pub fn new(view: &ServerView, sub: &Subspace) -> Result<Self> {
+        let coords = Coordinates::new(&sub.v)?;
+        let m = view.width();
+        let b = sub.batch;
+        let mut p = Mat::zeros(m, b);
+        for start in (0..m).step_by(BLOCK_ROWS) {
+            let r = start..(start + BLOCK_ROWS).min(m);
+            let w = view.augmented_weight_block(r.clone())?;
+            p.subrows_mut(r.start, r.len()).copy_from(&w * &sub.v);
+            view.first.weight.release(r);
+        }
+        let pn = &p * &coords.n;
+        let upper = if view.upper.is_empty() {
+            return Err(Error::Invalid(
+                "the model has a single layer: there is no hidden signal to search".into(),
+            ));
+        } else if view.upper.len() == 1 {
+            Upper::TwoLayer {
+                a: view.upper[0].weight.clone(),
+            }
+        } else {
+            Upper::Deep {
+                model: Box::new(view.model()?),
+            }
+        };
+        Ok(SignalModel {
+            act: view.activation,
+            coords,
+            p,
+            pn,
+            k: view.outputs(),
+            upper,
+        })
+    }
+
+    pub fn width(&self) -> usize {
+        self.p.nrows()
+    }
+    /// The output weights A (K x m) of a two-layer model.
+    pub fn output_weights(&self) -> Option<&Mat<f64>> {
+        match &self.upper {
+            Upper::TwoLayer { a } => Some(a),
+            Upper::Deep { .. } => None,
+        }
+    }
+    pub fn batch(&self) -> usize {
+        self.p.ncols()
+    }
+    /// Number of t unknowns (B - 1).
+    pub fn dims(&self) -> usize {
+        self.pn.ncols()
+    }
+
+    /// Pre-activations of the first layer at c, on `rows`.
+    pub fn z(&self, c: &Col<f64>, rows: &[usize]) -> Vec<f64> {
+        rows.iter()
+            .map(|&j| (0..c.nrows()).map(|k| self.p[(j, k)] * c[k]).sum())
+            .collect()
+    }
+
+    /// M (n x K) with s = M r on `rows`: column k is the signal of output unit k.
+    pub fn signal_matrix(&self, c: &Col<f64>, rows: &[usize]) -> Mat<f64> {
+        match &self.upper {
+            Upper::TwoLayer { a } => {
+                let z = self.z(c, rows);
+                Mat::from_fn(rows.len(), self.k, |i, k| {
+                    self.act.d1(z[i]) * a[(k, rows[i])]
+                })
+            }
+            Upper::Deep { model } => {
+                let full = self.deep_signals(model, c);
+                Mat::from_fn(rows.len(), self.k, |i, k| full[(k, rows[i])])
+            }
+        }
+    }
+
+    /// K x m signals of every output unit for a deep model.
+    fn deep_signals(&self, model: &Mlp<f64>, c: &Col<f64>) -> Mat<f64> {
+        let x = self.coords.x_of_c(c);
+        let k = self.k;
+        let x1 = Mat::from_fn(1, x.len(), |_, j| x[j]);
+        let Ok(fw) = model.forward(x1.as_ref()) else {
+            return Mat::zeros(k, self.width());
+        };
+        let rep = |m: &Mat<f64>| Mat::from_fn(k, m.ncols(), |_, j| m[(0, j)]);
+        let fwk = Forward {
+            pre: fw.pre.iter().map(rep).collect(),
+            post: fw.post.iter().map(rep).collect(),
+        };
+        let xk = rep(&x1);
+        let eye = Mat::<f64>::identity(k, k);
+        match model.backward(xk.as_ref(), &fwk, eye.as_ref()) {
+            Ok(bw) => bw.deltas[0].clone(),
+            Err(_) => Mat::zeros(k, self.width()),
+        }
+    }
+
+    /// The signal s = M r (n) and ds/dt (n x (B-1)) on `rows`.
+    pub fn signal_and_dt(
+        &self,
+        c: &Col<f64>,
+        r: &Col<f64>,
+        rows: &[usize],
+    ) -> (Col<f64>, Mat<f64>, Mat<f64>) {
+        let nb = self.dims();
+        match &self.upper {
+            Upper::TwoLayer { a } => {
+                let z = self.z(c, rows);
+                let ar: Vec<f64> = rows
+                    .iter()
+                    .map(|&j| (0..self.k).map(|k| a[(k, j)] * r[k]).sum())
+                    .collect();
+                let s = Col::from_fn(rows.len(), |i| self.act.d1(z[i]) * ar[i]);
+                let dt = Mat::from_fn(rows.len(), nb, |i, k| {
+                    self.act.d2(z[i]) * ar[i] * self.pn[(rows[i], k)]
+                });
+                let m = Mat::from_fn(rows.len(), self.k, |i, k| {
+                    self.act.d1(z[i]) * a[(k, rows[i])]
+                });
+                (s, dt, m)
+            }
+            Upper::Deep { .. } => {
+                let m = self.signal_matrix(c, rows);
+                let s = &m * r;
+                let h = FD_STEP * (1.0 + c.norm_l2());
+                let mut dt = Mat::zeros(rows.len(), nb);
+                for k in 0..nb {
+                    let dc = Col::from_fn(c.nrows(), |i| h * self.coords.n[(i, k)]);
+                    let sp = self.signal_matrix(&(c + &dc), rows) * r;
+                    let sm = self.signal_matrix(&(c - &dc), rows) * r;
+                    for i in 0..rows.len() {
+                        dt[(i, k)] = (sp[i] - sm[i]) / (2.0 * h);
+                    }
+                }
+                (s, dt, m)
+            }
+        }
+    }
+}
+
+/// A set of neurons and an orthonormal basis of the signal space restricted to them.
+#[derive(Clone, Debug)]
+pub struct Neurons {
+    pub rows: Vec<usize>,
+    /// n x B orthonormal basis of the rows of Q.
+    pub q: Mat<f64>,
+}
+
+impl Neurons {
+    /// Rows `rows` of the column-space basis Q, re-orthonormalised.
+    pub fn new(q_full: &Mat<f64>, rows: Vec<usize>) -> Self {
+        let b = q_full.ncols();
+        let sub = Mat::from_fn(rows.len(), b, |i, k| q_full[(rows[i], k)]);
+        let q = sub
+            .qr()
+            .compute_thin_Q()
+            .subcols(0, b.min(rows.len()))
+            .to_owned();
+        Neurons { rows, q }
+    }
+    /// All m neurons (Q is already orthonormal).
+    pub fn all(q_full: &Mat<f64>) -> Self {
+        Neurons {
+            rows: (0..q_full.nrows()).collect(),
+            q: q_full.clone(),
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+    /// (I - Q Q^T) y.
+    pub fn perp(&self, y: &Col<f64>) -> Col<f64> {
+        let a = self.q.transpose() * y;
+        y - &self.q * &a
+    }
+    /// (I - Q Q^T) Y.
+    pub fn perp_mat(&self, y: &Mat<f64>) -> Mat<f64> {
+        let a = self.q.transpose() * y;
+        y - &self.q * &a
+    }
+}
