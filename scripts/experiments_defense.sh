@@ -9,12 +9,12 @@ mkdir -p $E $I
 IMG=images:/work/shared/data/images
 
 # 1. Headline: digits B = 8, m = 4096, tanh, noise-rel:1e-3, every method on main.
-$G sweep --data digits --batch 8 --width 4096 --defense noise-rel:0.001 --tol 0.05 \
+$G sweep --init torch-default --data digits --batch 8 --width 4096 --defense noise-rel:0.001 --tol 0.05 \
   --grid method=dlg,ig --grid seed=1 --csv $E/headline_noise_b8.csv
 
 # 2. Defence curves: digits B = 1, m = 1024, attack told B = 1, seeds 1-2, tol 0.1.
 curve() { # name, grid of defences, methods, title, extra plot flags
-  $G sweep --data digits --batch 1 --width 1024 --tol 0.1 --grid attack_batch=1 \
+  $G sweep --init torch-default --data digits --batch 1 --width 1024 --tol 0.1 --grid attack-batch=1 \
     --grid "defense=$2" --grid "method=$3" --grid seed=1,2 --csv $E/curve_$1.csv \
     --plot $I/curve_$1.png --x defense --y median_rel_error --series method --log-y --title "$4" ${5:-}
 }
@@ -28,17 +28,17 @@ curve local "local-steps:1:0.1,local-steps:2:0.1,local-steps:5:0.1,local-steps:1
   "digits B=1 m=1024: local steps (lr 0.1)"
 
 # 3. Method comparison without defence: digits m = 4096, B in {1, 4, 16}.
-$G sweep --data digits --width 4096 --grid batch=1,4,16 --grid method=analytic,dlg,ig --grid seed=1,2 \
+$G sweep --init torch-default --data digits --width 4096 --grid batch=1,4,16 --grid method=analytic,dlg,ig --grid seed=1,2 \
   --csv $E/compare_digits.csv --plot $I/compare_digits.png --x batch --y median_rel_error \
   --series method --log-y --title "digits m=4096, no defence"
 # photos (32x32x3): m = 1024, B in {1, 4}
-$G sweep --data $IMG --width 1024 --grid batch=1,4 --grid method=analytic,dlg,ig --grid seed=1 \
+$G sweep --init torch-default --data $IMG --width 1024 --grid batch=1,4 --grid method=analytic,dlg,ig --grid seed=1 \
   --csv $E/compare_photos.csv --plot $I/compare_photos.png --x batch --y mean_psnr \
   --series method --title "photos 32x32x3 m=1024, no defence"
 
 # 4. Photos under defences: B = 1, m = 1024, attack told B = 1, PSNR (recovered: >= 20 dB).
 pcurve() { # name, grid of defences, title, extra plot flags
-  $G sweep --data $IMG --batch 1 --width 1024 --grid attack_batch=1 --grid "defense=$2" \
+  $G sweep --init torch-default --data $IMG --batch 1 --width 1024 --grid attack-batch=1 --grid "defense=$2" \
     --grid method=analytic,dlg --grid seed=1,2 --csv $E/photos_$1.csv \
     --plot $I/photos_$1.png --x defense --y mean_psnr --series method --title "$3" ${4:-}
 }

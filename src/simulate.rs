@@ -341,10 +341,10 @@ pub const KEYS: &[&str] = &[
     "defense",
     "tol",
     "prior",
+    "attack-batch",
     "tensor-law",
     "tensor-order",
     "tensor-estimator",
-    "attack_batch",
 ];
 
 impl SimConfig {
@@ -380,6 +380,14 @@ impl SimConfig {
             }
             "tol" => self.tol = num(key, value)?,
             "prior" => self.attack.prior = Some(value.parse()?),
+            // the batch size the attack is told (`auto`: estimated from the rank)
+            "attack-batch" => {
+                self.attack.batch = if value == "auto" {
+                    None
+                } else {
+                    Some(num(key, value)?)
+                }
+            }
             "tensor-law" => {
                 self.attack.tensor.use_known_law = match value {
                     "known" => true,
@@ -408,14 +416,6 @@ impl SimConfig {
             }
             "tensor-order" => {
                 self.attack.tensor.order = (value != "auto").then(|| num(key, value)).transpose()?
-            }
-            // the batch size the attack is told (`auto`: estimated from the rank)
-            "attack_batch" => {
-                self.attack.batch = if value == "auto" {
-                    None
-                } else {
-                    Some(num(key, value)?)
-                }
             }
             _ => {
                 return Err(Error::Unknown {

@@ -94,6 +94,7 @@ pub fn setting(c: &SimConfig) -> Vec<String> {
             "prior" => c.attack.prior.map_or("data".into(), |p| {
                 format!("mean={};std={};min={};max={}", p.mean, p.std, p.min, p.max)
             }),
+            "attack-batch" => c.attack.batch.map_or("auto".into(), |b| b.to_string()),
             "tensor-law" => if c.attack.tensor.use_known_law {
                 "known"
             } else {
@@ -111,7 +112,6 @@ pub fn setting(c: &SimConfig) -> Vec<String> {
                 "regression"
             }
             .into(),
-            "attack_batch" => c.attack.batch.map_or("auto".into(), |b| b.to_string()),
             _ => unreachable!("every key is listed"),
         })
         .collect()
