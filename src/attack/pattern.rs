@@ -10,6 +10,9 @@
 //! is stable. Starts are the patterns of the gradient's row points. Once all B
 //! signals S are known, the inputs follow linearly from G~ V = S diag(alpha) C^T.
 
+// `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
 use rand::SeedableRng;

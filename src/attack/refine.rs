@@ -192,7 +192,7 @@ pub fn polish(
             })
             .collect();
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x2ef1_2e);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x002e_f12e);
     let mut perm: Vec<usize> = (0..m).collect();
     perm.shuffle(&mut rng);
     let n = opts

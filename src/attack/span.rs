@@ -4,6 +4,9 @@
 //! subsample of neurons, starts screened by F, deflation of the zeros found, and a
 //! final check of each zero on every neuron.
 
+// `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use std::time::Instant;
 
 use faer::linalg::solvers::Solve;
