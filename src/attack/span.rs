@@ -74,6 +74,8 @@ pub const SATURATION_FLOOR: f64 = 1e-3;
 /// Iterations of each LM run on the subsample and of the final polish on all neurons.
 pub const LM_ITERATIONS: usize = 40;
 pub const POLISH_ITERATIONS: usize = 8;
+/// Polishing iterations of a least-squares fit under known noise.
+pub const NOISY_POLISH_ITERATIONS: usize = 100;
 
 /// One sample's problem: unknowns u = (t, r), residual P_perp s / ||s||, times the
 /// deflation factor prod_i (1 + rho^2 / ||t - t_i||^2) of the zeros already found.
@@ -300,6 +302,21 @@ pub struct SearchStats {
     pub rounds: usize,
 }
 
+/// Multiple of the noise's tilt of the column space under which a zero is accepted.
+/// Gaussian noise of sd sigma has spectral norm ~ sigma (sqrt m + sqrt(d+1)), which tilts
+/// the B-dimensional column space by at most that over sigma_B (Wedin); a true sample's
+/// F is below this bound, a wrong input's F stays O(1e-1) and above (docs/DESIGN.md,
+/// "Noise").
+pub const NOISE_ACCEPT: f64 = 1.0;
+
+/// The largest F a true sample can have under noise of sd `noise` per gradient entry
+/// (0 when no noise is known).
+pub fn noise_floor(view: &ServerView, sub: &Subspace, noise: Option<f64>) -> f64 {
+    let Some(sd) = noise else { return 0.0 };
+    let edge = (view.width() as f64).sqrt() + ((view.input_dim() + 1) as f64).sqrt();
+    NOISE_ACCEPT * sd * edge / sub.singular_values[sub.batch - 1].max(f64::MIN_POSITIVE)
+}
+
 /// The exact floor of F for this gradient (see `EXACT_FACTOR`).
 pub fn exact_floor(view: &ServerView, sub: &Subspace) -> f64 {
     let s = &sub.singular_values;
@@ -436,6 +453,10 @@ pub fn search(
     let screen = Neurons::new(&sub.q, srows);
     let all = Neurons::all(&sub.q);
     let floor = exact_floor(view, sub);
+    // Under known noise, zeros are least-squares fits: accept F up to the noise floor
+    // (such samples are never called exact).
+    let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
+    let promising = PROMISING.max(2.0 * accept);
 
     let gv0 = Mat::from_fn(m, b, |j, kk| sub.q[(j, kk)] * sub.singular_values[kk]);
     let first_rows = row_points(sub, &gv0);
@@ -541,7 +562,7 @@ pub fn search(
             let Some(f_sub) = prob.span_residual(&res.u) else {
                 continue;
             };
-            if f_sub > PROMISING {
+            if f_sub > promising {
                 continue;
             }
             // a start that stalled next to a found zero would polish onto it: skip early
@@ -560,10 +581,20 @@ pub fn search(
                 rho,
                 bound,
             };
-            let polish = LmOptions {
-                max_iterations: POLISH_ITERATIONS,
-                target: 0.0,
-                stall: 1e-3,
+            // exact zeros need a few steps; least-squares fits under noise need to
+            // converge to the minimum itself
+            let polish = if accept > floor {
+                LmOptions {
+                    max_iterations: NOISY_POLISH_ITERATIONS,
+                    target: 0.0,
+                    stall: 1e-9,
+                }
+            } else {
+                LmOptions {
+                    max_iterations: POLISH_ITERATIONS,
+                    target: 0.0,
+                    stall: 1e-3,
+                }
             };
             let polished = lm::solve(&full, res.u.clone(), &polish)
                 .map(|p| p.u)
@@ -582,13 +613,13 @@ pub fn search(
                 stats.duplicates += 1;
                 continue;
             }
-            if f <= floor {
+            if f <= accept {
                 found_x.push(x);
                 zeros.push(Zero {
                     c: cz,
                     r: rv,
                     residual: f,
-                    exact: true,
+                    exact: f <= floor,
                 });
                 failures = 0;
                 if let Some(pb) = &bar {
