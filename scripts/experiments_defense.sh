@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every figure of docs/EXPERIMENTS.defense.md. Resumable: rerunning skips rows already
+# Every figure of docs/EXPERIMENTS.md. Resumable: rerunning skips rows already
 # in a CSV. Usage: scripts/experiments_defense.sh [release binary]
 set -u
 G=${1:-./target/release/gradleak}

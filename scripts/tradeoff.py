@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The trade-off table of docs/EXPERIMENTS.defense.md: for each defence CSV, the weakest
+"""The trade-off table of docs/EXPERIMENTS.md: for each defence CSV, the weakest
 tested strength at which no method recovers any seed's sample (digits: relative error
 <= 0.1; photos: min PSNR >= 20 dB; a failed run counts as not recovered), and the
 gradient's relative change there. Usage: tradeoff.py NAME=CSV:STRENGTH_INDEX[:desc] ..."""

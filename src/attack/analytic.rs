@@ -68,7 +68,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let noise = cfg.noise_std.or(view.noise_std).filter(|&s| s > 0.0);
     if let Some(sd) = noise {
         // first-order error of the least-squares ratio under N(0, sd^2) per entry:
-        // sd sqrt(1 + x_k^2) / ||g_b|| per coordinate (docs/DESIGN.defense.md)
+        // sd sqrt(1 + x_k^2) / ||g_b|| per coordinate (docs/DESIGN.md)
         let xn2: f64 = x.iter().map(|v| v * v).sum();
         let predicted =
             sd * (d as f64 + xn2).sqrt() / (denom.sqrt() * xn2.sqrt().max(f64::MIN_POSITIVE));

@@ -1,6 +1,6 @@
 //! Stage 3 of `--method tensor`: CP decomposition of the moment tensor
 //! T ~ sum_r f_r (x) n_r^(x)p (one free mode, p symmetric modes, rank R = B)
-//! (docs/DESIGN.tensor.md, "Decomposition").
+//! (docs/DESIGN.md, "Decomposition").
 //!
 //! Start: Jennrich's simultaneous diagonalisation of two random contractions.
 //! Polish: alternating least squares with one factor per mode (the data are exactly

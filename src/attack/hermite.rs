@@ -1,5 +1,5 @@
 //! Gaussian expectations of an activation's derivative against Hermite polynomials
-//! (docs/DESIGN.tensor.md, "Hermite coefficients").
+//! (docs/DESIGN.md, "Hermite coefficients").
 //!
 //! For a pre-activation z = mu + sigma g with g ~ N(0, 1), Stein's lemma gives
 //!

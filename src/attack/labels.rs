@@ -1,4 +1,4 @@
-//! Output residuals and labels of recovered samples (docs/DESIGN.exact.md, "Labels").
+//! Output residuals and labels of recovered samples (docs/DESIGN.md, "Labels").
 //!
 //! The search finds each r_i up to scale. The scale and sign follow from (1) in the
 //! projected form G~ V = sum_i alpha_i s^_i c_i^T, linear least squares in the B

@@ -1,5 +1,5 @@
 //! Levenberg-Marquardt for small dense least-squares problems (the search and
-//! refinement stages solve many of them; docs/DESIGN.exact.md, "Levenberg-Marquardt").
+//! refinement stages solve many of them; docs/DESIGN.md, "Levenberg-Marquardt").
 
 // `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]

@@ -1,6 +1,6 @@
 //! Stage 2 of `--method tensor`: project the first layer onto the batch subspace,
 //! whiten the weights, and form the Hermite moment tensor
-//! T = (1/m) sum_j f_j (x) He_p(u_j)  (docs/DESIGN.tensor.md, "Moments").
+//! T = (1/m) sum_j f_j (x) He_p(u_j)  (docs/DESIGN.md, "Moments").
 //!
 //! Everything here lives in B dimensions: the m x (d+1) first layer is read once, in
 //! row blocks, and only m x B projections are kept. The tensor is P x B^p with
@@ -419,7 +419,7 @@ fn hermite_entry(u: &[f64], set: &[usize]) -> (f64, f64) {
     (v, mult)
 }
 
-/// The degree-p Hermite tensor by regression (docs/DESIGN.tensor.md, "Regression
+/// The degree-p Hermite tensor by regression (docs/DESIGN.md, "Regression
 /// moments"): regress each free coordinate f_j[a] on every multivariate Hermite
 /// polynomial of u_j up to degree p (normal equations G_phi = (1/m) sum phi phi^T),
 /// and read the degree-p coefficients as a symmetric tensor. Same expectation as

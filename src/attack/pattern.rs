@@ -1,5 +1,5 @@
 //! Piecewise-linear activations (ReLU, leaky ReLU): activation-pattern search
-//! (docs/DESIGN.exact.md, "Piecewise-linear activations").
+//! (docs/DESIGN.md, "Piecewise-linear activations").
 //!
 //! For a two-layer net, sample i's signal is s_i = p_i (.) (A^T r_i) with p_i a vector
 //! of slopes (0/1 for ReLU): a structured vector in the B-dimensional column space

@@ -1,6 +1,6 @@
 //! `--method refine`: Levenberg-Marquardt on the projected gradient equations (3)
 //! of ALGORITHM.md for all samples at once, with free output residuals R
-//! (docs/DESIGN.exact.md, "Refinement"):
+//! (docs/DESIGN.md, "Refinement"):
 //!
 //!     G~ V = sum_i s(c_i, r_i) c_i^T   on a subsample of neurons,
 //!

@@ -1,5 +1,5 @@
 //! The predicted first-layer signal of one candidate input with a free output
-//! residual: s(c, r)_j = dL/dz_j for x~ = V c and dL/df = r (docs/DESIGN.exact.md,
+//! residual: s(c, r)_j = dL/dz_j for x~ = V c and dL/df = r (docs/DESIGN.md,
 //! "Signal model"). Shared by the span search and refinement.
 //!
 //! Coordinates: every candidate lies in the row space, x~ = V c, and its bias

@@ -1,6 +1,6 @@
 //! `--method span`: the inputs are the zeros of the span residual
 //! F(c, r) = ||P_perp s(c, r)|| / ||s(c, r)|| (ALGORITHM.md, "Beyond the paper 2";
-//! docs/DESIGN.exact.md, "Span search"). Multi-start Levenberg-Marquardt on a
+//! docs/DESIGN.md, "Span search"). Multi-start Levenberg-Marquardt on a
 //! subsample of neurons, starts screened by F, deflation of the zeros found, and a
 //! final check of each zero on every neuron.
 

@@ -1,6 +1,6 @@
 //! `--method tensor`: Wang, Lee & Lei (AISTATS 2023). Hermite moments of the
 //! first-layer gradient (Stein's lemma) form a rank-B tensor whose CP factors are the
-//! inputs (docs/DESIGN.tensor.md).
+//! inputs (docs/DESIGN.md).
 //!
 //! Pipeline: [`subspace`] (V, B) -> [`moments::project`] (m x B rows) -> law of the
 //! projected weights (estimated, or the server's own) -> [`moments::whiten`] ->
@@ -177,7 +177,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
 /// Without a bias the inputs' norms come from two moments: for component r, the
 /// order-p factor carries gamma_p(sigma_r) and the first moment gamma_0(sigma_r),
 /// both times the same unknown output signal; their ratio fixes sigma_r = |L^T c_r|
-/// (docs/DESIGN.tensor.md, "No bias"). Returns the multiplier of c_r per component.
+/// (docs/DESIGN.md, "No bias"). Returns the multiplier of c_r per component.
 fn scale_from_moments(
     white: &moments::Whitened,
     free: &Mat<f64>,
@@ -270,7 +270,7 @@ mod tests {
     }
 
     /// End to end at m = 20000, B = 4, gaussian:16, tanh, ten-class CE, Gaussian init.
-    /// The width sweep (docs/EXPERIMENTS.tensor.md) gives median 0.02-0.06 for B = 4
+    /// The width sweep (docs/EXPERIMENTS.md) gives median 0.02-0.06 for B = 4
     /// at m = 1e4-3e4 and a slope near -1/2 to -3/4; 0.12 leaves room for the seed while
     /// failing any broken stage (a wrong whitening, order or scale gives errors near 1).
     #[test]

@@ -4,7 +4,7 @@
 //! Composition with the mean-reduced gradient the server expects: DP-SGD sums the
 //! clipped per-sample gradients, adds N(0, SIGMA^2 C^2) to the sum and divides by B.
 //! So `clip:C` yields (1/B) sum_i clip_C(g_i), and `noise:SIGMA` adds
-//! N(0, (SIGMA C / B)^2) to every entry of that mean (docs/DESIGN.defense.md).
+//! N(0, (SIGMA C / B)^2) to every entry of that mean (docs/DESIGN.md).
 
 use rand_distr::{Distribution, StandardNormal};
 

@@ -3,7 +3,7 @@
 //! Stages, one module each: [`dp`] (per-sample clipping, DP-SGD noise and its
 //! accountant, relative noise), [`compress`] (pruning, top-k, quantisation),
 //! [`local`] (several local steps). The semantics and how they compose are in
-//! docs/DESIGN.defense.md, "Defences".
+//! docs/DESIGN.md, "Defences".
 
 pub mod compress;
 pub mod dp;
@@ -132,7 +132,7 @@ impl std::fmt::Display for Defense {
     }
 }
 
-/// Check a whole chain: each parameter, and the order rules of docs/DESIGN.defense.md
+/// Check a whole chain: each parameter, and the order rules of docs/DESIGN.md
 /// (clip / local-steps first and alone; DP noise needs a clip before it).
 pub fn check_chain(defenses: &[Defense]) -> Result<()> {
     let mut clip = None;

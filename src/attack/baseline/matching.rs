@@ -1,7 +1,7 @@
 //! The gradient a candidate batch would produce, and the derivative of that gradient
 //! with respect to the candidate inputs and label parameters: a vector-Jacobian
 //! product through the backward pass (reverse over reverse), written out in
-//! docs/DESIGN.defense.md, "Gradient of the gradient".
+//! docs/DESIGN.md, "Gradient of the gradient".
 
 use faer::{Col, Mat, MatRef};
 

@@ -3,7 +3,7 @@
 //! (Geiping et al. 2020: cosine distance, total-variation prior for images, Adam,
 //! box constraint). Both optimise candidate inputs X (B x d) and label parameters
 //! (see [`matching::LabelModel`]) through [`matching::GradientMap`], whose derivative
-//! is the gradient of the gradient (docs/DESIGN.defense.md).
+//! is the gradient of the gradient (docs/DESIGN.md).
 
 pub mod lbfgs;
 pub mod matching;
