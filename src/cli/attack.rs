@@ -38,6 +38,8 @@ pub struct AttackArgs {
     noise_std: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    budget: super::Budget,
     /// Reconstruction: rows are recovered samples (any order), float64 .npy.
     #[arg(long)]
     out: PathBuf,
@@ -62,6 +64,7 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         anyhow::bail!("--noise-std must be a finite number >= 0");
     }
     cfg.noise_std = a.noise_std;
+    a.budget.apply(&mut cfg)?;
     cfg.progress = true;
     let view = ServerView::from_files(&a.model, &a.gradient, act)?;
     let rec = super::with_spinner("attacking", || attack::run(&view, &cfg))?;

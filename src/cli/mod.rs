@@ -68,3 +68,47 @@ pub fn with_spinner<R>(msg: &str, f: impl FnOnce() -> R) -> R {
     pb.finish_and_clear();
     r
 }
+
+/// Budgets of the iterative attacks (the defaults suit a laptop; raise them for hard cases).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Budget {
+    /// Wall-clock budget of the span search in seconds.
+    #[arg(long)]
+    pub search_seconds: Option<f64>,
+    /// Most Levenberg-Marquardt starts of the span search.
+    #[arg(long)]
+    pub search_starts: Option<usize>,
+    /// Iterations of the dlg (L-BFGS) and ig (Adam) baselines.
+    #[arg(long)]
+    pub baseline_iters: Option<usize>,
+    /// Random starts of the dlg baseline.
+    #[arg(long)]
+    pub restarts: Option<usize>,
+}
+
+impl Budget {
+    /// Apply the given budgets; reject values that cannot be meant.
+    pub fn apply(&self, cfg: &mut gradleak::attack::AttackConfig) -> anyhow::Result<()> {
+        if let Some(s) = self.search_seconds {
+            anyhow::ensure!(
+                s.is_finite() && s > 0.0,
+                "--search-seconds must be a positive number"
+            );
+            cfg.search.seconds = s;
+        }
+        if let Some(n) = self.search_starts {
+            anyhow::ensure!(n > 0, "--search-starts must be at least 1");
+            cfg.search.max_starts = n;
+        }
+        if let Some(n) = self.baseline_iters {
+            anyhow::ensure!(n > 0, "--baseline-iters must be at least 1");
+            cfg.baseline.dlg_iters = n;
+            cfg.baseline.ig_iters = n;
+        }
+        if let Some(n) = self.restarts {
+            anyhow::ensure!(n > 0, "--restarts must be at least 1");
+            cfg.baseline.restarts = n;
+        }
+        Ok(())
+    }
+}

@@ -52,6 +52,8 @@ pub struct SimArgs {
     /// Public prior over input values: mean=..,std=..,min=..,max=.. (default: the data's statistics).
     #[arg(long)]
     pub prior: Option<String>,
+    #[command(flatten)]
+    pub budget: super::Budget,
     /// Relative error under which a sample counts as recovered.
     #[arg(long, default_value_t = gradleak::metrics::DEFAULT_TOL)]
     pub tol: f64,
@@ -95,6 +97,7 @@ impl SimArgs {
         if let Some(p) = &self.prior {
             c.set("prior", p)?;
         }
+        self.budget.apply(&mut c.attack)?;
         Ok(c)
     }
 }
