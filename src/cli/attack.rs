@@ -110,9 +110,14 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         npy::write_labels(p, &l)?;
     }
     println!(
-        "batch size {} (rank rule {:?}); recovered {} ({} exact), missing {}; {:.2} s",
+        "batch size {} ({}); recovered {} ({} exact), missing {}; {:.2} s",
         rec.batch_estimated,
-        rec.rank_rule,
+        match rec.rank_rule {
+            Some(gradleak::attack::RankRule::Threshold) => "numerical rank",
+            Some(gradleak::attack::RankRule::LargestGap) => "largest singular-value gap",
+            Some(gradleak::attack::RankRule::Forced) => "given by --batch",
+            None => "not estimated",
+        },
         n,
         report.exact,
         rec.missing(),
