@@ -168,3 +168,24 @@ impl InitConfig {
         Mlp::new(layers, self.activation)
     }
 }
+
+/// A tiny seeded network for tests: 5 inputs, first width 7, hidden 6, PyTorch's init.
+#[cfg(test)]
+pub(crate) fn tiny_model(act: Activation, depth: usize, outputs: usize, seed: u64) -> Mlp<f64> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    InitConfig {
+        input_dim: 5,
+        width: 7,
+        hidden: 6,
+        depth,
+        outputs,
+        init: Init::TorchDefault,
+        activation: act,
+        prior_mean: 0.0,
+        prior_sq_norm: 5.0,
+        prior_centred_sq_norm: 5.0,
+    }
+    .build(&mut rng)
+    .expect("valid test model")
+}

@@ -313,24 +313,9 @@ impl<T: Real> Mlp<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::init::{Init, InitConfig};
-    use rand::SeedableRng;
 
     fn model(act: Activation, depth: usize, k: usize, seed: u64) -> Mlp<f64> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let cfg = InitConfig {
-            input_dim: 5,
-            width: 7,
-            hidden: 6,
-            depth,
-            outputs: k,
-            init: Init::TorchDefault,
-            activation: act,
-            prior_mean: 0.0,
-            prior_sq_norm: 5.0,
-            prior_centred_sq_norm: 5.0,
-        };
-        cfg.build(&mut rng).unwrap()
+        crate::model::init::tiny_model(act, depth, k, seed)
     }
 
     /// Every entry of the analytic gradient against a central difference of the

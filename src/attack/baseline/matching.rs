@@ -256,25 +256,10 @@ pub fn combine(alpha: f64, a: &Gradient<f64>, beta: f64, b: &Gradient<f64>) -> G
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Activation, Init, InitConfig};
-    use rand::SeedableRng;
+    use crate::model::Activation;
 
     fn model(act: Activation, depth: usize, k: usize) -> Mlp<f64> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        InitConfig {
-            input_dim: 5,
-            width: 7,
-            hidden: 6,
-            depth,
-            outputs: k,
-            init: Init::TorchDefault,
-            activation: act,
-            prior_mean: 0.0,
-            prior_sq_norm: 5.0,
-            prior_centred_sq_norm: 5.0,
-        }
-        .build(&mut rng)
-        .unwrap()
+        crate::model::init::tiny_model(act, depth, k, 11)
     }
 
     /// d/dt <A, G(X + t dX, Lambda + t dL)> at t = 0 by central differences against
