@@ -3,7 +3,9 @@
 //!
 //! For a pre-activation z = mu + sigma g with g ~ N(0, 1), Stein's lemma gives
 //!
-//!     gamma_k(mu, sigma) = E[act'(z) He_k(g)] = sigma^k E[act^(k+1)(z)],
+//! ```text
+//! gamma_k(mu, sigma) = E[act'(z) He_k(g)] = sigma^k E[act^(k+1)(z)],
+//! ```
 //!
 //! so only act' is ever evaluated: no derivative beyond the first is needed, and
 //! the order-(k+1) moment tensor of the attack has weight gamma_k for each sample.

@@ -2,7 +2,9 @@
 //! of ALGORITHM.md for all samples at once, with free output residuals R
 //! (docs/DESIGN.md, "Refinement"):
 //!
-//!     G~ V = sum_i s(c_i, r_i) c_i^T   on a subsample of neurons,
+//! ```text
+//! G~ V = sum_i s(c_i, r_i) c_i^T   on a subsample of neurons,
+//! ```
 //!
 //! unknowns t_i (c_i = c0 + N t_i) and r_i (absolute: the scale is fixed by G~).
 //! Starts: the tensor method's estimates when it returns any, otherwise the span
