@@ -443,8 +443,8 @@ pub fn regression_tensor(w: &Whitened, degree: usize) -> Result<MomentTensor> {
     for start in (0..m).step_by(block) {
         let n = block.min(m - start);
         let phi = Mat::from_fn(n, nf, |j, f| {
-            for k in 0..b {
-                urow[k] = w.u[(start + j, k)];
+            for (k, u) in urow.iter_mut().enumerate() {
+                *u = w.u[(start + j, k)];
             }
             let (v, mult) = hermite_entry(&urow, &sets[f]);
             mults[f] = mult;

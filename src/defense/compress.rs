@@ -42,7 +42,7 @@ pub fn quantize(g: &mut Gradient<f64>, bits: u32) {
     for_each_tensor(g, |v| {
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        if !(hi > lo) {
+        if hi.is_nan() || lo.is_nan() || hi <= lo {
             return;
         }
         let step = (hi - lo) / (levels - 1.0);

@@ -129,7 +129,7 @@ pub fn gaussian_delta(z: f64, eps: f64) -> f64 {
 /// The smallest epsilon with delta(epsilon) <= `delta` for one release of the
 /// Gaussian mechanism with noise multiplier `z` (the tight (eps, delta) curve).
 pub fn gaussian_epsilon(z: f64, delta: f64) -> Result<f64> {
-    if !(z > 0.0 && z.is_finite()) || !(delta > 0.0 && delta < 1.0) {
+    if !(z > 0.0 && z.is_finite() && delta > 0.0 && delta < 1.0) {
         return Err(Error::Invalid(format!(
             "the Gaussian accountant needs a positive noise multiplier and delta in (0, 1) (got {z}, {delta})"
         )));

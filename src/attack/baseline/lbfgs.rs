@@ -74,7 +74,7 @@ pub fn minimize(
         }
         let p: Vec<f64> = q.into_iter().map(|v| -v).collect();
         let d0 = dot(&g, &p);
-        if !(d0 < 0.0) {
+        if d0.is_nan() || d0 >= 0.0 {
             if mem.is_empty() {
                 break; // zero gradient
             }

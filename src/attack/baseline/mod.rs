@@ -276,7 +276,7 @@ pub fn dlg(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let o = &cfg.baseline;
     check_budget(o.dlg_iters, o.restarts)?;
     let mut prob = Problem::new(view, cfg, Method::Dlg)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xd1_9d1_9);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x00d1_9d19);
     let opts = lbfgs::LbfgsOptions {
         max_iters: o.dlg_iters,
         memory: LBFGS_MEMORY,
@@ -342,7 +342,7 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             .notes
             .push("inputs are not images: no total-variation prior".into());
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x16_16_16);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0016_1616);
     let pb = progress(cfg, o.ig_iters * o.ig_restarts, "ig");
     let p = prob.prior;
     let step_x = IG_STEP
