@@ -287,3 +287,36 @@ pub fn run(
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key has a canonical spelling, and setting a config from it round-trips
+    /// (a key added to `KEYS` without a spelling would panic here, not in a user's sweep).
+    #[test]
+    fn every_key_round_trips_through_its_spelling() {
+        let base = SimConfig::default();
+        let vals = setting(&base);
+        assert_eq!(vals.len(), KEYS.len());
+        let mut c = SimConfig::default();
+        for (k, v) in KEYS.iter().zip(&vals) {
+            if matches!(*k, "classes" | "prior") {
+                continue; // "default" / "data" mean "not set"
+            }
+            c.set(k, v).unwrap_or_else(|e| panic!("{k}={v}: {e}"));
+        }
+        assert_eq!(setting(&c), vals);
+        let axes: Vec<Axis> = vec![
+            "batch=1,2".parse().unwrap(),
+            "defense=none,prune:0.5+topk:3".parse().unwrap(),
+        ];
+        let grid = expand(&base, &axes).unwrap();
+        assert_eq!(grid.len(), 4);
+        assert_eq!(
+            setting(&grid[3])[KEYS.iter().position(|k| *k == "defense").unwrap()],
+            "prune:0.5+topk:3"
+        );
+        assert_eq!(csv_split("a,\"b,c\",d"), vec!["a", "b,c", "d"]);
+    }
+}

@@ -3,6 +3,7 @@
 //! least squares: x = sum_j g_b_j g_w_j / sum_j g_b_j^2 (the neurons with the
 //! largest |g_b_j| dominate, which is what keeps the rounding error smallest).
 
+use super::view::BLOCK_ROWS;
 use super::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
 use crate::{Error, Result};
 
@@ -36,7 +37,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let mut x = vec![0.0; d];
     let mut start = 0;
     while start < m {
-        let r = start..(start + view::BLOCK).min(m);
+        let r = start..(start + BLOCK_ROWS).min(m);
         let gw = view.first.grad_weight.block(r.clone())?;
         for (i, j) in r.clone().enumerate() {
             let w = gb[j];
@@ -48,11 +49,12 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         start = r.end;
     }
     x.iter_mut().for_each(|v| *v /= denom);
-    // residual of g_w = g_b x^T over all neurons, relative to ||g_w||
+    // residual of g_w = g_b x^T over all neurons, relative to ||g_w||: a second pass,
+    // because expanding the square in the first would cancel away a residual at eps
     let (mut res2, mut norm2) = (0.0, 0.0);
     let mut start = 0;
     while start < m {
-        let r = start..(start + view::BLOCK).min(m);
+        let r = start..(start + BLOCK_ROWS).min(m);
         let gw = view.first.grad_weight.block(r.clone())?;
         for (i, j) in r.clone().enumerate() {
             for k in 0..d {
@@ -87,8 +89,4 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         output_residual: None,
     });
     Ok(rec)
-}
-
-mod view {
-    pub const BLOCK: usize = super::super::view::BLOCK_ROWS;
 }

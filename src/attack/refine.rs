@@ -139,22 +139,27 @@ pub fn polish(
     let (m, b, k) = (model.width(), model.batch(), model.k);
     let floor = span::exact_floor(view, sub);
     let all = Neurons::all(&sub.q);
-    let check = |c: &Col<f64>, r: &Col<f64>| -> Zero {
-        let full = SpanProblem {
-            model,
-            neurons: &all,
-            found: Vec::new(),
-            rho: 1.0,
-            bound: None,
-        };
-        let u = Col::from_fn(model.dims() + k, |i| {
+    // every candidate is judged (and per-sample refined) on all neurons, undeflated
+    let full = SpanProblem {
+        model,
+        neurons: &all,
+        found: Vec::new(),
+        rho: 1.0,
+        bound: None,
+    };
+    // the unknown vector (t, r) of the span problem for input c and residual r
+    let stack = |c: &Col<f64>, r: &Col<f64>| -> Col<f64> {
+        let t = model.coords.t_of_c(c);
+        Col::from_fn(model.dims() + k, |i| {
             if i < model.dims() {
-                model.coords.t_of_c(c)[i]
+                t[i]
             } else {
                 r[i - model.dims()]
             }
-        });
-        let f = full.span_residual(&u).unwrap_or(f64::INFINITY);
+        })
+    };
+    let check = |c: &Col<f64>, r: &Col<f64>| -> Zero {
+        let f = full.span_residual(&stack(c, r)).unwrap_or(f64::INFINITY);
         let nr = r.norm_l2().max(f64::MIN_POSITIVE);
         Zero {
             c: c.clone(),
@@ -168,20 +173,7 @@ pub fn polish(
         return starts
             .iter()
             .map(|z| {
-                let full = SpanProblem {
-                    model,
-                    neurons: &all,
-                    found: Vec::new(),
-                    rho: 1.0,
-                    bound: None,
-                };
-                let u0 = Col::from_fn(model.dims() + k, |i| {
-                    if i < model.dims() {
-                        model.coords.t_of_c(&z.c)[i]
-                    } else {
-                        z.r[i - model.dims()]
-                    }
-                });
+                let u0 = stack(&z.c, &z.r);
                 let opts = LmOptions {
                     max_iterations: JOINT_ITERATIONS,
                     target: 0.0,
