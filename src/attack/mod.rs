@@ -4,21 +4,16 @@
 //! [`analytic`] (B = 1), [`tensor`] (the paper's moments + CP decomposition),
 //! [`refine`] and [`span`] (exact equations), [`baseline`] (DLG, IG).
 
-pub mod analytic;
 pub mod baseline;
-pub mod decompose;
-pub mod hermite;
-pub mod labels;
-pub mod lm;
-pub mod moments;
-pub mod pattern;
+pub mod exact;
+pub mod moment;
 pub mod prior;
-pub mod refine;
-pub mod signal;
-pub mod span;
 pub mod subspace;
-pub mod tensor;
 pub mod view;
+
+pub use exact::{analytic, labels, pattern, refine, signal, span};
+pub use moment as tensor;
+pub use moment::{decompose, hermite, moments};
 
 use serde::Serialize;
 

@@ -5,7 +5,6 @@
 //! (see [`matching::LabelModel`]) through [`matching::GradientMap`], whose derivative
 //! is the gradient of the gradient (docs/DESIGN.md).
 
-pub mod lbfgs;
 pub mod matching;
 mod tv;
 
@@ -13,8 +12,8 @@ use faer::Mat;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::analytic::EXACT_FACTOR;
-use super::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView, subspace};
+use crate::attack::analytic::EXACT_FACTOR;
+use crate::attack::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView, subspace};
 use crate::io::png::ImageShape;
 use crate::model::{Gradient, Loss, Mlp};
 use crate::{Error, Result};
@@ -277,17 +276,17 @@ pub fn dlg(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     check_budget(o.dlg_iters, o.restarts)?;
     let mut prob = Problem::new(view, cfg, Method::Dlg)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x00d1_9d19);
-    let opts = lbfgs::LbfgsOptions {
+    let opts = crate::numerics::lbfgs::LbfgsOptions {
         max_iters: o.dlg_iters,
         memory: LBFGS_MEMORY,
         f_tol: DLG_F_TOL,
     };
     let pb = progress(cfg, o.dlg_iters * o.restarts, "dlg");
-    let mut best: Option<lbfgs::Minimum> = None;
+    let mut best: Option<crate::numerics::lbfgs::Minimum> = None;
     let (mut iters, mut evals) = (0, 0);
     for r in 0..o.restarts {
         let x0 = prob.start(&mut rng);
-        let m = lbfgs::minimize(
+        let m = crate::numerics::lbfgs::minimize(
             |t| prob.squared_distance(t),
             x0,
             &opts,

@@ -11,12 +11,16 @@ use faer::linalg::solvers::Solve;
 use faer::{Col, Mat};
 use serde_json::{Value, json};
 
-use super::decompose::{self, CpOptions};
-use super::hermite::{self, Coefficients, DEFAULT_LAW, Order};
-use super::moments::{self, Law, LawSource, WeightLaw};
-use super::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
+pub mod decompose;
+pub mod hermite;
+pub mod moments;
+
+use crate::attack::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
 use crate::rng::{Stream, stream};
 use crate::{Error, Result};
+use decompose::CpOptions;
+use hermite::{Coefficients, DEFAULT_LAW, Order};
+use moments::{Law, LawSource, WeightLaw};
 
 /// Options of this method.
 #[derive(Clone, Debug, Default)]

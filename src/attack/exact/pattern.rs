@@ -20,8 +20,8 @@ use rand::seq::SliceRandom;
 
 use super::signal::{Neurons, SignalModel};
 use super::span::{self, SearchStats, Zero, best_residual_of};
-use super::subspace::Subspace;
-use super::{AttackConfig, ServerView};
+use crate::attack::subspace::Subspace;
+use crate::attack::{AttackConfig, ServerView};
 use crate::model::{Activation, LEAKY_SLOPE};
 use crate::{Error, Result};
 

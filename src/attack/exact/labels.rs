@@ -12,7 +12,7 @@ use faer::{Col, Mat, Side};
 
 use super::signal::{Neurons, SignalModel};
 use super::span::Zero;
-use super::subspace::Subspace;
+use crate::attack::subspace::Subspace;
 use crate::model::Loss;
 
 /// Cross-entropy residuals sum to zero; accept |sum| up to this share of sum |r|

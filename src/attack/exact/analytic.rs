@@ -3,8 +3,8 @@
 //! least squares: x = sum_j g_b_j g_w_j / sum_j g_b_j^2 (the neurons with the
 //! largest |g_b_j| dominate, which is what keeps the rounding error smallest).
 
-use super::view::BLOCK_ROWS;
-use super::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
+use crate::attack::view::BLOCK_ROWS;
+use crate::attack::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
 use crate::{Error, Result};
 
 /// Relative residual below `EXACT_FACTOR * eps(dtype)` counts as exact: the gradient's

@@ -14,12 +14,14 @@ use faer::{Col, Mat};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
-use super::lm::{self, LmOptions, Problem};
+use super::labels;
 use super::signal::{Neurons, SignalModel};
 use super::span::{self, SpanProblem, Zero};
-use super::subspace::{self, Subspace};
-use super::{AttackConfig, Method, Reconstruction, ServerView, labels, tensor};
 use crate::Result;
+use crate::attack::moment as tensor;
+use crate::attack::subspace::{self, Subspace};
+use crate::attack::{AttackConfig, Method, Reconstruction, ServerView};
+use crate::numerics::lm::{self, LmOptions, Problem};
 
 /// Options of this method.
 #[derive(Clone, Debug, Default)]

@@ -8,8 +8,8 @@
 
 use faer::{Col, Mat};
 
-use super::subspace::Subspace;
-use super::view::{BLOCK_ROWS, ServerView};
+use crate::attack::subspace::Subspace;
+use crate::attack::view::{BLOCK_ROWS, ServerView};
 use crate::model::{Activation, Forward, Mlp};
 use crate::{Error, Result};
 

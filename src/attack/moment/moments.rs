@@ -11,7 +11,7 @@ use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
-use super::view::{BLOCK_ROWS, ServerView};
+use crate::attack::view::{BLOCK_ROWS, ServerView};
 use crate::{Error, Result};
 
 /// Largest moment tensor (entries of the P x B^p unfolding) built with the full
@@ -405,15 +405,15 @@ fn multisets(b: usize, degree: usize) -> Vec<Vec<usize>> {
 /// number of orderings of the multiset (p! / prod count_b!).
 fn hermite_entry(u: &[f64], set: &[usize]) -> (f64, f64) {
     let mut v = 1.0;
-    let mut mult = crate::attack::hermite::factorial(set.len());
+    let mut mult = super::hermite::factorial(set.len());
     let mut i = 0;
     while i < set.len() {
         let mut j = i;
         while j < set.len() && set[j] == set[i] {
             j += 1;
         }
-        v *= crate::attack::hermite::he(j - i, u[set[i]]);
-        mult /= crate::attack::hermite::factorial(j - i);
+        v *= super::hermite::he(j - i, u[set[i]]);
+        mult /= super::hermite::factorial(j - i);
         i = j;
     }
     (v, mult)
@@ -515,7 +515,7 @@ mod tests {
     /// agree entrywise within a few standard errors (estimated from the same draws).
     #[test]
     fn moment_tensor_matches_population() {
-        use crate::attack::hermite::Coefficients;
+        use crate::attack::moment::hermite::Coefficients;
         use crate::model::Activation;
         let (m, b) = (40_000, 3);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -542,7 +542,7 @@ mod tests {
             };
             let t = moment_tensor(&w, degree).unwrap();
             let reg = regression_tensor(&w, degree).unwrap();
-            let fact = crate::attack::hermite::factorial(degree);
+            let fact = crate::attack::moment::hermite::factorial(degree);
             let width = b.pow(degree as u32);
             // per-neuron terms for the standard error
             let he = |j: usize, col: usize| -> f64 {

@@ -15,10 +15,11 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::lm::{self, LmOptions, Problem};
 use super::signal::{Neurons, SignalModel};
-use super::subspace::{self, Subspace};
-use super::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView, labels, pattern};
+use super::{labels, pattern};
+use crate::attack::subspace::{self, Subspace};
+use crate::attack::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView};
+use crate::numerics::lm::{self, LmOptions, Problem};
 use crate::{Error, Result};
 
 /// Options of the search (`AttackConfig::search`).

@@ -1,0 +1,5 @@
+//! Shared numerics of the attacks: Levenberg-Marquardt for least squares and
+//! L-BFGS for smooth minimisation.
+
+pub mod lbfgs;
+pub mod lm;
