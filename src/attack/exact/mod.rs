@@ -5,6 +5,9 @@
 pub mod analytic;
 pub mod labels;
 pub mod pattern;
+pub(crate) mod pattern_rounds;
 pub mod refine;
+pub mod rounds;
+pub mod seed;
 pub mod signal;
 pub mod span;

@@ -30,19 +30,29 @@ pub struct SearchOptions {
     pub neurons: Option<usize>,
     /// Most Levenberg-Marquardt runs.
     pub max_starts: usize,
-    /// Wall-clock budget of the search in seconds.
-    pub seconds: f64,
+    /// Optional wall-clock cap in seconds (None: the budget is counted in starts and
+    /// rounds only, so the output does not depend on the machine's speed or load).
+    pub seconds: Option<f64>,
     /// Starts drawn from the prior besides the gradient's own row points.
     pub prior_starts: usize,
+    /// Demixing rounds of the seeding stage (0: random starts only; `rounds`).
+    pub seed_rounds: usize,
+    /// FastICA iterations per round (`seed`).
+    pub ica_iterations: usize,
+    /// Threads polishing the seeds of one round (results do not depend on it).
+    pub threads: usize,
 }
 
 impl Default for SearchOptions {
     fn default() -> Self {
         SearchOptions {
             neurons: None,
-            max_starts: 4000,
-            seconds: 45.0,
+            max_starts: 2000,
+            seconds: None,
             prior_starts: 64,
+            seed_rounds: super::rounds::SEED_ROUNDS,
+            ica_iterations: super::seed::ICA_ITERATIONS,
+            threads: 1,
         }
     }
 }
@@ -90,7 +100,7 @@ pub struct SpanProblem<'a> {
 }
 
 impl SpanProblem<'_> {
-    fn split(&self, u: &Col<f64>) -> (Col<f64>, Col<f64>) {
+    pub(crate) fn split(&self, u: &Col<f64>) -> (Col<f64>, Col<f64>) {
         let nb = self.model.dims();
         (
             Col::from_fn(nb, |k| u[k]),
@@ -301,6 +311,8 @@ pub struct SearchStats {
     pub seconds: f64,
     pub exact_floor: f64,
     pub rounds: usize,
+    /// Zeros found by the seeding rounds (before the random-start search).
+    pub seeded: usize,
 }
 
 /// Multiple of the noise's tilt of the column space under which a zero is accepted.
@@ -327,7 +339,7 @@ pub fn exact_floor(view: &ServerView, sub: &Subspace) -> f64 {
 
 /// Prior mean and sd used for starts and bounds: the configured prior, or one
 /// estimated from the gradient's row points (robust median and spread).
-fn effective_prior(cfg: &AttackConfig, model: &SignalModel, rows: &[Col<f64>]) -> Prior {
+pub(crate) fn effective_prior(cfg: &AttackConfig, model: &SignalModel, rows: &[Col<f64>]) -> Prior {
     if let Some(p) = cfg.prior {
         return p;
     }
@@ -387,7 +399,7 @@ fn prior_points(model: &SignalModel, prior: &Prior, count: usize, seed: u64) -> 
         .collect()
 }
 
-fn rel_dist(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn rel_dist(a: &[f64], b: &[f64]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
@@ -407,7 +419,7 @@ pub const LAST_FEW: usize = 2;
 /// The projected gradient with the found samples removed exactly: GV projected
 /// onto the complement of the found signals, (I - S_f S_f^+) GV = (I - S_f S_f^+) S_m C_m^T.
 /// Its rows are combinations of the missing samples only (no scale needs fitting).
-fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat<f64> {
+pub(crate) fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat<f64> {
     let b = sub.batch;
     let gv = Mat::from_fn(sub.q.nrows(), b, |j, k| {
         sub.q[(j, k)] * sub.singular_values[k]
@@ -426,12 +438,41 @@ fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat
     &gv - &qf * &proj
 }
 
+/// LM options of the polish on every neuron: exact zeros need a few steps;
+/// least-squares fits under noise need to converge to the minimum itself.
+pub(crate) fn polish_options(noisy: bool) -> LmOptions {
+    if noisy {
+        LmOptions {
+            max_iterations: NOISY_POLISH_ITERATIONS,
+            target: 0.0,
+            stall: 1e-9,
+        }
+    } else {
+        LmOptions {
+            max_iterations: POLISH_ITERATIONS,
+            target: 0.0,
+            stall: 1e-3,
+        }
+    }
+}
+
 /// Run the search. `extra` are starting inputs from another stage (e.g. tensor estimates).
 pub fn search(
     view: &ServerView,
     sub: &Subspace,
     cfg: &AttackConfig,
     extra: &[Vec<f64>],
+) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
+    search_with(view, sub, cfg, extra, Vec::new())
+}
+
+/// As [`search`], continuing from zeros already found (`known`, deflated and kept).
+pub fn search_with(
+    view: &ServerView,
+    sub: &Subspace,
+    cfg: &AttackConfig,
+    extra: &[Vec<f64>],
+    known: Vec<Zero>,
 ) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
     let t0 = Instant::now();
     let opts = &cfg.search;
@@ -481,7 +522,11 @@ pub fn search(
     };
     let mut round0: Vec<Col<f64>> = extra.iter().map(|x| model.coords.c_of_x(x)).collect();
     round0.extend(prior_points(&model, &prior, opts.prior_starts, cfg.seed));
-    round0.extend(first_rows);
+    if known.is_empty() {
+        round0.extend(first_rows);
+    } else {
+        round0.extend(row_points(sub, &residual_gradient(sub, &model, &known)));
+    }
     let scored = screen_all(round0);
 
     let mut stats = SearchStats {
@@ -508,8 +553,8 @@ pub fn search(
             .max(1e-6)
             * 0.1
     };
-    let mut zeros: Vec<Zero> = Vec::new();
-    let mut found_x: Vec<Vec<f64>> = Vec::new();
+    let mut found_x: Vec<Vec<f64>> = known.iter().map(|z| model.coords.x_of_c(&z.c)).collect();
+    let mut zeros: Vec<Zero> = known;
     let bar = cfg.progress.then(|| {
         let pb = indicatif::ProgressBar::new(b as u64);
         pb.set_message("span search");
@@ -521,11 +566,12 @@ pub fn search(
         stall: 1e-4,
     };
     let out_of_budget = |stats: &SearchStats| {
-        stats.starts >= opts.max_starts || t0.elapsed().as_secs_f64() > opts.seconds
+        stats.starts >= opts.max_starts
+            || opts.seconds.is_some_and(|s| t0.elapsed().as_secs_f64() > s)
     };
     let mut round = 0;
     let mut failures = 0;
-    let mut found_at_round = 0;
+    let mut found_at_round = zeros.len();
     let patience = ROUND_PATIENCE * b;
     let mut pending: std::collections::VecDeque<(f64, Col<f64>, Col<f64>)> = scored.into();
     loop {
@@ -582,21 +628,7 @@ pub fn search(
                 rho,
                 bound,
             };
-            // exact zeros need a few steps; least-squares fits under noise need to
-            // converge to the minimum itself
-            let polish = if accept > floor {
-                LmOptions {
-                    max_iterations: NOISY_POLISH_ITERATIONS,
-                    target: 0.0,
-                    stall: 1e-9,
-                }
-            } else {
-                LmOptions {
-                    max_iterations: POLISH_ITERATIONS,
-                    target: 0.0,
-                    stall: 1e-3,
-                }
-            };
+            let polish = polish_options(accept > floor);
             let polished = lm::solve(&full, res.u.clone(), &polish)
                 .map(|p| p.u)
                 .unwrap_or(res.u);
@@ -656,7 +688,7 @@ pub fn search(
 }
 
 /// A zero is degenerate when the activation is saturated on almost every neuron.
-fn degenerate(model: &SignalModel, c: &Col<f64>) -> bool {
+pub(crate) fn degenerate(model: &SignalModel, c: &Col<f64>) -> bool {
     let rows: Vec<usize> = (0..model.width()).collect();
     let z = model.z(c, &rows);
     let d1: Vec<f64> = z.iter().map(|&z| model.act.d1(z).abs()).collect();
@@ -704,6 +736,7 @@ pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
     d.insert("search_seconds".into(), stats.seconds.into());
     d.insert("exact_floor".into(), stats.exact_floor.into());
     d.insert("search_rounds".into(), stats.rounds.into());
+    d.insert("search_seeded".into(), stats.seeded.into());
     d.insert("found".into(), found.into());
     if found < rec.batch_estimated {
         rec.notes.push(format!(
@@ -745,15 +778,21 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     }
     let (zeros, stats, model, stage) = if pattern::slopes(view.activation).is_some() {
         let (z, s, m) = pattern::search(view, &sub, cfg)?;
-        if z.is_empty() {
+        if z.len() < sub.batch {
             rec.notes.push(format!(
-                "pattern search found {} of {} activation patterns; the inputs need all of them",
-                s.rounds, sub.batch
+                "pattern search found {} of {} activation patterns; without all of them the inputs \
+                 are approximate (not exact)",
+                z.len(),
+                sub.batch
             ));
         }
         (z, s, m, "pattern")
     } else {
-        let (z, s, m) = search(view, &sub, cfg, &[])?;
+        let (z, s, m) = if cfg.search.seed_rounds > 0 {
+            super::rounds::search(view, &sub, cfg)?
+        } else {
+            search(view, &sub, cfg, &[])?
+        };
         (z, s, m, "span")
     };
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);
