@@ -15,15 +15,16 @@
 
 use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 
+use super::floor::exact_floor;
 use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};
-use super::span::{self, SearchStats, Zero, best_residual_of};
+use super::subsample::Subsample;
+use super::zero::{SearchStats, Zero, best_residual_of, row_points};
 use crate::attack::subspace::Subspace;
 use crate::attack::{AttackConfig, ServerView};
 use crate::model::{Activation, LEAKY_SLOPE};
+use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
 /// Alternating-projection sweeps per start (a correct pattern is stable after a few).
@@ -274,17 +275,13 @@ pub fn search(
         .clone();
     let (m, b) = (model.width(), model.batch());
     let all = Neurons::all(&sub.q);
-    let floor = span::exact_floor(view, sub);
-    let rows: Vec<usize> = (0..m).collect();
+    let floor = exact_floor(view, sub);
     let small = {
-        let mut perm = rows.clone();
-        perm.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
-            cfg.seed ^ 0x9a7,
-        ));
-        let n = PATTERN_NEURONS.max(16 * (b + a.nrows())).min(m);
-        let mut r = perm[..n].to_vec();
-        r.sort_unstable();
-        Neurons::new(&sub.q, r)
+        let order = Subsample::new(m, &mut salted(cfg.seed, Salt::PatternNeurons));
+        Neurons::new(
+            &sub.q,
+            order.first(PATTERN_NEURONS.max(16 * (b + a.nrows()))),
+        )
     };
     // F on the subsample is computed against a re-orthonormalised basis: the same
     // rounding floor applies (it depends on the conditioning of G~, not on m)
@@ -319,7 +316,7 @@ pub fn search(
         &mut stats,
     );
     // then the row points of the gradient with the found signals removed
-    let starts = span::row_points(sub, &pattern_rounds::deflate(&alt, &gv, &found));
+    let starts = row_points(sub, &pattern_rounds::deflate(&alt, &gv, &found));
     stats.candidates += starts.len();
     for c in starts {
         if found.len() >= b

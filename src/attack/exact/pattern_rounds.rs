@@ -7,7 +7,7 @@ use faer::{Col, Mat};
 
 use super::pattern::{Alternation, Found};
 use super::seed;
-use super::span::SearchStats;
+use super::zero::SearchStats;
 
 /// (I - P_f) GV: the projected gradient with the found signals' directions removed;
 /// its rows mix only the missing samples' coordinates.

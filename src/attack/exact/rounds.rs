@@ -10,16 +10,19 @@
 use std::time::Instant;
 
 use faer::{Col, Mat};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 
+use super::floor::{exact_floor, noise_floor};
+use super::problem::SpanProblem;
+use super::search::{self, MIN_NEURONS, SCREEN_NEURONS};
 use super::seed;
 use super::signal::{Neurons, SignalModel};
-use super::span::{self, SearchStats, SpanProblem, Zero};
+use super::subsample::{self, Subsample};
+use super::zero::{SearchStats, Zero, best_residual, rel_dist, row_points};
 use crate::Result;
 use crate::attack::subspace::Subspace;
 use crate::attack::{AttackConfig, ServerView};
 use crate::numerics::lm::{self, LmOptions};
+use crate::rng::{Salt, salted};
 
 /// Demixing rounds at most; a round that finds nothing new ends them.
 pub const SEED_ROUNDS: usize = 12;
@@ -29,7 +32,7 @@ pub const SEED_ROUNDS: usize = 12;
 /// (photos B = 64, m = 8192: round 1 found 23 instead of 8).
 pub const SEED_LM_ITERATIONS: usize = 100;
 /// Neurons per unknown of the seeds' subsample (fewer than the random-start search's
-/// `span::NEURONS_PER_UNKNOWN`: every zero is checked on all neurons anyway, and the
+/// `search::NEURONS_PER_UNKNOWN`: every zero is checked on all neurons anyway, and the
 /// polish costs O(n) per step; 8 found as many as 32 on the case above).
 pub const SEED_NEURONS_PER_UNKNOWN: usize = 8;
 
@@ -59,7 +62,7 @@ struct Polisher<'a> {
 impl Polisher<'_> {
     fn polish(&self, c: &Col<f64>) -> (Outcome, usize) {
         let model = self.model;
-        let Some((_, r)) = span::best_residual(model, self.screen, c) else {
+        let Some((_, r)) = best_residual(model, self.screen, c) else {
             return (Outcome::Failed, 0);
         };
         let t = model.coords.t_of_c(c);
@@ -95,7 +98,7 @@ impl Polisher<'_> {
         };
         let (tv, rv) = full.split(&u);
         let cz = model.coords.c_of_t(&tv);
-        if span::degenerate(model, &cz) {
+        if search::degenerate(model, &cz) {
             return (Outcome::Degenerate, iters);
         }
         if f > self.accept {
@@ -145,32 +148,22 @@ pub fn search(
         eprintln!("signal model {:.2} s", t0.elapsed().as_secs_f64());
     }
     let (m, b, k) = (model.width(), model.batch(), model.k);
-    let mut perm: Vec<usize> = (0..m).collect();
-    perm.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
-        cfg.seed ^ 0x5ea_2c4,
-    ));
-    let n = opts
-        .neurons
-        .unwrap_or(SEED_NEURONS_PER_UNKNOWN * (b - 1 + k))
-        .max(span::MIN_NEURONS)
-        .min(m);
-    let mut rows: Vec<usize> = perm[..n].to_vec();
-    rows.sort_unstable();
-    let sub_neurons = Neurons::new(&sub.q, rows);
-    let ns = span::SCREEN_NEURONS.max(4 * (b + k)).min(m);
-    let mut srows: Vec<usize> = perm[..ns].to_vec();
-    srows.sort_unstable();
-    let screen = Neurons::new(&sub.q, srows);
+    let order = Subsample::new(m, &mut salted(cfg.seed, Salt::SearchNeurons));
+    let n = subsample::size(
+        opts.neurons,
+        SEED_NEURONS_PER_UNKNOWN,
+        MIN_NEURONS,
+        b - 1 + k,
+        m,
+    );
+    let sub_neurons = Neurons::new(&sub.q, order.first(n));
+    let screen = Neurons::new(&sub.q, order.first(SCREEN_NEURONS.max(4 * (b + k))));
     let all = Neurons::all(&sub.q);
-    let floor = span::exact_floor(view, sub);
-    let accept = floor.max(span::noise_floor(
-        view,
-        sub,
-        cfg.noise_std.or(view.noise_std),
-    ));
+    let floor = exact_floor(view, sub);
+    let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
     let gv0 = Mat::from_fn(m, b, |j, kk| sub.q[(j, kk)] * sub.singular_values[kk]);
-    let prior = span::effective_prior(cfg, &model, &span::row_points(sub, &gv0));
-    let bound = Some((prior.mean, span::PRIOR_RADIUS * prior.std.max(1e-12)));
+    let prior = search::effective_prior(cfg, &model, &row_points(sub, &gv0));
+    let bound = Some((prior.mean, search::PRIOR_RADIUS * prior.std.max(1e-12)));
     let vl = Col::from_fn(b, |q| sub.v[(sub.v.nrows() - 1, q)]);
 
     if std::env::var_os("GRADLEAK_TRACE").is_some() {
@@ -187,7 +180,7 @@ pub fn search(
         if zeros.len() >= b || out_of_time(opts.seconds, &t0) {
             break;
         }
-        let gv = span::residual_gradient(sub, &model, &zeros);
+        let gv = search::residual_gradient(sub, &model, &zeros);
         let seeds = seed::candidates(
             &gv,
             &vl,
@@ -214,14 +207,14 @@ pub fn search(
             bound,
             rho,
             found_t: zeros.iter().map(|z| model.coords.t_of_c(&z.c)).collect(),
-            promising: span::PROMISING.max(2.0 * accept),
+            promising: search::PROMISING.max(2.0 * accept),
             accept,
             lm_opts: LmOptions {
                 max_iterations: SEED_LM_ITERATIONS,
                 target: floor * 1e-3,
                 stall: 1e-4,
             },
-            polish_opts: span::polish_options(accept > floor),
+            polish_opts: search::polish_options(accept > floor),
         };
         let before = zeros.len();
         for (outcome, iters) in polish_all(&polisher, &seeds, opts.threads) {
@@ -231,7 +224,7 @@ pub fn search(
                     let x = model.coords.x_of_c(&z.c);
                     if found_x
                         .iter()
-                        .any(|y| span::rel_dist(&x, y) < span::DUPLICATE_TOL)
+                        .any(|y| rel_dist(&x, y) < search::DUPLICATE_TOL)
                     {
                         stats.duplicates += 1;
                         continue;
@@ -267,7 +260,7 @@ pub fn search(
         if let Some(s) = opts.seconds {
             rest.search.seconds = Some((s - t0.elapsed().as_secs_f64()).max(0.0));
         }
-        let (z, s, _) = span::search_with(view, sub, &rest, &[], zeros)?;
+        let (z, s, _) = search::search_with(view, sub, &rest, &[], zeros)?;
         zeros = z;
         stats.starts += s.starts;
         stats.candidates += s.candidates;
@@ -300,4 +293,44 @@ fn deflation_radius(model: &SignalModel, seeds: &[Col<f64>]) -> f64 {
         .sqrt()
         .max(1e-6)
         * 0.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::route;
+    use super::super::testing::case;
+    use crate::attack::{AttackConfig, Method};
+    use crate::model::Activation;
+
+    /// Same seed -> bit-identical samples, for one or two threads, and the seeded
+    /// route recovers the whole (small) batch exactly. A budget in seconds, a data race
+    /// or an order that depends on thread timing would make the two runs differ.
+    #[test]
+    fn seeded_search_is_deterministic_for_any_thread_count() {
+        for act in [Activation::Tanh, Activation::Relu] {
+            let (view, x, _) = case(act, 1, 6, 5);
+            let run = |threads: usize| {
+                let mut cfg = AttackConfig::new(Method::Span, 9);
+                cfg.search.threads = threads;
+                route::attack(&view, &cfg).unwrap()
+            };
+            let a = run(1);
+            let b = run(1);
+            let c = run(2);
+            let bits = |r: &crate::attack::Reconstruction| {
+                r.samples
+                    .iter()
+                    .flat_map(|s| s.x.iter().map(|v| v.to_bits()))
+                    .collect::<Vec<u64>>()
+            };
+            assert_eq!(bits(&a), bits(&b), "{act}: two runs differ");
+            assert_eq!(bits(&a), bits(&c), "{act}: one and two threads differ");
+            let m = crate::metrics::evaluate(&x, &a.samples, None, 1e-8, None).unwrap();
+            assert_eq!(
+                m.recovered_fraction, 1.0,
+                "{act}: max error {:e}",
+                m.max_rel_error
+            );
+        }
+    }
 }
