@@ -48,6 +48,7 @@ pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
     d.insert("exact_floor".into(), stats.exact_floor.into());
     d.insert("search_rounds".into(), stats.rounds.into());
     d.insert("search_seeded".into(), stats.seeded.into());
+    d.insert("seed_seconds".into(), stats.seed_seconds.into());
     d.insert("found".into(), found.into());
     if found < rec.batch_estimated {
         rec.notes.push(format!(

@@ -136,6 +136,8 @@ pub struct SearchStats {
     pub rounds: usize,
     /// Zeros found by the seeding rounds (before the random-start search).
     pub seeded: usize,
+    /// Seconds spent in the seeding rounds (ICA and their polish).
+    pub seed_seconds: f64,
 }
 
 /// Row points of a projected gradient GV (m x B): row j divided by its bias
