@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use gradleak::attack::{self, AttackConfig, ServerView, SubspaceOptions};
+use gradleak::attack::{self, AttackParams, ServerView, SubspaceOptions};
 use gradleak::simulate::{self, SimConfig};
 
 #[derive(Args, Debug)]
@@ -83,7 +83,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     })?;
     println!("{:<58} {:>10.4}", "subspace (thin SVD), 4096 x 65", s);
     for m in a.methods.split(',').filter(|m| !m.is_empty()) {
-        let acfg = AttackConfig::new(super::parse(m)?, 1);
+        let acfg = AttackParams::new(super::parse(m)?).seed(1).check()?;
         let s = median_secs(a.repeat, || {
             attack::run(&view, &acfg)?;
             Ok(())

@@ -18,35 +18,13 @@ use super::signal::{Neurons, SignalModel};
 use super::subsample::{self, Subsample};
 use super::zero::{SearchStats, Zero, best_residual, pack, rel_dist, row_points};
 use crate::Result;
+use crate::attack::observer::Progress;
+use crate::attack::params::AttackConfig;
+use crate::attack::prior::Prior;
 use crate::attack::subspace::Subspace;
-use crate::attack::{AttackConfig, Prior, ServerView};
+use crate::attack::view::ServerView;
 use crate::numerics::lm::{self, LmOptions};
 use crate::rng::{Salt, salted};
-
-/// Options of the search (`AttackConfig::search`).
-#[derive(Clone, Debug)]
-pub struct SearchOptions {
-    /// Neurons the search iterates on (None: `NEURONS_PER_UNKNOWN` per unknown,
-    /// at least `MIN_NEURONS`); every neuron is used for the final check.
-    pub neurons: Option<usize>,
-    /// Most Levenberg-Marquardt runs.
-    pub max_starts: usize,
-    /// Wall-clock budget of the search in seconds.
-    pub seconds: f64,
-    /// Starts drawn from the prior besides the gradient's own row points.
-    pub prior_starts: usize,
-}
-
-impl Default for SearchOptions {
-    fn default() -> Self {
-        SearchOptions {
-            neurons: None,
-            max_starts: 4000,
-            seconds: 45.0,
-            prior_starts: 64,
-        }
-    }
-}
 
 /// Neurons per unknown of one sample's problem (B - 1 + K): enough equations that a
 /// spurious zero on the subsample is unlikely, few enough that an iteration is cheap.
@@ -223,11 +201,7 @@ pub fn search(
     };
     let mut zeros: Vec<Zero> = Vec::new();
     let mut found_x: Vec<Vec<f64>> = Vec::new();
-    let bar = cfg.progress.then(|| {
-        let pb = indicatif::ProgressBar::new(b as u64);
-        pb.set_message("span search");
-        pb
-    });
+    let progress = Progress::begin(cfg.observer.as_ref(), "span search", b as u64);
     let lm_opts = LmOptions {
         max_iterations: LM_ITERATIONS,
         target: floor * 1e-3,
@@ -246,6 +220,7 @@ pub fn search(
             if zeros.len() >= b || out_of_budget(&stats) {
                 break;
             }
+            progress.advance(zeros.len() as u64, None)?;
             if (failures >= patience || b - zeros.len() <= LAST_FEW)
                 && zeros.len() > found_at_round
                 && round < MAX_ROUNDS
@@ -334,9 +309,6 @@ pub fn search(
                     exact: f <= floor,
                 });
                 failures = 0;
-                if let Some(pb) = &bar {
-                    pb.inc(1);
-                }
             }
         }
         if zeros.len() >= b
@@ -359,9 +331,6 @@ pub fn search(
         pending = merged.into();
     }
     stats.rounds = round;
-    if let Some(pb) = bar {
-        pb.finish_and_clear();
-    }
     stats.seconds = t0.elapsed().as_secs_f64();
     Ok((zeros, stats, model))
 }
