@@ -365,7 +365,7 @@ impl AttackParams {
         if s.max_starts == 0 {
             return Err(param("search_starts", "must be at least 1"));
         }
-        if !(s.seconds > 0.0) {
+        if s.seconds.is_nan() || s.seconds <= 0.0 {
             return Err(param("search_seconds", "must be a positive number"));
         }
         if s.neurons == Some(0) {

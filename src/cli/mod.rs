@@ -112,8 +112,8 @@ impl Budget {
         if let Some(n) = self.restarts {
             p = p.restarts(n);
         }
-        Ok(p.check()
-            .map_err(|e| anyhow::anyhow!("{} ({})", e, flag_of(&e)))?)
+        p.check()
+            .map_err(|e| anyhow::anyhow!("{} ({})", e, flag_of(&e)))
     }
 }
 
