@@ -30,6 +30,30 @@ pub enum Error {
     /// A parameter outside what the method or the model allows.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// An attack parameter outside its range (`name` is the parameter's name in
+    /// [`AttackParams`](crate::AttackParams)).
+    #[error("{name}: {reason}")]
+    Param { name: &'static str, reason: String },
+    /// The method fixes each sample's scale with the first-layer bias, and the model has none.
+    #[error(
+        "{method} needs a first-layer bias to fix each sample's scale (the model has none, or its gradient is zero)"
+    )]
+    NeedsFirstLayerBias { method: &'static str },
+    /// A batch larger than the first layer can separate (limit = min(width, input dim + 1),
+    /// or the singular values computed).
+    #[error("a batch of {batch} is more than the first layer can separate (at most {limit})")]
+    BatchTooLarge { batch: usize, limit: usize },
+    /// The gradient has full rank: the batch may be larger than the first layer can separate.
+    #[error(
+        "the gradient has full rank {rank}: the batch is at least as large as the first layer allows (min(width, input dim + 1) = {rank}); a rank-based attack cannot separate it"
+    )]
+    FullRank { rank: usize },
+    /// The method does not apply to this model (activation, depth, layers).
+    #[error("{0}")]
+    Unsupported(String),
+    /// The caller's [`Observer`](crate::Observer) asked the attack to stop.
+    #[error("cancelled by the caller")]
+    Cancelled,
     /// A numerical routine failed (e.g. an SVD did not converge).
     #[error("numerical failure: {0}")]
     Numerical(String),

@@ -188,7 +188,7 @@ mod tests {
             x,
             residual: None,
             exact: false,
-            stage: "test".into(),
+            stage: crate::attack::Stage::Span,
             label,
             output_residual: None,
         }

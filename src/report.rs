@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::attack::{RankRule, Reconstruction};
+use crate::attack::{Diagnostics, RankRule, Reconstruction, Stage};
 use crate::defense::{Defense, DefenseReport};
 use crate::metrics::{Metrics, SampleMetrics};
 
@@ -21,7 +21,7 @@ pub struct AttackSummary {
     pub rank_threshold: f64,
     pub rank_rule: Option<RankRule>,
     pub notes: Vec<String>,
-    pub diagnostics: serde_json::Map<String, serde_json::Value>,
+    pub diagnostics: Diagnostics,
 }
 
 impl From<&Reconstruction> for AttackSummary {
@@ -43,7 +43,7 @@ pub struct PerSample {
     pub metrics: SampleMetrics,
     pub residual: Option<f64>,
     pub exact: Option<bool>,
-    pub stage: Option<String>,
+    pub stage: Option<Stage>,
 }
 
 /// The report of a simulated round: setting, truth-based metrics, timings.
@@ -89,7 +89,7 @@ pub fn per_sample(metrics: &Metrics, rec: &Reconstruction) -> Vec<PerSample> {
                 metrics: m.clone(),
                 residual: s.and_then(|s| s.residual),
                 exact: s.map(|s| s.exact),
-                stage: s.map(|s| s.stage.clone()),
+                stage: s.map(|s| s.stage),
             }
         })
         .collect()
@@ -101,7 +101,7 @@ pub struct AttackSample {
     pub index: usize,
     pub residual: Option<f64>,
     pub exact: bool,
-    pub stage: String,
+    pub stage: Stage,
     pub label: Option<usize>,
 }
 

@@ -27,22 +27,37 @@ pub fn stream(seed: u64, stream: Stream) -> ChaCha8Rng {
 #[derive(Clone, Copy, Debug)]
 pub enum Salt {
     /// Sketch of the randomized range finder (subspace).
-    Sketch = 0x005e_ed5b_5ace,
+    Sketch,
     /// Neuron subsample of the span search.
-    SearchNeurons = 0x5ea_2c4,
+    SearchNeurons,
     /// Starts drawn from the prior in the span search.
-    SearchPrior = 0x5a11_c0de,
+    SearchPrior,
     /// Neuron subsample of the pattern search.
-    PatternNeurons = 0x9a7,
+    PatternNeurons,
     /// Neuron subsample of the joint refinement.
-    RefineNeurons = 0x002e_f12e,
+    RefineNeurons,
     /// DLG's initialisation.
-    Dlg = 0x00d1_9d19,
+    Dlg,
     /// IG's initialisation.
-    Ig = 0x0016_1616,
+    Ig,
+}
+
+impl Salt {
+    /// The salt's value.
+    pub fn value(self) -> u64 {
+        match self {
+            Salt::Sketch => 0x005e_ed5b_5ace,
+            Salt::SearchNeurons => 0x5ea_2c4,
+            Salt::SearchPrior => 0x5a11_c0de,
+            Salt::PatternNeurons => 0x9a7,
+            Salt::RefineNeurons => 0x002e_f12e,
+            Salt::Dlg => 0x00d1_9d19,
+            Salt::Ig => 0x0016_1616,
+        }
+    }
 }
 
 /// The generator of an attack stage under the attack seed `seed`.
 pub fn salted(seed: u64, salt: Salt) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed ^ salt as u64)
+    ChaCha8Rng::seed_from_u64(seed ^ salt.value())
 }

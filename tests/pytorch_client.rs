@@ -6,7 +6,7 @@ mod common;
 
 use faer::Mat;
 use gradleak::Dtype;
-use gradleak::attack::{self, AttackConfig, Method, ServerView, SubspaceOptions};
+use gradleak::attack::{self, AttackParams, Method, ServerView, SubspaceOptions};
 use gradleak::io::safetensors::{read_batch, read_gradient, read_model};
 use gradleak::model::{Gradient, Loss, Mlp, Targets, cast_mat};
 
@@ -94,7 +94,11 @@ fn analytic_attack_recovers_a_single_pytorch_sample() {
         case.activation,
     )
     .unwrap();
-    let rec = attack::run(&view, &AttackConfig::new(Method::Analytic, 0)).unwrap();
+    let rec = attack::run(
+        &view,
+        &AttackParams::new(Method::Analytic).seed(0).check().unwrap(),
+    )
+    .unwrap();
     let truth = read_batch(case.dir.join("batch.safetensors")).unwrap().x;
     assert_eq!(rec.samples.len(), 1);
     let x = &rec.samples[0].x;

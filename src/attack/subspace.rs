@@ -94,10 +94,17 @@ pub fn estimate(view: &ServerView, opts: &SubspaceOptions) -> Result<Subspace> {
     let (batch, rule) = match opts.batch {
         Some(b) => {
             if b == 0 || b > s.len() {
-                return Err(Error::Invalid(format!(
-                    "--batch {b}: the first layer allows at most {} samples (min(m, d+1) = {max_rank})",
-                    s.len()
-                )));
+                return Err(if b == 0 {
+                    Error::Param {
+                        name: "batch",
+                        reason: "must be at least 1".into(),
+                    }
+                } else {
+                    Error::BatchTooLarge {
+                        batch: b,
+                        limit: s.len(),
+                    }
+                });
             }
             (b, RankRule::Forced)
         }
@@ -115,10 +122,7 @@ pub fn estimate(view: &ServerView, opts: &SubspaceOptions) -> Result<Subspace> {
         }
     };
     if batch >= max_rank && opts.batch.is_none() {
-        return Err(Error::Invalid(format!(
-            "the gradient has full rank {max_rank}: the batch is at least as large as the first layer allows \
-             (min(m, d+1) = {max_rank}); a rank-based attack cannot separate it"
-        )));
+        return Err(Error::FullRank { rank: max_rank });
     }
     Ok(Subspace {
         singular_values: s,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use faer::Mat;
 
-use gradleak::attack::{self, AttackConfig, ServerView};
+use gradleak::attack::{self, AttackParams, ServerView};
 use gradleak::io::{npy, write_atomic};
 use gradleak::report::{AttackReport, AttackSample, AttackSummary};
 
@@ -43,9 +43,9 @@ pub struct AttackArgs {
     /// Reconstruction: rows are recovered samples (any order), float64 .npy.
     #[arg(long)]
     out: PathBuf,
-    /// JSON report.
+    /// JSON report (without it, the per-sample table is printed only).
     #[arg(long)]
-    report: PathBuf,
+    report: Option<PathBuf>,
     /// Recovered labels as int64 .npy (-1 where unknown), in the order of --out.
     #[arg(long)]
     labels: Option<PathBuf>,
@@ -54,18 +54,22 @@ pub struct AttackArgs {
 pub fn run(a: AttackArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let act = super::parse(&a.activation)?;
-    let mut cfg = AttackConfig::new(super::parse(&a.method)?, a.seed);
-    cfg.batch = a.batch;
-    cfg.loss = a.loss.as_deref().map(super::parse).transpose()?;
-    cfg.prior = a.prior.as_deref().map(super::parse).transpose()?;
-    if let Some(s) = a.noise_std
-        && !(s >= 0.0 && s.is_finite())
-    {
-        anyhow::bail!("--noise-std must be a finite number >= 0");
+    let mut p = AttackParams::new(super::parse(&a.method)?)
+        .seed(a.seed)
+        .observer(super::progress::Bars::default());
+    if let Some(b) = a.batch {
+        p = p.batch(b);
     }
-    cfg.noise_std = a.noise_std;
-    a.budget.apply(&mut cfg)?;
-    cfg.progress = true;
+    if let Some(l) = a.loss.as_deref().map(super::parse).transpose()? {
+        p = p.loss(l);
+    }
+    if let Some(pr) = a.prior.as_deref().map(super::parse).transpose()? {
+        p = p.prior(pr);
+    }
+    if let Some(s) = a.noise_std {
+        p = p.noise_std(s);
+    }
+    let cfg = a.budget.apply_params(p)?;
     let view = ServerView::from_files(&a.model, &a.gradient, act)?;
     let rec = super::with_spinner("attacking", || attack::run(&view, &cfg))?;
     let d = view.input_dim();
@@ -82,7 +86,7 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         outputs: view.outputs(),
         activation: act.to_string(),
         dtype: view.dtype.to_string(),
-        method: cfg.method.to_string(),
+        method: cfg.method().to_string(),
         batch_estimated: rec.batch_estimated,
         recovered: n,
         missing: rec.missing(),
@@ -96,7 +100,7 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
                 index: i,
                 residual: s.residual,
                 exact: s.exact,
-                stage: s.stage.clone(),
+                stage: s.stage,
                 label: s.label,
             })
             .collect(),
@@ -104,7 +108,9 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         attack: AttackSummary::from(&rec),
     };
     npy::write_matrix(&a.out, &x)?;
-    write_atomic(&a.report, &serde_json::to_vec_pretty(&report)?)?;
+    if let Some(r) = &a.report {
+        write_atomic(r, &serde_json::to_vec_pretty(&report)?)?;
+    }
     if let Some(p) = &a.labels {
         let l: Vec<i64> = labels.iter().map(|l| l.map_or(-1, |v| v as i64)).collect();
         npy::write_labels(p, &l)?;
@@ -135,6 +141,9 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
     for n in &rec.notes {
         println!("note: {n}");
     }
-    eprintln!("wrote {} and {}", a.out.display(), a.report.display());
+    match &a.report {
+        Some(r) => eprintln!("wrote {} and {}", a.out.display(), r.display()),
+        None => eprintln!("wrote {}", a.out.display()),
+    }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use gradleak::attack::{self, AttackConfig, ServerView, SubspaceOptions};
+use gradleak::attack::{self, AttackParams, ServerView, SubspaceOptions};
 use gradleak::simulate::{self, SimConfig};
 
 #[derive(Args, Debug)]
@@ -60,8 +60,7 @@ fn run_scale_case(data: &str, act: &str, b: usize, m: usize) -> anyhow::Result<(
     }
     let out = simulate::run(&c)?;
     let r = &out.report;
-    let diag = &r.attack.diagnostics;
-    let get = |k: &str| diag.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let stats = r.attack.diagnostics.search.clone().unwrap_or_default();
     let recovered = (r.recovered_fraction * b as f64).round() as usize;
     println!(
         "simulate --data {data} --batch {b} --width {m} --activation {act} --init torch-default --dtype f64 --tol 1e-6"
@@ -71,9 +70,9 @@ fn run_scale_case(data: &str, act: &str, b: usize, m: usize) -> anyhow::Result<(
          search after it {:.1} s, subspace and the rest {:.1} s)",
         r.seconds.gradient,
         r.seconds.attack,
-        get("seed_seconds"),
-        get("search_seconds") - get("seed_seconds"),
-        r.seconds.attack - get("search_seconds"),
+        stats.seed_seconds,
+        stats.seconds - stats.seed_seconds,
+        r.seconds.attack - stats.seconds,
     );
     Ok(())
 }
@@ -140,7 +139,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     })?;
     println!("{:<58} {:>10.4}", "subspace (thin SVD), 4096 x 65", s);
     for m in a.methods.split(',').filter(|m| !m.is_empty()) {
-        let acfg = AttackConfig::new(super::parse(m)?, 1);
+        let acfg = AttackParams::new(super::parse(m)?).seed(1).check()?;
         let s = median_secs(a.repeat, || {
             attack::run(&view, &acfg)?;
             Ok(())

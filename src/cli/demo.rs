@@ -31,11 +31,13 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     cfg.set("init", "torch-default")?;
     cfg.batch = a.batch;
     cfg.width = a.width;
-    cfg.attack.progress = true;
+    cfg.attack.set_observer(super::progress::Bars::default());
     println!(
         "gradleak demo: a client trains on {} handwritten digits (UCI, embedded), one gradient of a \
          64-{}-10 tanh network with PyTorch's default initialisation; the server attacks it with `{}`.",
-        cfg.batch, cfg.width, cfg.attack.method
+        cfg.batch,
+        cfg.width,
+        cfg.attack.method()
     );
     let out = super::with_spinner("running the round", || simulate::run(&cfg))?;
     super::table::print_simulation(&out);

@@ -5,6 +5,7 @@ mod attack;
 mod bench;
 mod client;
 mod demo;
+mod progress;
 mod simulate;
 mod sweep;
 mod table;
@@ -95,34 +96,54 @@ pub struct Budget {
 
 impl Budget {
     /// Apply the given budgets; reject values that cannot be meant.
-    pub fn apply(&self, cfg: &mut gradleak::attack::AttackConfig) -> anyhow::Result<()> {
+    pub fn apply(&self, cfg: &mut gradleak::AttackConfig) -> anyhow::Result<()> {
+        *cfg = self.apply_params(cfg.clone().into_params())?;
+        Ok(())
+    }
+
+    /// Apply the given budgets to `p` and validate; errors name the flag.
+    pub fn apply_params(
+        &self,
+        mut p: gradleak::AttackParams,
+    ) -> anyhow::Result<gradleak::AttackConfig> {
         if let Some(s) = self.search_seconds {
-            anyhow::ensure!(
-                s.is_finite() && s > 0.0,
-                "--search-seconds must be a positive number"
-            );
-            cfg.search.seconds = Some(s);
+            anyhow::ensure!(s.is_finite(), "--search-seconds must be a positive number");
+            p = p.search_seconds(s);
         }
         if let Some(n) = self.search_starts {
-            anyhow::ensure!(n > 0, "--search-starts must be at least 1");
-            cfg.search.max_starts = n;
+            p = p.search_starts(n);
         }
         if let Some(n) = self.seed_rounds {
-            cfg.search.seed_rounds = n;
+            p = p.seed_rounds(n);
         }
         if let Some(n) = self.threads {
-            anyhow::ensure!(n > 0, "--threads must be at least 1");
-            cfg.search.threads = n;
+            p = p.threads(n);
         }
         if let Some(n) = self.baseline_iters {
-            anyhow::ensure!(n > 0, "--baseline-iters must be at least 1");
-            cfg.baseline.dlg_iters = n;
-            cfg.baseline.ig_iters = n;
+            p = p.baseline_iters(n);
         }
         if let Some(n) = self.restarts {
-            anyhow::ensure!(n > 0, "--restarts must be at least 1");
-            cfg.baseline.restarts = n;
+            p = p.restarts(n);
         }
-        Ok(())
+        p.check()
+            .map_err(|e| anyhow::anyhow!("{} ({})", e, flag_of(&e)))
+    }
+}
+
+/// The command-line flag behind a parameter error.
+pub fn flag_of(e: &gradleak::Error) -> &'static str {
+    match e {
+        gradleak::Error::Param { name, .. } => match *name {
+            "batch" => "--batch",
+            "noise_std" => "--noise-std",
+            "prior" => "--prior",
+            "search_starts" => "--search-starts",
+            "search_seconds" => "--search-seconds",
+            "threads" => "--threads",
+            "baseline_iters" => "--baseline-iters",
+            "restarts" => "--restarts",
+            _ => "see --help",
+        },
+        _ => "see --help",
     }
 }

@@ -116,7 +116,7 @@ pub struct SimulateArgs {
 
 pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let mut cfg = a.sim.config()?;
-    cfg.attack.progress = true;
+    cfg.attack.set_observer(super::progress::Bars::default());
     let out = super::with_spinner("simulating", || simulate::run(&cfg))?;
     super::table::print_simulation(&out);
     if let Some(p) = &a.report {

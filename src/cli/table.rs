@@ -53,7 +53,7 @@ pub fn print_simulation(out: &SimOutput) {
             m.psnr.map_or(String::new(), |p| format!("{p:.1}")),
             fmt_opt(p.residual, 2),
             p.exact.map_or("-", |e| if e { "yes" } else { "no" }),
-            p.stage.as_deref().unwrap_or("-"),
+            p.stage.map_or("-", |s| s.name()),
             label,
         );
     }

@@ -445,9 +445,7 @@ mod noise_tests {
                 ..SimConfig::default()
             };
             let out = simulate::run(&cfg).unwrap();
-            let predicted = out.reconstruction.diagnostics["predicted_rel_error"]
-                .as_f64()
-                .unwrap();
+            let predicted = out.reconstruction.diagnostics.predicted_rel_error.unwrap();
             let measured = out.report.median_rel_error;
             assert!(
                 measured < 2.0 * predicted && measured > 0.5 * predicted,

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 pub const LEAKY_SLOPE: f64 = 0.01;
 
 /// Element-wise nonlinearity between linear layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Activation {
     Tanh,
     Sigmoid,

@@ -12,63 +12,24 @@ use faer::Mat;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::attack::exact::floor::direct_floor;
-use crate::attack::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView, subspace};
-use crate::io::png::ImageShape;
+use crate::attack::observer::Progress;
+use crate::attack::params::{AttackConfig, Method};
+use crate::attack::prior::Prior;
+use crate::attack::reconstruction::{BaselineDiagnostics, Reconstruction, Sample, Stage};
+use crate::attack::subspace;
+use crate::attack::view::ServerView;
 use crate::model::{Gradient, Loss, Mlp};
 use crate::rng::{Salt, salted};
 use crate::{Dtype, Error, Result};
 use matching::{GradientMap, LabelModel, combine, dot};
 
-/// Iterations of DLG's L-BFGS (Zhu et al. run 300 on small images; the MLP cases
-/// here converge in far fewer when they converge at all).
-pub const DLG_ITERS: usize = 300;
 /// Curvature pairs L-BFGS keeps (PyTorch's default history size is 100; 20 suffices here).
 pub const LBFGS_MEMORY: usize = 20;
 /// DLG stops once ||G - G_obs||^2 / ||G_obs||^2 is at the f64 floor (relative residual 1e-14).
 pub const DLG_F_TOL: f64 = 1e-28;
-/// Iterations of IG's Adam (Geiping et al. use 4800-24000 on ResNets; a budget).
-pub const IG_ITERS: usize = 1000;
 /// Adam step of IG in units of the prior's standard deviation (Geiping et al.: 0.1 on
 /// standardised images).
 pub const IG_STEP: f64 = 0.1;
-/// Weight of the total-variation term (Geiping et al.'s 1e-4 for the cosine objective, scaled
-/// up for the small images here, whose cosine distance drops fast).
-pub const IG_TV_WEIGHT: f64 = 1e-2;
-
-/// Random starts of each baseline by default: one DLG start from a random point
-/// stalls in a spurious minimum (wrong soft label, saturated neurons) about half the
-/// time on digits B = 1; the original paper reruns failures too. Success stops early.
-pub const DEFAULT_RESTARTS: usize = 4;
-
-/// Options of the baselines.
-#[derive(Clone, Debug)]
-pub struct BaselineOptions {
-    /// DLG's L-BFGS iterations.
-    pub dlg_iters: usize,
-    /// IG's Adam iterations.
-    pub ig_iters: usize,
-    /// DLG's independent random starts; the best gradient fit is kept.
-    pub restarts: usize,
-    /// IG's random starts (Adam's budget is the cost: one by default).
-    pub ig_restarts: usize,
-    /// Weight of IG's total-variation prior (images only).
-    pub tv_weight: f64,
-    /// Image shape of the inputs (enables IG's total variation).
-    pub image: Option<ImageShape>,
-}
-
-impl Default for BaselineOptions {
-    fn default() -> Self {
-        BaselineOptions {
-            dlg_iters: DLG_ITERS,
-            ig_iters: IG_ITERS,
-            restarts: DEFAULT_RESTARTS,
-            ig_restarts: 1,
-            tv_weight: IG_TV_WEIGHT,
-            image: None,
-        }
-    }
-}
 
 /// What both baselines share: the model, the observed gradient, the label model, B.
 struct Problem {
@@ -221,7 +182,7 @@ impl Problem {
     }
 
     /// The samples of a final candidate.
-    fn finish(mut self, theta: &[f64], stage: &str, dtype: Dtype) -> Result<Reconstruction> {
+    fn finish(mut self, theta: &[f64], stage: Stage, dtype: Dtype) -> Result<Reconstruction> {
         let (x, lam) = self.unpack(theta);
         let residual = self.relative_residual(theta)?;
         let (b, d, k) = self.dims();
@@ -235,29 +196,16 @@ impl Problem {
                 x: (0..d).map(|j| x[(i, j)]).collect(),
                 residual: Some(residual),
                 exact: residual <= direct_floor(dtype),
-                stage: stage.into(),
+                stage,
                 label,
                 output_residual: None,
             });
         }
-        self.rec
-            .diagnostics
-            .insert("gradient_residual".into(), residual.into());
+        if let Some(b) = &mut self.rec.diagnostics.baseline {
+            b.gradient_residual = residual;
+        }
         Ok(self.rec)
     }
-}
-
-fn progress(cfg: &AttackConfig, len: usize, what: &str) -> Option<indicatif::ProgressBar> {
-    cfg.progress.then(|| {
-        let pb = indicatif::ProgressBar::new(len as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(&format!(
-                "{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed}}] {{msg}}"
-            ))
-            .expect("valid template"),
-        );
-        pb
-    })
 }
 
 fn check_budget(iters: usize, restarts: usize) -> Result<()> {
@@ -281,20 +229,29 @@ pub fn dlg(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         memory: LBFGS_MEMORY,
         f_tol: DLG_F_TOL,
     };
-    let pb = progress(cfg, o.dlg_iters * o.restarts, "dlg");
+    let progress = Progress::begin(
+        cfg.observer.as_ref(),
+        "dlg",
+        (o.dlg_iters * o.restarts) as u64,
+    );
+    let stop = std::cell::Cell::new(false);
     let mut best: Option<crate::numerics::lbfgs::Minimum> = None;
     let (mut iters, mut evals) = (0, 0);
     for r in 0..o.restarts {
         let x0 = prob.start(&mut rng);
+        // the observer's stop ends the minimisation at its next evaluation
         let m = crate::numerics::lbfgs::minimize(
-            |t| prob.squared_distance(t),
+            |t| {
+                if stop.get() {
+                    return Err(Error::Cancelled);
+                }
+                prob.squared_distance(t)
+            },
             x0,
             &opts,
             |i, f| {
-                if let Some(pb) = &pb {
-                    pb.set_position((r * o.dlg_iters + i) as u64);
-                    pb.set_message(format!("{f:.2e}"));
-                }
+                let done = (r * o.dlg_iters + i) as u64;
+                stop.set(progress.advance(done, Some(f)).is_err());
             },
         )?;
         iters += m.iters;
@@ -306,20 +263,18 @@ pub fn dlg(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             break;
         }
     }
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
-    let best = best.expect("restarts >= 1");
-    prob.rec
-        .diagnostics
-        .insert("objective".into(), best.f.into());
-    prob.rec
-        .diagnostics
-        .insert("iterations".into(), iters.into());
-    prob.rec
-        .diagnostics
-        .insert("evaluations".into(), evals.into());
-    prob.finish(&best.x, "dlg", view.dtype)
+    drop(progress);
+    let best = best.ok_or_else(|| Error::Param {
+        name: "restarts",
+        reason: "must be at least 1".into(),
+    })?;
+    prob.rec.diagnostics.baseline = Some(BaselineDiagnostics {
+        objective: best.f,
+        iterations: iters,
+        evaluations: Some(evals),
+        gradient_residual: f64::NAN,
+    });
+    prob.finish(&best.x, Stage::Dlg, view.dtype)
 }
 
 /// Adam's moment decays (Kingma & Ba's defaults) and the denominator's floor.
@@ -342,7 +297,11 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             .push("inputs are not images: no total-variation prior".into());
     }
     let mut rng = salted(cfg.seed, Salt::Ig);
-    let pb = progress(cfg, o.ig_iters * o.ig_restarts, "ig");
+    let progress = Progress::begin(
+        cfg.observer.as_ref(),
+        "ig",
+        (o.ig_iters * o.ig_restarts) as u64,
+    );
     let p = prob.prior;
     let step_x = IG_STEP
         * if p.std > 0.0 && p.std.is_finite() {
@@ -385,25 +344,25 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
                     theta[i] = theta[i].clamp(p.min, p.max);
                 }
             }
-            if let Some(pb) = &pb {
-                pb.set_position((r * o.ig_iters + t) as u64);
-                pb.set_message(format!("{f:.2e}"));
-            }
+            progress.advance((r * o.ig_iters + t) as u64, Some(f))?;
         }
         let rb = run_best.expect("at least one iteration");
         if best.as_ref().is_none_or(|(bf, _)| rb.0 < *bf) {
             best = Some(rb);
         }
     }
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
-    let (f, theta) = best.expect("restarts >= 1");
-    prob.rec.diagnostics.insert("objective".into(), f.into());
-    prob.rec
-        .diagnostics
-        .insert("iterations".into(), (o.ig_iters * o.ig_restarts).into());
-    prob.finish(&theta, "ig", view.dtype)
+    drop(progress);
+    let (f, theta) = best.ok_or_else(|| Error::Param {
+        name: "restarts",
+        reason: "must be at least 1".into(),
+    })?;
+    prob.rec.diagnostics.baseline = Some(BaselineDiagnostics {
+        objective: f,
+        iterations: o.ig_iters * o.ig_restarts,
+        evaluations: None,
+        gradient_residual: f64::NAN,
+    });
+    prob.finish(&theta, Stage::Ig, view.dtype)
 }
 
 #[cfg(test)]

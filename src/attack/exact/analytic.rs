@@ -4,22 +4,36 @@
 //! largest |g_b_j| dominate, which is what keeps the rounding error smallest).
 
 use super::floor::direct_floor;
+use crate::attack::params::{AttackConfig, Method};
+use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
+use crate::attack::subspace::{self, Subspace};
 use crate::attack::view::BLOCK_ROWS;
-use crate::attack::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
+use crate::attack::view::ServerView;
 use crate::{Error, Result};
 
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
-    let (Some(gb), Some(_)) = (&view.first.grad_bias, &view.first.bias) else {
-        return Err(Error::Invalid(
-            "the analytic attack needs a first-layer bias (it fixes the scale x = g_w / g_b)"
-                .into(),
-        ));
-    };
+    if view.first.grad_bias.is_none() || view.first.bias.is_none() {
+        return Err(no_bias());
+    }
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
-    let mut rec = Reconstruction::from_subspace(Method::Analytic, &sub);
+    attack_on(view, cfg, &sub)
+}
+
+fn no_bias() -> Error {
+    Error::NeedsFirstLayerBias {
+        method: "the analytic attack (x = g_w / g_b)",
+    }
+}
+
+/// The attack on an already computed subspace.
+pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Result<Reconstruction> {
+    let (Some(gb), Some(_)) = (&view.first.grad_bias, &view.first.bias) else {
+        return Err(no_bias());
+    };
+    let mut rec = Reconstruction::from_subspace(Method::Analytic, sub);
     if sub.batch != 1 {
         rec.notes.push(format!(
-            "the analytic attack recovers a single sample; the gradient has rank {} (use --method tensor/span/auto)",
+            "the analytic attack recovers a single sample; the gradient has rank {} (the tensor, span and auto methods take more)",
             sub.batch
         ));
         return Ok(rec);
@@ -71,8 +85,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         let xn2: f64 = x.iter().map(|v| v * v).sum();
         let predicted =
             sd * (d as f64 + xn2).sqrt() / (denom.sqrt() * xn2.sqrt().max(f64::MIN_POSITIVE));
-        rec.diagnostics
-            .insert("predicted_rel_error".into(), predicted.into());
+        rec.diagnostics.predicted_rel_error = Some(predicted);
         rec.notes.push(format!(
             "gradient noise sd {sd:.3e}: expected relative error of the sample about {predicted:.2e}"
         ));
@@ -81,7 +94,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         x,
         residual: Some(residual),
         exact: noise.is_none() && residual <= direct_floor(view.dtype),
-        stage: "analytic".into(),
+        stage: Stage::Analytic,
         label: None,
         output_residual: None,
     });

@@ -21,8 +21,9 @@ use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};
 use super::subsample::Subsample;
 use super::zero::{SearchStats, Zero, best_residual_of, row_points};
+use crate::attack::params::AttackConfig;
 use crate::attack::subspace::Subspace;
-use crate::attack::{AttackConfig, ServerView};
+use crate::attack::view::ServerView;
 use crate::model::{Activation, LEAKY_SLOPE};
 use crate::rng::{Salt, salted};
 use crate::{Error, Result};
@@ -256,7 +257,7 @@ pub fn search(
 ) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
     let t0 = std::time::Instant::now();
     let (lo, hi) = slopes(view.activation).ok_or_else(|| {
-        Error::Invalid(format!(
+        Error::Unsupported(format!(
             "the pattern search handles relu and leaky_relu; {} {}",
             view.activation,
             if view.activation == Activation::Identity {
@@ -270,7 +271,9 @@ pub fn search(
     let a = model
         .output_weights()
         .ok_or_else(|| {
-            Error::Invalid("the pattern search needs a two-layer model (one hidden layer)".into())
+            Error::Unsupported(
+                "the pattern search needs a two-layer model (one hidden layer)".into(),
+            )
         })?
         .clone();
     let (m, b) = (model.width(), model.batch());

@@ -22,18 +22,12 @@ use super::subsample::{self, Subsample};
 use super::zero::{Zero, best_residual, pack, unpack};
 use crate::Result;
 use crate::attack::moment as tensor;
+use crate::attack::params::{AttackConfig, Method, RefineOptions};
+use crate::attack::reconstruction::{Reconstruction, Stage};
 use crate::attack::subspace::{self, Subspace};
-use crate::attack::{AttackConfig, Method, Reconstruction, ServerView};
+use crate::attack::view::ServerView;
 use crate::numerics::lm::{self, LmOptions, Problem};
 use crate::rng::{Salt, salted};
-
-/// Options of this method.
-#[derive(Clone, Debug, Default)]
-pub struct RefineOptions {
-    /// Neurons in the joint fit (None: `NEURONS_PER_UNKNOWN` per unknown of one
-    /// sample, at least `MIN_NEURONS`).
-    pub neurons: Option<usize>,
-}
 
 /// Neurons per unknown of one sample: each neuron gives B equations, so this many
 /// makes the joint system NEURONS_PER_UNKNOWN times overdetermined.
@@ -206,7 +200,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let model = SignalModel::new(view, &sub)?;
     let all = Neurons::all(&sub.q);
     // starts: the tensor method's estimates, else the span search's zeros
-    let tensor_starts: Vec<Zero> = tensor::attack(view, cfg)
+    let tensor_starts: Vec<Zero> = tensor::attack_on(view, cfg, &sub)
         .map(|t| {
             t.samples
                 .iter()
@@ -233,18 +227,11 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         "refine started from {} {origin} estimates",
         starts.len()
     ));
-    let zeros: Vec<Zero> = polish(
-        view,
-        &sub,
-        &model,
-        &starts,
-        &RefineOptions::default(),
-        cfg.seed,
-    )
-    .into_iter()
-    .filter(|z| z.exact)
-    .collect();
-    rec.samples = to_samples(view, &sub, &model, &zeros, cfg, "refine");
+    let zeros: Vec<Zero> = polish(view, &sub, &model, &starts, &cfg.refine, cfg.seed)
+        .into_iter()
+        .filter(|z| z.exact)
+        .collect();
+    rec.samples = to_samples(view, &sub, &model, &zeros, cfg, Stage::Refine);
     Ok(rec)
 }
 

@@ -7,8 +7,10 @@ use super::pattern;
 use super::search::search;
 use super::signal::SignalModel;
 use super::zero::{SearchStats, Zero};
+use crate::attack::params::{AttackConfig, Method};
+use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::{self, Subspace};
-use crate::attack::{AttackConfig, Method, Reconstruction, Sample, ServerView};
+use crate::attack::view::ServerView;
 use crate::{Error, Result};
 
 /// Turn zeros into samples: output residuals with their absolute scale and sign, labels.
@@ -18,7 +20,7 @@ pub fn to_samples(
     model: &SignalModel,
     zeros: &[Zero],
     cfg: &AttackConfig,
-    stage: &str,
+    stage: Stage,
 ) -> Vec<Sample> {
     let scaled = labels::output_residuals(sub, model, zeros);
     let lab = labels::assign(cfg.loss, &scaled, view.outputs());
@@ -29,7 +31,7 @@ pub fn to_samples(
             x: model.coords.x_of_c(&z.c),
             residual: Some(z.residual),
             exact: z.exact,
-            stage: stage.into(),
+            stage,
             label: lab.get(i).copied().flatten(),
             output_residual: scaled.get(i).map(|r| r.iter().copied().collect()),
         })
@@ -38,18 +40,8 @@ pub fn to_samples(
 
 /// Record the search's figures in the reconstruction.
 pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
-    let d = &mut rec.diagnostics;
-    d.insert("search_starts".into(), stats.starts.into());
-    d.insert("search_candidates".into(), stats.candidates.into());
-    d.insert("search_lm_iterations".into(), stats.lm_iterations.into());
-    d.insert("search_duplicates".into(), stats.duplicates.into());
-    d.insert("search_degenerate".into(), stats.degenerate.into());
-    d.insert("search_seconds".into(), stats.seconds.into());
-    d.insert("exact_floor".into(), stats.exact_floor.into());
-    d.insert("search_rounds".into(), stats.rounds.into());
-    d.insert("search_seeded".into(), stats.seeded.into());
-    d.insert("seed_seconds".into(), stats.seed_seconds.into());
-    d.insert("found".into(), found.into());
+    rec.diagnostics.search = Some(stats.clone());
+    rec.diagnostics.found = Some(found);
     if found < rec.batch_estimated {
         rec.notes.push(format!(
             "span search found {found} of {} samples within its budget ({} starts, {:.1} s); the rest are missing",
@@ -68,9 +60,9 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     let sub = sub.clone();
     let mut rec = Reconstruction::from_subspace(Method::Span, &sub);
     if view.first.bias.is_none() {
-        return Err(Error::Invalid(
-            "the span search needs a first-layer bias to fix each sample's scale".into(),
-        ));
+        return Err(Error::NeedsFirstLayerBias {
+            method: "the span search",
+        });
     }
     if view.activation == crate::model::Activation::Identity {
         rec.notes.push(
@@ -98,14 +90,14 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
                 sub.batch
             ));
         }
-        (z, s, m, "pattern")
+        (z, s, m, Stage::Pattern)
     } else {
         let (z, s, m) = if cfg.search.seed_rounds > 0 {
             super::rounds::search(view, &sub, cfg)?
         } else {
             search(view, &sub, cfg, &[])?
         };
-        (z, s, m, "span")
+        (z, s, m, Stage::Span)
     };
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);
     record(&mut rec, &stats, zeros.len());

@@ -18,45 +18,13 @@ use super::signal::{Neurons, SignalModel};
 use super::subsample::{self, Subsample};
 use super::zero::{SearchStats, Zero, best_residual, pack, rel_dist, row_points};
 use crate::Result;
+use crate::attack::observer::Progress;
+use crate::attack::params::AttackConfig;
+use crate::attack::prior::Prior;
 use crate::attack::subspace::Subspace;
-use crate::attack::{AttackConfig, Prior, ServerView};
+use crate::attack::view::ServerView;
 use crate::numerics::lm::{self, LmOptions};
 use crate::rng::{Salt, salted};
-
-/// Options of the search (`AttackConfig::search`).
-#[derive(Clone, Debug)]
-pub struct SearchOptions {
-    /// Neurons the search iterates on (None: `NEURONS_PER_UNKNOWN` per unknown,
-    /// at least `MIN_NEURONS`); every neuron is used for the final check.
-    pub neurons: Option<usize>,
-    /// Most Levenberg-Marquardt runs.
-    pub max_starts: usize,
-    /// Optional wall-clock cap in seconds (None: the budget is counted in starts and
-    /// rounds only, so the output does not depend on the machine's speed or load).
-    pub seconds: Option<f64>,
-    /// Starts drawn from the prior besides the gradient's own row points.
-    pub prior_starts: usize,
-    /// Demixing rounds of the seeding stage (0: random starts only; `rounds`).
-    pub seed_rounds: usize,
-    /// FastICA iterations per round (`seed`).
-    pub ica_iterations: usize,
-    /// Threads polishing the seeds of one round (results do not depend on it).
-    pub threads: usize,
-}
-
-impl Default for SearchOptions {
-    fn default() -> Self {
-        SearchOptions {
-            neurons: None,
-            max_starts: 2000,
-            seconds: None,
-            prior_starts: 64,
-            seed_rounds: super::rounds::SEED_ROUNDS,
-            ica_iterations: super::seed::ICA_ITERATIONS,
-            threads: 1,
-        }
-    }
-}
 
 /// Neurons per unknown of one sample's problem (B - 1 + K): enough equations that a
 /// spurious zero on the subsample is unlikely, few enough that an iteration is cheap.
@@ -266,11 +234,7 @@ pub fn search_with(
     };
     let mut found_x: Vec<Vec<f64>> = known.iter().map(|z| model.coords.x_of_c(&z.c)).collect();
     let mut zeros: Vec<Zero> = known;
-    let bar = cfg.progress.then(|| {
-        let pb = indicatif::ProgressBar::new(b as u64);
-        pb.set_message("span search");
-        pb
-    });
+    let progress = Progress::begin(cfg.observer.as_ref(), "span search", b as u64);
     let lm_opts = LmOptions {
         max_iterations: LM_ITERATIONS,
         target: floor * 1e-3,
@@ -290,6 +254,7 @@ pub fn search_with(
             if zeros.len() >= b || out_of_budget(&stats) {
                 break;
             }
+            progress.advance(zeros.len() as u64, None)?;
             if (failures >= patience || b - zeros.len() <= LAST_FEW)
                 && zeros.len() > found_at_round
                 && round < MAX_ROUNDS
@@ -364,9 +329,6 @@ pub fn search_with(
                     exact: f <= floor,
                 });
                 failures = 0;
-                if let Some(pb) = &bar {
-                    pb.inc(1);
-                }
             }
         }
         if zeros.len() >= b
@@ -389,9 +351,6 @@ pub fn search_with(
         pending = merged.into();
     }
     stats.rounds = round;
-    if let Some(pb) = bar {
-        pb.finish_and_clear();
-    }
     stats.seconds = t0.elapsed().as_secs_f64();
     Ok((zeros, stats, model))
 }

@@ -31,11 +31,9 @@ impl Coordinates {
         let vl = Col::from_fn(b, |k| v[(d1 - 1, k)]);
         let nl = vl.norm_l2();
         if nl < 1e-8 {
-            return Err(Error::Invalid(
-                "the first layer has no bias (or its gradient is zero): the search needs the bias \
-                 coordinate to fix each sample's scale"
-                    .into(),
-            ));
+            return Err(Error::NeedsFirstLayerBias {
+                method: "the search",
+            });
         }
         let c0 = Col::from_fn(b, |k| vl[k] / (nl * nl));
         // Householder QR of [vl/|vl|, I]: the first column of Q is +-vl/|vl|, the
@@ -126,7 +124,7 @@ impl SignalModel {
         }
         let pn = &p * &coords.n;
         let upper = if view.upper.is_empty() {
-            return Err(Error::Invalid(
+            return Err(Error::Unsupported(
                 "the model has a single layer: there is no hidden signal to search".into(),
             ));
         } else if view.upper.len() == 1 {

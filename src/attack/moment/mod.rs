@@ -9,36 +9,20 @@
 
 use faer::linalg::solvers::Solve;
 use faer::{Col, Mat};
-use serde_json::{Value, json};
 
 pub mod decompose;
 pub mod hermite;
 pub mod law;
 pub mod moments;
 
-use crate::attack::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
+use crate::attack::params::{AttackConfig, Method, TensorOptions};
+use crate::attack::reconstruction::{Reconstruction, Sample, Stage, TensorDiagnostics};
+use crate::attack::subspace::{self, Subspace};
+use crate::attack::view::ServerView;
 use crate::rng::{Stream, stream};
 use crate::{Error, Result};
-use decompose::CpOptions;
 use hermite::{Coefficients, DEFAULT_LAW, Order};
-use law::{Law, LawSource, WeightLaw};
-
-/// Options of this method.
-#[derive(Clone, Debug, Default)]
-pub struct TensorOptions {
-    /// Force the tensor order (3 or 4); None: the lowest order whose Hermite
-    /// coefficient is clearly non-zero for the activation.
-    pub order: Option<usize>,
-    /// The server's initialisation law for the first layer, when known (simulation).
-    pub known_law: Option<WeightLaw>,
-    /// Whiten with `known_law` instead of the law estimated from the m rows.
-    pub use_known_law: bool,
-    /// Form the tensor as the paper does, (1/m) sum_j f_j (x) He_p(u_j), instead of
-    /// by regression on the Hermite features after removing the part linear in
-    /// (a_j, a_j u_j) (the default; much lower variance).
-    pub plain_moments: bool,
-    pub cp: CpOptions,
-}
+use law::{Law, LawSource};
 
 /// A component whose bias coordinate is below this fraction of its norm cannot be
 /// scaled by it (the reconstruction would blow up): it is reported with a note.
@@ -50,9 +34,14 @@ const MIN_BIAS_SHARE: f64 = 1e-8;
 const SCALE_GRID: (f64, f64, usize) = (0.02, 50.0, 600);
 
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
-    let opts = &cfg.tensor;
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
-    let mut rec = Reconstruction::from_subspace(Method::Tensor, &sub);
+    attack_on(view, cfg, &sub)
+}
+
+/// The attack on an already computed subspace.
+pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Result<Reconstruction> {
+    let opts: &TensorOptions = &cfg.tensor;
+    let mut rec = Reconstruction::from_subspace(Method::Tensor, sub);
     let b = sub.batch;
     let d = view.input_dim();
     let has_bias = view.first.bias.is_some();
@@ -64,12 +53,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         .known_law
         .map(|k| k.project(sub.v.as_ref()))
         .transpose()?;
-    if let Some(k) = &known {
-        let (dc, dm) = estimated.gap(k);
-        rec.diagnostics
-            .insert("law_covariance_gap".into(), json!(dc));
-        rec.diagnostics.insert("law_mean_gap".into(), json!(dm));
-    }
+    let gaps = known.as_ref().map(|k| estimated.gap(k));
     let law = match (opts.use_known_law, known) {
         (true, Some(k)) => k,
         (true, None) => {
@@ -133,45 +117,34 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             x: x.iter().copied().collect(),
             residual: Some(cp.residual),
             exact: false,
-            stage: "tensor".into(),
+            stage: Stage::Tensor,
             label: None,
             output_residual: None,
         });
     }
 
     let (mu0, s0) = DEFAULT_LAW;
-    let dg = &mut rec.diagnostics;
-    dg.insert("order".into(), json!(order.0));
-    dg.insert(
-        "hermite_coefficients".into(),
-        Value::from(
-            (0..hermite::MAX_ORDER)
-                .map(|k| coeffs.gamma(k, mu0, s0))
-                .collect::<Vec<_>>(),
-        ),
-    );
-    dg.insert("coefficient_law".into(), json!([mu0, s0]));
-    dg.insert("fit_residual".into(), json!(cp.residual));
-    dg.insert("restarts".into(), json!(report.restarts));
-    dg.insert("start_residuals".into(), json!(report.start_residuals));
-    dg.insert("als_sweeps".into(), json!(report.sweeps));
-    dg.insert("law".into(), json!(law.source));
-    dg.insert(
-        "estimator".into(),
-        json!(if opts.plain_moments {
+    rec.diagnostics.tensor = Some(TensorDiagnostics {
+        law_covariance_gap: gaps.map(|g| g.0),
+        law_mean_gap: gaps.map(|g| g.1),
+        order: order.0,
+        hermite_coefficients: (0..hermite::MAX_ORDER)
+            .map(|k| coeffs.gamma(k, mu0, s0))
+            .collect(),
+        coefficient_law: [mu0, s0],
+        fit_residual: cp.residual,
+        restarts: report.restarts,
+        start_residuals: report.start_residuals,
+        als_sweeps: report.sweeps,
+        law: law.source,
+        estimator: if opts.plain_moments {
             "stein"
         } else {
             "regression"
-        }),
-    );
-    dg.insert(
-        "output_modes".into(),
-        json!([proj.outputs.ncols(), white.output_basis.ncols()]),
-    );
-    dg.insert(
-        "tensor_shape".into(),
-        json!([tensor.data.nrows(), b, order.0 - 1]),
-    );
+        },
+        output_modes: [proj.outputs.ncols(), white.output_basis.ncols()],
+        tensor_shape: [tensor.data.nrows(), b, order.0 - 1],
+    });
     if law.source == LawSource::Known {
         rec.notes
             .push("whitened with the server's known initialisation law".into());
@@ -289,6 +262,14 @@ mod tests {
             m.median_rel_error,
             m.max_rel_error
         );
-        assert_eq!(out.reconstruction.diagnostics["order"], 3);
+        assert_eq!(
+            out.reconstruction
+                .diagnostics
+                .tensor
+                .as_ref()
+                .unwrap()
+                .order,
+            3
+        );
     }
 }
