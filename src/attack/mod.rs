@@ -167,6 +167,9 @@ pub struct Reconstruction {
     pub notes: Vec<String>,
     /// Method-specific figures (fit residuals, restarts, iterations).
     pub diagnostics: serde_json::Map<String, serde_json::Value>,
+    /// What vouches for the word "exact" (exact route; docs/DESIGN.md, "Certificate").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<exact::certificate::Certificate>,
 }
 
 impl Reconstruction {
@@ -186,6 +189,7 @@ impl Reconstruction {
             rank_rule: Some(s.rule),
             notes: Vec::new(),
             diagnostics: Default::default(),
+            certificate: None,
         }
     }
 
@@ -222,6 +226,10 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             let r = faer::Col::from_fn(gc.nrows(), |k| gc[k]);
             s.label = labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];
             s.output_residual = Some(r.iter().copied().collect());
+        }
+        if view.depth() >= 1 && view.first.bias.is_some() {
+            let cert = exact::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+            exact::certificate::apply(&mut rec, cert);
         }
         rec
     } else {

@@ -3,6 +3,7 @@
 //! piecewise-linear activations, refinement from tensor starts, and labels.
 
 pub mod analytic;
+pub mod certificate;
 pub mod labels;
 pub mod pattern;
 pub mod refine;

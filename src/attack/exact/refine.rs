@@ -265,6 +265,8 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     .filter(|z| z.exact)
     .collect();
     rec.samples = span::to_samples(view, &sub, &model, &zeros, cfg, "refine");
+    let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+    super::certificate::apply(&mut rec, cert);
     Ok(rec)
 }
 

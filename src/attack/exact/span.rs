@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::signal::{Neurons, SignalModel};
-use super::{labels, pattern};
+use super::{certificate, labels, pattern};
 use crate::attack::subspace::{self, Subspace};
 use crate::attack::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView};
 use crate::numerics::lm::{self, LmOptions, Problem};
@@ -30,7 +30,8 @@ pub struct SearchOptions {
     pub neurons: Option<usize>,
     /// Most Levenberg-Marquardt runs.
     pub max_starts: usize,
-    /// Wall-clock budget of the search in seconds.
+    /// Wall-clock budget of the search in seconds; off (infinite) by default, so the
+    /// result depends on the seed only, not on the machine's speed.
     pub seconds: f64,
     /// Starts drawn from the prior besides the gradient's own row points.
     pub prior_starts: usize,
@@ -41,7 +42,7 @@ impl Default for SearchOptions {
         SearchOptions {
             neurons: None,
             max_starts: 4000,
-            seconds: 45.0,
+            seconds: f64::INFINITY,
             prior_starts: 64,
         }
     }
@@ -301,6 +302,8 @@ pub struct SearchStats {
     pub seconds: f64,
     pub exact_floor: f64,
     pub rounds: usize,
+    /// Neurons held back from the search and the polish (the certificate's check).
+    pub held_out: Vec<usize>,
 }
 
 /// Multiple of the noise's tilt of the column space under which a zero is accepted.
@@ -440,11 +443,12 @@ pub fn search(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5ea_2c4);
     let mut perm: Vec<usize> = (0..m).collect();
     perm.shuffle(&mut rng);
+    let held = certificate::held_out(&perm, MIN_NEURONS.min(m));
     let n = opts
         .neurons
         .unwrap_or(NEURONS_PER_UNKNOWN * (b - 1 + k))
         .max(MIN_NEURONS)
-        .min(m);
+        .min(m - held.len());
     let mut rows: Vec<usize> = perm[..n].to_vec();
     rows.sort_unstable();
     let neurons = Neurons::new(&sub.q, rows);
@@ -452,7 +456,15 @@ pub fn search(
     let mut srows: Vec<usize> = perm[..ns].to_vec();
     srows.sort_unstable();
     let screen = Neurons::new(&sub.q, srows);
-    let all = Neurons::all(&sub.q);
+    // polish and judge on every neuron but the held-back ones
+    let all = if held.is_empty() {
+        Neurons::all(&sub.q)
+    } else {
+        let mut is_held = vec![false; m];
+        held.iter().for_each(|&j| is_held[j] = true);
+        Neurons::new(&sub.q, (0..m).filter(|&j| !is_held[j]).collect())
+    };
+    let scale = certificate::RoundingScale::new(view)?;
     let floor = exact_floor(view, sub);
     // Under known noise, zeros are least-squares fits: accept F up to the noise floor
     // (such samples are never called exact).
@@ -486,6 +498,7 @@ pub fn search(
 
     let mut stats = SearchStats {
         exact_floor: floor,
+        held_out: held.clone(),
         candidates: scored.len(),
         ..Default::default()
     };
@@ -614,13 +627,25 @@ pub fn search(
                 stats.duplicates += 1;
                 continue;
             }
-            if f <= accept {
+            // the sample's own rounding floor (docs/DESIGN.md, "Certificate"), not the global one
+            let shat = {
+                let s = model.signal_matrix(&cz, &all.rows) * &rv;
+                let ns = s.norm_l2().max(f64::MIN_POSITIVE);
+                let mut full_s = Col::zeros(m);
+                all.rows
+                    .iter()
+                    .zip(s.iter())
+                    .for_each(|(&j, v)| full_s[j] = v / ns);
+                full_s
+            };
+            let own = scale.floor(scale.amplification(sub, &shat)).min(floor);
+            if f <= own || (accept > floor && f <= accept) {
                 found_x.push(x);
                 zeros.push(Zero {
                     c: cz,
                     r: rv,
                     residual: f,
-                    exact: f <= floor,
+                    exact: f <= own,
                 });
                 failures = 0;
                 if let Some(pb) = &bar {
@@ -758,6 +783,8 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     };
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);
     record(&mut rec, &stats, zeros.len());
+    let cert = certificate::certify(view, &sub, &rec.samples, &stats.held_out, cfg.loss)?;
+    certificate::apply(&mut rec, cert);
     Ok(rec)
 }
 
@@ -835,7 +862,7 @@ mod tests {
             let (_, j) = prob.jacobian(&u).unwrap();
             let h = 1e-6;
             let scale = j.norm_l2();
-            let tol = if depth == 1 { 1e-7 } else { 1e-5 }; // deeper nets: FD inside the model
+            let tol = 1e-7; // deeper nets: forward-mode derivative, as exact as the closed form
             for q in 0..u.nrows() {
                 let mut p = u.clone();
                 p[q] += h;
