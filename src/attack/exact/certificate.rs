@@ -18,7 +18,7 @@ use faer::{Col, Mat};
 use serde::Serialize;
 
 use super::signal::{Neurons, SignalModel};
-use super::span::best_residual;
+use super::zero::best_residual;
 use crate::attack::subspace::Subspace;
 use crate::attack::view::{BLOCK_ROWS, ServerView};
 use crate::attack::{Reconstruction, Sample};
