@@ -6,8 +6,9 @@ mod common;
 
 use faer::Col;
 use gradleak::attack::exact::certificate::{self, RoundingScale};
+use gradleak::attack::exact::floor;
 use gradleak::attack::exact::signal::{Neurons, SignalModel};
-use gradleak::attack::exact::span::{self, best_residual};
+use gradleak::attack::exact::zero::best_residual;
 use gradleak::attack::{self, AttackConfig, Method, Sample, ServerView, subspace};
 use gradleak::io::safetensors::read_batch;
 use gradleak::model::Activation;
@@ -115,7 +116,7 @@ fn a_planted_wrong_zero_is_not_certified() {
     // move sample 0 along a direction of the span until F is half the old floor
     let model = SignalModel::new(&view, &sub).unwrap();
     let all = Neurons::all(&sub.q);
-    let old_floor = span::exact_floor(&view, &sub);
+    let old_floor = floor::exact_floor(&view, &sub);
     let c0 = model.coords.c_of_x(&truth[0]);
     let t0 = model.coords.t_of_c(&c0);
     let dir = Col::from_fn(t0.nrows(), |k| ((k as f64) * 1.3 + 0.4).sin());
