@@ -3,7 +3,9 @@
 Each case folder holds model.safetensors (the server's nn.Sequential state_dict),
 gradient.safetensors ({name: p.grad} after one loss.backward() on the batch,
 reduction='mean'), batch.safetensors (the private truth: x, y) and case.json.
-Run: python scripts/make_fixtures.py tests/fixtures/pytorch   (needs torch, safetensors, numpy)
+Run: python scripts/make_fixtures.py tests/fixtures/pytorch   (needs torch, safetensors, numpy, pillow)
+     python scripts/make_fixtures.py DIR --heldout   (larger correlated cases, not committed)
+Photo cases read ../shared/data/photos (beside the checkout; --photos DIR to change it).
 """
 
 import gzip
@@ -28,11 +30,64 @@ def digits():
     return raw[:, :-1] / 16.0, raw[:, -1].astype(np.int64)
 
 
+PHOTOS = os.path.join(HERE, "..", "..", "shared", "data", "photos")
+
+
+def photo_crops(size, photos=None):
+    """Greyscale square crops of every photo (sorted by name) at three scales: the largest
+    centred square, then tiles of half and a quarter of its side, resized to size x size,
+    values in [0, 1]. Strongly correlated inputs (all positive, smooth)."""
+    from PIL import Image
+    photos = photos or PHOTOS
+    rows = []
+    for f in sorted(os.listdir(photos)):
+        if not f.lower().endswith((".png", ".jpg", ".jpeg")):
+            continue
+        img = Image.open(os.path.join(photos, f)).convert("L")
+        w, h = img.size
+        side = min(w, h)
+        for level in range(3):
+            s = side >> level
+            nx, ny = w // s, h // s
+            ox, oy = (w - nx * s) // 2, (h - ny * s) // 2
+            for ty in range(ny):
+                for tx in range(nx):
+                    crop = img.crop((ox + tx * s, oy + ty * s, ox + (tx + 1) * s, oy + (ty + 1) * s))
+                    small = crop.resize((size, size), Image.BILINEAR)
+                    rows.append(np.asarray(small, dtype=np.float64).reshape(-1) / 255.0)
+    x = np.stack(rows)
+    return x, np.arange(len(x)) % 10
+
+
+def face_crops(size, seed, count=64, photos=None):
+    """Face-like correlated inputs: greyscale crops around the face in astronaut.png
+    (Eileen Collins, NASA, public domain), random side 140-260 px and offsets within
+    40 px, resized to size x size, values in [0, 1]. Neighbouring crops overlap heavily."""
+    from PIL import Image
+    img = Image.open(os.path.join(photos or PHOTOS, "astronaut.png")).convert("L")
+    rng = np.random.default_rng(1000 + seed)
+    rows = []
+    for _ in range(count):
+        side = int(rng.integers(140, 261))
+        cx, cy = 215 + int(rng.integers(-40, 41)), 125 + int(rng.integers(-40, 41))
+        x0, y0 = max(0, cx - side // 2), max(0, cy - side // 2)
+        crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.BILINEAR)
+        rows.append(np.asarray(crop, dtype=np.float64).reshape(-1) / 255.0)
+    return np.stack(rows), np.arange(count) % 10
+
+
 def make(out, name, act, widths, loss, batch, dtype, init, seed, data="digits"):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    x_all, y_all = digits()
+    if data.startswith("faces"):
+        x_all, _ = face_crops(int(data[len("faces"):]), seed)
+        y_all = rng.integers(0, 10, size=len(x_all))
+    elif data.startswith("photos"):
+        x_all, y_all = photo_crops(int(data[len("photos"):]))
+        y_all = rng.integers(0, 10, size=len(x_all))
+    else:
+        x_all, y_all = digits()
     if data == "gaussian":
         x_all = rng.normal(0, 1 / np.sqrt(16), size=(200, 16))
     d = x_all.shape[1]
@@ -75,9 +130,31 @@ def make(out, name, act, widths, loss, batch, dtype, init, seed, data="digits"):
         json.dump(case, f, indent=1)
 
 
+def heldout(out):
+    """Larger correlated cases of the issue's form (photo crops 25 x 25 grey, float32,
+    widths 1024-4096, depth 1-3), for measurement; too large to commit."""
+    for seed in range(1, 7):
+        make(out, f"photos25-tanh-ce-2048-s{seed}", "tanh", [2048, 10], "ce", 8, "float32",
+             "torch-default", seed, data="photos25")
+    for seed in range(1, 7):
+        make(out, f"faces25-tanh-ce-2048-s{seed}", "tanh", [2048, 10], "ce", 8, "float32",
+             "torch-default", seed, data="faces25")
+    make(out, "photos25-gelu-bce-deep", "gelu", [1024, 512, 1], "bce", 6, "float32",
+         "torch-default", 21, data="photos25")
+    make(out, "photos25-tanh-ce-depth3", "tanh", [1024, 1024, 1024, 5], "ce", 10, "float32",
+         "torch-default", 22, data="photos25")
+    make(out, "photos25-silu-ce-4096", "silu", [4096, 10], "ce", 16, "float32",
+         "torch-default", 23, data="photos25")
+    make(out, "photos25-gelu-ce-depth2-b16", "gelu", [2048, 256, 10], "ce", 16, "float32",
+         "torch-default", 24, data="photos25")
+
+
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/pytorch"
     torch.set_num_threads(1)
+    if "--heldout" in sys.argv:
+        heldout(out)
+        sys.exit(0)
     make(out, "digits-b1-tanh-ce", "tanh", [256, 10], "ce", 1, "float32", "torch-default", 1)
     make(out, "digits-gelu-ce-deep", "gelu", [256, 64, 10], "ce", 4, "float64", "torch-default", 2)
     make(out, "digits-relu-bce", "relu", [256, 3], "bce", 3, "float32", "torch-default", 3)
@@ -88,3 +165,10 @@ if __name__ == "__main__":
     make(out, "digits-sigmoid-bce", "sigmoid", [128, 1], "bce", 5, "float64", "torch-default", 8)
     make(out, "digits-identity-mse", "identity", [64, 3], "mse", 2, "float32", "torch-default", 9)
     make(out, "digits-gelu-ce-4096", "gelu", [4096, 10], "ce", 8, "float32", "torch-default", 10)
+    # correlated inputs (greyscale photo crops), float32, widths 1024, depth 1-3 (issue 12)
+    make(out, "photos16-tanh-ce-1024", "tanh", [1024, 10], "ce", 8, "float32", "torch-default", 11,
+         data="photos16")
+    make(out, "photos12-gelu-bce-deep", "gelu", [1024, 64, 1], "bce", 6, "float32", "torch-default",
+         12, data="photos12")
+    make(out, "photos12-tanh-ce-depth3", "tanh", [1024, 32, 32, 10], "ce", 10, "float32",
+         "torch-default", 13, data="photos12")

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use crate::attack::exact::certificate::Certificate;
 use crate::attack::{Diagnostics, RankRule, Reconstruction, Stage};
 use crate::defense::{Defense, DefenseReport};
 use crate::metrics::{Metrics, SampleMetrics};
@@ -22,6 +23,8 @@ pub struct AttackSummary {
     pub rank_rule: Option<RankRule>,
     pub notes: Vec<String>,
     pub diagnostics: Diagnostics,
+    /// What vouches for "exact" (exact route): certified yes/no, closure residual, per sample why.
+    pub certificate: Option<Certificate>,
 }
 
 impl From<&Reconstruction> for AttackSummary {
@@ -32,6 +35,7 @@ impl From<&Reconstruction> for AttackSummary {
             rank_rule: r.rank_rule,
             notes: r.notes.clone(),
             diagnostics: r.diagnostics.clone(),
+            certificate: r.certificate.clone(),
         }
     }
 }
@@ -44,6 +48,8 @@ pub struct PerSample {
     pub residual: Option<f64>,
     pub exact: Option<bool>,
     pub stage: Option<Stage>,
+    /// Why the matched sample is (or is not) exact, from the certificate.
+    pub why: Option<String>,
 }
 
 /// The report of a simulated round: setting, truth-based metrics, timings.
@@ -90,6 +96,12 @@ pub fn per_sample(metrics: &Metrics, rec: &Reconstruction) -> Vec<PerSample> {
                 residual: s.and_then(|s| s.residual),
                 exact: s.map(|s| s.exact),
                 stage: s.map(|s| s.stage),
+                why: m.matched.and_then(|k| {
+                    rec.certificate
+                        .as_ref()
+                        .and_then(|c| c.samples.get(k))
+                        .map(|e| e.why.clone())
+                }),
             }
         })
         .collect()
@@ -103,6 +115,8 @@ pub struct AttackSample {
     pub exact: bool,
     pub stage: Stage,
     pub label: Option<usize>,
+    /// Why it is (or is not) exact, from the certificate.
+    pub why: Option<String>,
 }
 
 /// The report of `gradleak attack` on files.
@@ -122,6 +136,11 @@ pub struct AttackReport {
     pub recovered: usize,
     pub missing: usize,
     pub exact: usize,
+    /// The certificate holds (every sample found and the batch reproduces the gradient,
+    /// or the found part certified).
+    pub certified: bool,
+    /// Relative closure of the whole gradient by the recovered batch (all samples found).
+    pub closure_residual: Option<f64>,
     pub labels: Option<Vec<Option<usize>>>,
     pub samples: Vec<AttackSample>,
     pub seconds: f64,

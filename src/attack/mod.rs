@@ -53,6 +53,10 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             s.label = exact::labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];
             s.output_residual = Some(r.iter().copied().collect());
         }
+        if view.depth() >= 1 && view.first.bias.is_some() {
+            let cert = exact::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+            exact::certificate::apply(&mut rec, cert);
+        }
         rec
     } else {
         exact::route::attack_on(view, cfg, &sub)?

@@ -64,6 +64,12 @@ pub struct Diagnostics {
     /// Expected relative error of the single-sample formula under known noise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_rel_error: Option<f64>,
+    /// The batch certificate holds (docs/DESIGN.md, "Certificate").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certified: Option<bool>,
+    /// Relative difference between the recovered batch's gradient and the observed one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closure_residual: Option<f64>,
 }
 
 /// What the tensor method did.
@@ -136,6 +142,9 @@ pub struct Reconstruction {
     pub notes: Vec<String>,
     /// Method-specific figures (fit residuals, restarts, iterations).
     pub diagnostics: Diagnostics,
+    /// What vouches for the word "exact" (exact route; docs/DESIGN.md, "Certificate").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<crate::attack::exact::certificate::Certificate>,
 }
 
 impl Reconstruction {
@@ -155,6 +164,7 @@ impl Reconstruction {
             rank_rule: Some(s.rule),
             notes: Vec::new(),
             diagnostics: Default::default(),
+            certificate: None,
         }
     }
 

@@ -91,6 +91,8 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         recovered: n,
         missing: rec.missing(),
         exact: rec.samples.iter().filter(|s| s.exact).count(),
+        certified: rec.certificate.as_ref().is_some_and(|c| c.certified),
+        closure_residual: rec.certificate.as_ref().and_then(|c| c.closure_residual),
         labels: labels.iter().any(Option::is_some).then(|| labels.clone()),
         samples: rec
             .samples
@@ -102,6 +104,11 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
                 exact: s.exact,
                 stage: s.stage,
                 label: s.label,
+                why: rec
+                    .certificate
+                    .as_ref()
+                    .and_then(|c| c.samples.get(i))
+                    .map(|e| e.why.clone()),
             })
             .collect(),
         seconds: t0.elapsed().as_secs_f64(),
@@ -129,13 +136,24 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         rec.missing(),
         report.seconds
     );
-    for (i, s) in rec.samples.iter().enumerate() {
+    if let Some(c) = &rec.certificate {
         println!(
-            "  sample {i}: residual {} exact {} stage {}{}",
+            "certified: {} | closure residual {} (tolerance {:.1e}) | {}",
+            if c.certified { "yes" } else { "no" },
+            c.closure_residual
+                .map_or("-".into(), |r| format!("{r:.2e}")),
+            c.closure_tolerance,
+            c.why
+        );
+    }
+    for (i, s) in report.samples.iter().enumerate() {
+        println!(
+            "  sample {i}: residual {} exact {} stage {}{}{}",
             s.residual.map_or("-".into(), |r| format!("{r:.2e}")),
-            s.exact,
+            if s.exact { "yes" } else { "no" },
             s.stage,
-            s.label.map_or(String::new(), |l| format!(" label {l}"))
+            s.label.map_or(String::new(), |l| format!(" label {l}")),
+            s.why.as_ref().map_or(String::new(), |w| format!(": {w}"))
         );
     }
     for n in &rec.notes {

@@ -74,6 +74,21 @@ pub fn print_simulation(out: &SimOutput) {
         r.seconds.attack,
         r.seconds.total
     );
+    if let Some(c) = &r.attack.certificate {
+        println!(
+            "certified: {} | closure residual {} (tolerance {:.1e}) | {}",
+            if c.certified { "yes" } else { "no" },
+            c.closure_residual
+                .map_or("-".into(), |r| format!("{r:.2e}")),
+            c.closure_tolerance,
+            c.why
+        );
+        for p in &r.per_sample {
+            if let Some(w) = &p.why {
+                println!("  sample {}: {w}", p.metrics.truth);
+            }
+        }
+    }
     for n in &r.attack.notes {
         println!("note: {n}");
     }

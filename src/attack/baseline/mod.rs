@@ -59,6 +59,7 @@ impl Problem {
                     rank_rule: None,
                     notes: Vec::new(),
                     diagnostics: Default::default(),
+                    certificate: None,
                 };
                 rec.notes.push(format!(
                     "subspace stage: {e}; matching with the given batch size {b}"

@@ -8,6 +8,7 @@
 //! Each module imports only those listed before it.
 
 pub mod analytic;
+pub mod certificate;
 pub mod floor;
 pub mod labels;
 pub mod pattern;

@@ -232,6 +232,8 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         .filter(|z| z.exact)
         .collect();
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, Stage::Refine);
+    let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+    super::certificate::apply(&mut rec, cert);
     Ok(rec)
 }
 

@@ -101,6 +101,8 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     };
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);
     record(&mut rec, &stats, zeros.len());
+    let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+    super::certificate::apply(&mut rec, cert);
     Ok(rec)
 }
 

@@ -173,6 +173,7 @@ pub fn search_with(
     let neurons = Neurons::new(&sub.q, order.first(n));
     let screen = Neurons::new(&sub.q, order.first(SCREEN_NEURONS.max(4 * (b + k))));
     let all = Neurons::all(&sub.q);
+    let scale = super::certificate::RoundingScale::new(view)?;
     let floor = exact_floor(view, sub);
     // Under known noise, zeros are least-squares fits: accept F up to the noise floor
     // (such samples are never called exact).
@@ -320,13 +321,20 @@ pub fn search_with(
                 stats.duplicates += 1;
                 continue;
             }
-            if f <= accept {
+            // the sample's own rounding floor (docs/DESIGN.md, "Certificate"), never above
+            // the global one: a wrong zero inside the global floor does not take a slot
+            let own = {
+                let sv = model.signal_matrix(&cz, &all.rows) * &rv;
+                let shat = &sv * (1.0 / sv.norm_l2().max(f64::MIN_POSITIVE));
+                scale.floor(scale.amplification(sub, &shat)).min(floor)
+            };
+            if f <= own || (accept > floor && f <= accept) {
                 found_x.push(x);
                 zeros.push(Zero {
                     c: cz,
                     r: rv,
                     residual: f,
-                    exact: f <= floor,
+                    exact: f <= own,
                 });
                 failures = 0;
             }

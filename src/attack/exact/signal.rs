@@ -10,7 +10,7 @@ use faer::{Col, Mat};
 
 use crate::attack::subspace::Subspace;
 use crate::attack::view::{BLOCK_ROWS, ServerView};
-use crate::model::{Activation, Forward, Mlp};
+use crate::model::{Activation, Mlp};
 use crate::{Error, Result};
 
 /// Affine coordinates of the inputs inside the row space.
@@ -88,10 +88,6 @@ enum Upper {
     /// Deeper: one forward and K backward passes (one per output unit).
     Deep { model: Box<Mlp<f64>> },
 }
-
-/// Relative step of the central differences used for deeper nets' t-Jacobian:
-/// the truncation error h^2 and the rounding eps/h balance near eps^(1/3) ~ 6e-6.
-const FD_STEP: f64 = 6e-6;
 
 /// Predicts first-layer signals for candidate inputs.
 #[derive(Clone, Debug)]
@@ -197,25 +193,34 @@ impl SignalModel {
         }
     }
 
-    /// K x m signals of every output unit for a deep model.
-    fn deep_signals(&self, model: &Mlp<f64>, c: &Col<f64>) -> Mat<f64> {
-        let x = self.coords.x_of_c(c);
-        let k = self.k;
-        let x1 = Mat::from_fn(1, x.len(), |_, j| x[j]);
-        let Ok(fw) = model.forward(x1.as_ref()) else {
-            return Mat::zeros(k, self.width());
-        };
-        let rep = |m: &Mat<f64>| Mat::from_fn(k, m.ncols(), |_, j| m[(0, j)]);
-        let fwk = Forward {
-            pre: fw.pre.iter().map(rep).collect(),
-            post: fw.post.iter().map(rep).collect(),
-        };
-        let xk = rep(&x1);
-        let eye = Mat::<f64>::identity(k, k);
-        match model.backward(xk.as_ref(), &fwk, eye.as_ref()) {
-            Ok(bw) => bw.deltas[0].clone(),
-            Err(_) => Mat::zeros(k, self.width()),
+    /// Hidden pre-activations z_0 = P c, z_l = W_l act(z_{l-1}) + b_l of a deep model
+    /// (the first layer through P, O(m B), never the m x d weight).
+    fn deep_forward(&self, model: &Mlp<f64>, c: &Col<f64>) -> Vec<Col<f64>> {
+        let mut z = vec![&self.p * c];
+        for layer in &model.layers[1..model.layers.len() - 1] {
+            let prev = z.last().expect("z_0");
+            let h = Col::from_fn(prev.nrows(), |j| self.act.eval(prev[j]));
+            let mut next = &layer.weight * &h;
+            if let Some(b) = &layer.bias {
+                next += b;
+            }
+            z.push(next);
         }
+        z
+    }
+
+    /// K x m signals of every output unit for a deep model: the backward pass from
+    /// dL/df = I_K, deltas only (no weight gradients are formed).
+    fn deep_signals(&self, model: &Mlp<f64>, c: &Col<f64>) -> Mat<f64> {
+        let k = self.k;
+        let z = self.deep_forward(model, c);
+        let mut delta = Mat::<f64>::identity(k, k);
+        for l in (1..model.layers.len()).rev() {
+            let back = &delta * &model.layers[l].weight;
+            let zl = &z[l - 1];
+            delta = Mat::from_fn(k, back.ncols(), |i, j| back[(i, j)] * self.act.d1(zl[j]));
+        }
+        delta
     }
 
     /// The signal s = M r (n) and ds/dt (n x (B-1)) on `rows`.
@@ -244,22 +249,50 @@ impl SignalModel {
                 let m = Mat::from_fn(rows.len(), self.k, |i, k| d1[i] * a[(k, rows[i])]);
                 (s, dt, m)
             }
-            Upper::Deep { .. } => {
+            Upper::Deep { model } => {
                 let m = self.signal_matrix(c, rows);
                 let s = &m * r;
-                let h = FD_STEP * (1.0 + c.norm_l2());
-                let mut dt = Mat::zeros(rows.len(), nb);
-                for k in 0..nb {
-                    let dc = Col::from_fn(c.nrows(), |i| h * self.coords.n[(i, k)]);
-                    let sp = self.signal_matrix(&(c + &dc), rows) * r;
-                    let sm = self.signal_matrix(&(c - &dc), rows) * r;
-                    for i in 0..rows.len() {
-                        dt[(i, k)] = (sp[i] - sm[i]) / (2.0 * h);
-                    }
-                }
+                let dt = self.deep_dt(model, c, r, rows);
                 (s, dt, m)
             }
         }
+    }
+}
+
+impl SignalModel {
+    /// ds/dt (n x (B-1)) of a deep model by forward-mode differentiation of the backward
+    /// pass (docs/DESIGN.md, "Signal model"): tangents dz_0 = P N, dz_l = W_l (act'(z_{l-1}) dz_{l-1})
+    /// up, then d delta_{l-1} = (W_l^T d delta_l) act'(z_{l-1}) + (W_l^T delta_l) act''(z_{l-1}) dz_{l-1}
+    /// down from d delta_out = 0 (r is held fixed).
+    fn deep_dt(&self, model: &Mlp<f64>, c: &Col<f64>, r: &Col<f64>, rows: &[usize]) -> Mat<f64> {
+        let nb = self.dims();
+        let act = self.act;
+        let nl = model.layers.len();
+        let zs = self.deep_forward(model, c);
+        let z = |l: usize| &zs[l];
+        // forward tangents of the hidden pre-activations
+        let mut dz: Vec<Mat<f64>> = vec![self.pn.clone()];
+        for l in 1..nl - 1 {
+            let zl = z(l - 1);
+            let prev = &dz[l - 1];
+            let dh = Mat::from_fn(prev.nrows(), nb, |j, k| act.d1(zl[j]) * prev[(j, k)]);
+            dz.push(&model.layers[l].weight * &dh);
+        }
+        // backward pass and its tangent
+        let mut delta = r.clone();
+        let mut ddelta = Mat::<f64>::zeros(r.nrows(), nb);
+        for l in (1..nl).rev() {
+            let w = &model.layers[l].weight;
+            let e = w.transpose() * &delta;
+            let de = w.transpose() * &ddelta;
+            let zl = z(l - 1);
+            let dzl = &dz[l - 1];
+            ddelta = Mat::from_fn(e.nrows(), nb, |j, k| {
+                de[(j, k)] * act.d1(zl[j]) + e[j] * act.d2(zl[j]) * dzl[(j, k)]
+            });
+            delta = Col::from_fn(e.nrows(), |j| e[j] * act.d1(zl[j]));
+        }
+        Mat::from_fn(rows.len(), nb, |i, k| ddelta[(rows[i], k)])
     }
 }
 

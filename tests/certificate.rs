@@ -1,0 +1,162 @@
+//! "Exact" is a certificate (issue 12): on every PyTorch-made case, every sample marked
+//! exact is within 1e-4 of a true input, the certificate holds exactly when all samples
+//! are found, and a wrong zero planted inside the old global floor is not certified.
+
+mod common;
+
+use faer::Col;
+use gradleak::attack::exact::certificate::{self, RoundingScale};
+use gradleak::attack::exact::floor;
+use gradleak::attack::exact::signal::{Neurons, SignalModel};
+use gradleak::attack::exact::zero::best_residual;
+use gradleak::attack::{self, AttackParams, Method, Sample, ServerView, Stage, subspace};
+use gradleak::io::safetensors::read_batch;
+use gradleak::model::Activation;
+
+/// Acceptance tolerance on relative error (float32 gradients).
+const TOL: f64 = 1e-4;
+
+fn view_of(c: &common::Case) -> ServerView {
+    ServerView::from_files(
+        &c.dir.join("model.safetensors"),
+        &c.dir.join("gradient.safetensors"),
+        c.activation,
+    )
+    .unwrap()
+}
+
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    let n: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let d: f64 = b.iter().map(|y| y * y).sum();
+    (n / d).sqrt()
+}
+
+fn truth_rows(c: &common::Case) -> Vec<Vec<f64>> {
+    let t = read_batch(c.dir.join("batch.safetensors")).unwrap();
+    (0..t.x.nrows())
+        .map(|i| (0..t.x.ncols()).map(|j| t.x[(i, j)]).collect())
+        .collect()
+}
+
+fn sample(x: Vec<f64>) -> Sample {
+    Sample {
+        x,
+        residual: None,
+        exact: true,
+        stage: Stage::Span,
+        label: None,
+        output_residual: None,
+    }
+}
+
+/// Every sample marked exact is a true input; certified exactly when all are found.
+#[test]
+fn exact_means_a_true_input_on_every_fixture() {
+    let mut report = Vec::new();
+    for c in common::all_cases() {
+        if c.activation == Activation::Identity {
+            continue;
+        }
+        let view = view_of(&c);
+        let cfg = AttackParams::new(Method::Auto)
+            .seed(1)
+            .loss(c.loss)
+            .check()
+            .unwrap();
+        let rec = attack::run(&view, &cfg).unwrap();
+        let truth = truth_rows(&c);
+        let cert = rec.certificate.as_ref().expect("the exact route certifies");
+        for s in rec.samples.iter().filter(|s| s.exact) {
+            let e = truth
+                .iter()
+                .map(|t| rel(&s.x, t))
+                .fold(f64::INFINITY, f64::min);
+            assert!(
+                e <= TOL,
+                "{}: a sample marked exact has error {e:.2e}",
+                c.name
+            );
+        }
+        let all = rec.samples.len() == truth.len();
+        assert_eq!(
+            cert.certified,
+            all,
+            "{}: certified {} with {}/{} found ({})",
+            c.name,
+            cert.certified,
+            rec.samples.len(),
+            truth.len(),
+            cert.why
+        );
+        report.push(format!(
+            "{}: found {}/{} exact {} certified {} closure {:?}",
+            c.name,
+            rec.samples.len(),
+            truth.len(),
+            rec.samples.iter().filter(|s| s.exact).count(),
+            cert.certified,
+            cert.closure_residual
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// The true batch closes; a true sample moved inside the old global floor
+/// (F <= EXACT_FACTOR eps kappa) is not exact, and the batch is not certified.
+#[test]
+fn a_planted_wrong_zero_is_not_certified() {
+    let c = common::own_cases()
+        .into_iter()
+        .find(|c| c.name == "photos16-tanh-ce-1024")
+        .expect("fixture photos16-tanh-ce-1024");
+    let view = view_of(&c);
+    let sub = subspace::estimate(&view, &Default::default()).unwrap();
+    let truth = truth_rows(&c);
+    let samples: Vec<Sample> = truth.iter().cloned().map(sample).collect();
+    let cert = certificate::certify(&view, &sub, &samples, &[], Some(c.loss)).unwrap();
+    assert!(cert.certified, "the true batch: {}", cert.why);
+
+    // move sample 0 along a direction of the span until F is half the old floor
+    let model = SignalModel::new(&view, &sub).unwrap();
+    let all = Neurons::all(&sub.q);
+    let old_floor = floor::exact_floor(&view, &sub);
+    let c0 = model.coords.c_of_x(&truth[0]);
+    let t0 = model.coords.t_of_c(&c0);
+    let dir = Col::from_fn(t0.nrows(), |k| ((k as f64) * 1.3 + 0.4).sin());
+    let f_at = |h: f64| {
+        let c = model.coords.c_of_t(&(&t0 + &dir * h));
+        best_residual(&model, &all, &c).unwrap().0
+    };
+    // F grows linearly in h near the zero: scale to F = old_floor / 2
+    let h1 = 1e-3 * t0.norm_l2() / dir.norm_l2();
+    let h = h1 * 0.5 * old_floor / f_at(h1);
+    let f = f_at(h);
+    assert!(
+        f <= old_floor,
+        "planted F {f:e} inside the old floor {old_floor:e}"
+    );
+    let xw = model.coords.x_of_c(&model.coords.c_of_t(&(&t0 + &dir * h)));
+    let err = rel(&xw, &truth[0]);
+    assert!(
+        err > 10.0 * TOL,
+        "the planted sample is wrong: error {err:e}"
+    );
+    let mut planted = samples.clone();
+    planted[0] = sample(xw);
+    let cert = certificate::certify(&view, &sub, &planted, &[], Some(c.loss)).unwrap();
+    assert!(!cert.certified, "planted batch certified: {}", cert.why);
+    assert!(
+        !cert.samples[0].exact,
+        "planted sample exact: {}",
+        cert.samples[0].why
+    );
+    // its own rounding floor is far below the old global one
+    let scale = RoundingScale::new(&view).unwrap();
+    assert!(cert.samples[0].floor < old_floor && scale.u > 0.0);
+    // the true samples that remain still split off exactly
+    assert!(cert.samples[1..].iter().all(|e| e.exact), "{}", cert.why);
+    eprintln!(
+        "planted: F {f:.2e}, old floor {old_floor:.2e}, own floor {:.2e}, error {err:.2e}; {}",
+        cert.samples[0].floor, cert.why
+    );
+}
