@@ -77,6 +77,9 @@ impl std::fmt::Display for Method {
     }
 }
 
+/// Demixing rounds of the seeding stage at most; a round that finds nothing new ends them.
+pub const SEED_ROUNDS: usize = 12;
+
 /// Options of the search (`AttackConfig::search`).
 #[derive(Clone, Debug)]
 pub struct SearchOptions {
@@ -85,19 +88,29 @@ pub struct SearchOptions {
     pub neurons: Option<usize>,
     /// Most Levenberg-Marquardt runs.
     pub max_starts: usize,
-    /// Wall-clock budget of the search in seconds.
-    pub seconds: f64,
+    /// Optional wall-clock cap in seconds (None: the budget is counted in starts and
+    /// rounds only, so the output does not depend on the machine's speed or load).
+    pub seconds: Option<f64>,
     /// Starts drawn from the prior besides the gradient's own row points.
     pub prior_starts: usize,
+    /// Demixing rounds of the seeding stage (0: random starts only; `rounds`).
+    pub seed_rounds: usize,
+    /// FastICA iterations per round (`seed`).
+    pub ica_iterations: usize,
+    /// Threads polishing the seeds of one round (results do not depend on it).
+    pub threads: usize,
 }
 
 impl Default for SearchOptions {
     fn default() -> Self {
         SearchOptions {
             neurons: None,
-            max_starts: 4000,
-            seconds: 45.0,
+            max_starts: 2000,
+            seconds: None,
             prior_starts: 64,
+            seed_rounds: SEED_ROUNDS,
+            ica_iterations: crate::attack::exact::seed::ICA_ITERATIONS,
+            threads: 1,
         }
     }
 }
@@ -293,9 +306,20 @@ impl AttackParams {
         self.0.search.max_starts = n;
         self
     }
-    /// Wall-clock budget of the search in seconds.
+    /// Optional wall-clock cap of the search in seconds (default: none, so the
+    /// output does not depend on the machine's speed).
     pub fn search_seconds(mut self, s: f64) -> Self {
-        self.0.search.seconds = s;
+        self.0.search.seconds = Some(s);
+        self
+    }
+    /// Demixing (FastICA) rounds that seed the span search; 0: random starts only.
+    pub fn seed_rounds(mut self, n: usize) -> Self {
+        self.0.search.seed_rounds = n;
+        self
+    }
+    /// Threads polishing the seeds of a round (the output does not depend on it).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.0.search.threads = n;
         self
     }
     /// Starts drawn from the prior besides the gradient's own row points.
@@ -365,8 +389,13 @@ impl AttackParams {
         if s.max_starts == 0 {
             return Err(param("search_starts", "must be at least 1"));
         }
-        if s.seconds.is_nan() || s.seconds <= 0.0 {
+        if let Some(t) = s.seconds
+            && (t.is_nan() || t <= 0.0)
+        {
             return Err(param("search_seconds", "must be a positive number"));
+        }
+        if s.threads == 0 {
+            return Err(param("threads", "must be at least 1"));
         }
         if s.neurons == Some(0) {
             return Err(param("search_neurons", "must be at least 1"));

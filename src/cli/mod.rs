@@ -73,12 +73,19 @@ pub fn with_spinner<R>(msg: &str, f: impl FnOnce() -> R) -> R {
 /// Budgets of the iterative attacks (the defaults suit a laptop; raise them for hard cases).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Budget {
-    /// Wall-clock budget of the span search in seconds.
+    /// Optional wall-clock cap of the span search in seconds (default: none; the
+    /// budget is counted in starts and rounds, so results do not depend on the machine).
     #[arg(long)]
     pub search_seconds: Option<f64>,
     /// Most Levenberg-Marquardt starts of the span search.
     #[arg(long)]
     pub search_starts: Option<usize>,
+    /// Demixing (FastICA) rounds that seed the span search; 0 = random starts only.
+    #[arg(long)]
+    pub seed_rounds: Option<usize>,
+    /// Threads polishing the seeds of a round (the output does not depend on it).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Iterations of the dlg (L-BFGS) and ig (Adam) baselines.
     #[arg(long)]
     pub baseline_iters: Option<usize>,
@@ -106,6 +113,12 @@ impl Budget {
         if let Some(n) = self.search_starts {
             p = p.search_starts(n);
         }
+        if let Some(n) = self.seed_rounds {
+            p = p.seed_rounds(n);
+        }
+        if let Some(n) = self.threads {
+            p = p.threads(n);
+        }
         if let Some(n) = self.baseline_iters {
             p = p.baseline_iters(n);
         }
@@ -128,6 +141,7 @@ pub fn flag_of(e: &gradleak::Error) -> &'static str {
             "search_seconds" => "--search-seconds",
             "baseline_iters" => "--baseline-iters",
             "restarts" => "--restarts",
+            "threads" => "--threads",
             _ => "see --help",
         },
         _ => "see --help",

@@ -82,15 +82,21 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     }
     let (zeros, stats, model, stage) = if pattern::slopes(view.activation).is_some() {
         let (z, s, m) = pattern::search(view, &sub, cfg)?;
-        if z.is_empty() {
+        if z.len() < sub.batch {
             rec.notes.push(format!(
-                "pattern search found {} of {} activation patterns; the inputs need all of them",
-                s.rounds, sub.batch
+                "pattern search found {} of {} activation patterns; without all of them the inputs \
+                 are approximate (not exact)",
+                z.len(),
+                sub.batch
             ));
         }
         (z, s, m, Stage::Pattern)
     } else {
-        let (z, s, m) = search(view, &sub, cfg, &[])?;
+        let (z, s, m) = if cfg.search.seed_rounds > 0 {
+            super::rounds::search(view, &sub, cfg)?
+        } else {
+            search(view, &sub, cfg, &[])?
+        };
         (z, s, m, Stage::Span)
     };
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);

@@ -53,7 +53,7 @@ pub const NOISY_POLISH_ITERATIONS: usize = 100;
 
 /// Prior mean and sd used for starts and bounds: the configured prior, or one
 /// estimated from the gradient's row points (robust median and spread).
-fn effective_prior(cfg: &AttackConfig, model: &SignalModel, rows: &[Col<f64>]) -> Prior {
+pub(crate) fn effective_prior(cfg: &AttackConfig, model: &SignalModel, rows: &[Col<f64>]) -> Prior {
     if let Some(p) = cfg.prior {
         return p;
     }
@@ -109,7 +109,7 @@ pub const LAST_FEW: usize = 2;
 /// The projected gradient with the found samples removed exactly: GV projected
 /// onto the complement of the found signals, (I - S_f S_f^+) GV = (I - S_f S_f^+) S_m C_m^T.
 /// Its rows are combinations of the missing samples only (no scale needs fitting).
-fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat<f64> {
+pub(crate) fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat<f64> {
     let b = sub.batch;
     let gv = Mat::from_fn(sub.q.nrows(), b, |j, k| {
         sub.q[(j, k)] * sub.singular_values[k]
@@ -128,12 +128,41 @@ fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat
     &gv - &qf * &proj
 }
 
+/// LM options of the polish on every neuron: exact zeros need a few steps;
+/// least-squares fits under noise need to converge to the minimum itself.
+pub(crate) fn polish_options(noisy: bool) -> LmOptions {
+    if noisy {
+        LmOptions {
+            max_iterations: NOISY_POLISH_ITERATIONS,
+            target: 0.0,
+            stall: 1e-9,
+        }
+    } else {
+        LmOptions {
+            max_iterations: POLISH_ITERATIONS,
+            target: 0.0,
+            stall: 1e-3,
+        }
+    }
+}
+
 /// Run the search. `extra` are starting inputs from another stage (e.g. tensor estimates).
 pub fn search(
     view: &ServerView,
     sub: &Subspace,
     cfg: &AttackConfig,
     extra: &[Vec<f64>],
+) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
+    search_with(view, sub, cfg, extra, Vec::new())
+}
+
+/// As [`search`], continuing from zeros already found (`known`, deflated and kept).
+pub fn search_with(
+    view: &ServerView,
+    sub: &Subspace,
+    cfg: &AttackConfig,
+    extra: &[Vec<f64>],
+    known: Vec<Zero>,
 ) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
     let t0 = Instant::now();
     let opts = &cfg.search;
@@ -172,7 +201,11 @@ pub fn search(
     };
     let mut round0: Vec<Col<f64>> = extra.iter().map(|x| model.coords.c_of_x(x)).collect();
     round0.extend(prior_points(&model, &prior, opts.prior_starts, cfg.seed));
-    round0.extend(first_rows);
+    if known.is_empty() {
+        round0.extend(first_rows);
+    } else {
+        round0.extend(row_points(sub, &residual_gradient(sub, &model, &known)));
+    }
     let scored = screen_all(round0);
 
     let mut stats = SearchStats {
@@ -199,8 +232,8 @@ pub fn search(
             .max(1e-6)
             * 0.1
     };
-    let mut zeros: Vec<Zero> = Vec::new();
-    let mut found_x: Vec<Vec<f64>> = Vec::new();
+    let mut found_x: Vec<Vec<f64>> = known.iter().map(|z| model.coords.x_of_c(&z.c)).collect();
+    let mut zeros: Vec<Zero> = known;
     let progress = Progress::begin(cfg.observer.as_ref(), "span search", b as u64);
     let lm_opts = LmOptions {
         max_iterations: LM_ITERATIONS,
@@ -208,11 +241,12 @@ pub fn search(
         stall: 1e-4,
     };
     let out_of_budget = |stats: &SearchStats| {
-        stats.starts >= opts.max_starts || t0.elapsed().as_secs_f64() > opts.seconds
+        stats.starts >= opts.max_starts
+            || opts.seconds.is_some_and(|s| t0.elapsed().as_secs_f64() > s)
     };
     let mut round = 0;
     let mut failures = 0;
-    let mut found_at_round = 0;
+    let mut found_at_round = zeros.len();
     let patience = ROUND_PATIENCE * b;
     let mut pending: std::collections::VecDeque<(f64, Col<f64>, Col<f64>)> = scored.into();
     loop {
@@ -268,21 +302,7 @@ pub fn search(
                 rho,
                 bound,
             };
-            // exact zeros need a few steps; least-squares fits under noise need to
-            // converge to the minimum itself
-            let polish = if accept > floor {
-                LmOptions {
-                    max_iterations: NOISY_POLISH_ITERATIONS,
-                    target: 0.0,
-                    stall: 1e-9,
-                }
-            } else {
-                LmOptions {
-                    max_iterations: POLISH_ITERATIONS,
-                    target: 0.0,
-                    stall: 1e-3,
-                }
-            };
+            let polish = polish_options(accept > floor);
             let polished = lm::solve(&full, res.u.clone(), &polish)
                 .map(|p| p.u)
                 .unwrap_or(res.u);
@@ -336,7 +356,7 @@ pub fn search(
 }
 
 /// A zero is degenerate when the activation is saturated on almost every neuron.
-fn degenerate(model: &SignalModel, c: &Col<f64>) -> bool {
+pub(crate) fn degenerate(model: &SignalModel, c: &Col<f64>) -> bool {
     let rows: Vec<usize> = (0..model.width()).collect();
     let z = model.z(c, &rows);
     let d1: Vec<f64> = z.iter().map(|&z| model.act.d1(z).abs()).collect();

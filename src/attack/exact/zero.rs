@@ -141,6 +141,9 @@ pub struct SearchStats {
     pub exact_floor: f64,
     #[serde(rename = "search_rounds")]
     pub rounds: usize,
+    /// Zeros found by the seeding rounds (before the random-start search).
+    #[serde(rename = "search_seeded")]
+    pub seeded: usize,
 }
 
 /// Row points of a projected gradient GV (m x B): row j divided by its bias
