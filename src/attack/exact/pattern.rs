@@ -319,6 +319,7 @@ pub fn search(
         &mut found,
         &mut stats,
     );
+    stats.seed_seconds = t0.elapsed().as_secs_f64();
     // then the row points of the gradient with the found signals removed
     let starts = row_points(sub, &pattern_rounds::deflate(&alt, &gv, &found));
     stats.candidates += starts.len();

@@ -252,6 +252,7 @@ pub fn search(
         }
     }
     let seeded = zeros.len();
+    stats.seed_seconds = t0.elapsed().as_secs_f64();
     if zeros.len() < b && !out_of_time(opts.seconds, &t0) {
         // the random-start search for the rest, deflating the zeros found
         let mut rest = cfg.clone();

@@ -144,6 +144,8 @@ pub struct SearchStats {
     /// Zeros found by the seeding rounds (before the random-start search).
     #[serde(rename = "search_seeded")]
     pub seeded: usize,
+    /// Seconds spent in the seeding rounds (ICA and their polish).
+    pub seed_seconds: f64,
 }
 
 /// Row points of a projected gradient GV (m x B): row j divided by its bias
