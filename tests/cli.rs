@@ -257,3 +257,59 @@ fn client_then_attack_round_trip() {
     assert!(err < 1e-5, "{err:e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Randomly mutated gradient files (truncations, bit flips, lying header lengths and
+/// shapes): each run is a valid attack that writes its output, or exit code 1 with
+/// exactly one stderr line and no output file; never a panic.
+#[test]
+fn mutated_gradients_fail_cleanly_or_run() {
+    use rand::{RngExt, SeedableRng};
+    let dir = tmpdir("mutated");
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pytorch/digits-b1-tanh-ce");
+    let model = f.join("model.safetensors");
+    let bytes = std::fs::read(f.join("gradient.safetensors")).unwrap();
+    let grad = dir.join("g.safetensors");
+    let out = dir.join("rec.npy");
+    let (mut ok, mut failed) = (0, 0);
+    for seed in 0..200u64 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut b = bytes.clone();
+        match rng.random_range(0..4) {
+            0 => b.truncate(rng.random_range(0..b.len())),
+            1 => {
+                let i = rng.random_range(0..b.len());
+                b[i] ^= 1 << rng.random_range(0..8);
+            }
+            2 => {
+                let i = rng.random_range(0..b.len().min(300));
+                b[i] ^= 1 << rng.random_range(0..8);
+            }
+            _ => {
+                let v = u64::from_le_bytes(b[..8].try_into().unwrap());
+                let lie = v.wrapping_add(rng.random_range(0..2000)).wrapping_sub(1000);
+                b[..8].copy_from_slice(&lie.to_le_bytes());
+            }
+        }
+        std::fs::write(&grad, &b).unwrap();
+        let _ = std::fs::remove_file(&out);
+        let run = Command::new(BIN)
+            .args(["attack", "--model", model.to_str().unwrap(), "--gradient"])
+            .arg(&grad)
+            .args(["--activation", "tanh", "--method", "analytic", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(!err.contains("panicked"), "seed {seed}: {err}");
+        if run.status.success() {
+            assert!(out.exists(), "seed {seed}: success without output");
+            ok += 1;
+        } else {
+            assert_eq!(run.status.code(), Some(1), "seed {seed}: {err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "seed {seed}: {err}");
+            assert!(!out.exists(), "seed {seed}: output after failure");
+            failed += 1;
+        }
+    }
+    eprintln!("mutated gradients: {ok} valid runs, {failed} clean failures");
+}

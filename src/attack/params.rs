@@ -77,6 +77,9 @@ impl std::fmt::Display for Method {
     }
 }
 
+/// Demixing rounds of the seeding stage at most; a round that finds nothing new ends them.
+pub const SEED_ROUNDS: usize = 12;
+
 /// Options of the search (`AttackConfig::search`).
 #[derive(Clone, Debug)]
 pub struct SearchOptions {
@@ -90,9 +93,9 @@ pub struct SearchOptions {
     pub seconds: Option<f64>,
     /// Starts drawn from the prior besides the gradient's own row points.
     pub prior_starts: usize,
-    /// Demixing rounds of the seeding stage (0: random starts only).
+    /// Demixing rounds of the seeding stage (0: random starts only; `rounds`).
     pub seed_rounds: usize,
-    /// FastICA iterations per round.
+    /// FastICA iterations per round (`seed`).
     pub ica_iterations: usize,
     /// Threads polishing the seeds of one round (results do not depend on it).
     pub threads: usize,
@@ -105,7 +108,7 @@ impl Default for SearchOptions {
             max_starts: 2000,
             seconds: None,
             prior_starts: 64,
-            seed_rounds: crate::attack::exact::rounds::SEED_ROUNDS,
+            seed_rounds: SEED_ROUNDS,
             ica_iterations: crate::attack::exact::seed::ICA_ITERATIONS,
             threads: 1,
         }
@@ -303,18 +306,18 @@ impl AttackParams {
         self.0.search.max_starts = n;
         self
     }
-    /// Optional wall-clock cap of the search in seconds (the budget is otherwise
-    /// counted in starts and rounds, so results do not depend on the machine's load).
+    /// Optional wall-clock cap of the search in seconds (default: none, so the
+    /// output does not depend on the machine's speed).
     pub fn search_seconds(mut self, s: f64) -> Self {
         self.0.search.seconds = Some(s);
         self
     }
-    /// Demixing rounds of the seeding stage (0: random starts only).
+    /// Demixing (FastICA) rounds that seed the span search; 0: random starts only.
     pub fn seed_rounds(mut self, n: usize) -> Self {
         self.0.search.seed_rounds = n;
         self
     }
-    /// Threads polishing seeds (results are identical for any count).
+    /// Threads polishing the seeds of a round (the output does not depend on it).
     pub fn threads(mut self, n: usize) -> Self {
         self.0.search.threads = n;
         self
@@ -386,8 +389,8 @@ impl AttackParams {
         if s.max_starts == 0 {
             return Err(param("search_starts", "must be at least 1"));
         }
-        if let Some(secs) = s.seconds
-            && !(secs > 0.0 && secs.is_finite())
+        if let Some(t) = s.seconds
+            && (t.is_nan() || t <= 0.0)
         {
             return Err(param("search_seconds", "must be a positive number"));
         }

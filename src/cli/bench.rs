@@ -60,7 +60,11 @@ fn run_scale_case(data: &str, act: &str, b: usize, m: usize) -> anyhow::Result<(
     }
     let out = simulate::run(&c)?;
     let r = &out.report;
-    let stats = r.attack.diagnostics.search.clone().unwrap_or_default();
+    let diag = &r.attack.diagnostics;
+    let (seed_s, search_s) = diag
+        .search
+        .as_ref()
+        .map_or((0.0, 0.0), |s| (s.seed_seconds, s.seconds));
     let recovered = (r.recovered_fraction * b as f64).round() as usize;
     println!(
         "simulate --data {data} --batch {b} --width {m} --activation {act} --init torch-default --dtype f64 --tol 1e-6"
@@ -70,9 +74,9 @@ fn run_scale_case(data: &str, act: &str, b: usize, m: usize) -> anyhow::Result<(
          search after it {:.1} s, subspace and the rest {:.1} s)",
         r.seconds.gradient,
         r.seconds.attack,
-        stats.seed_seconds,
-        stats.seconds - stats.seed_seconds,
-        r.seconds.attack - stats.seconds,
+        seed_s,
+        search_s - seed_s,
+        r.seconds.attack - search_s,
     );
     Ok(())
 }

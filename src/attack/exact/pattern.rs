@@ -109,6 +109,7 @@ impl Alternation<'_> {
     /// Alternate on the subsample from the pattern of c (fewer hyperplanes: row-point
     /// patterns agree more), then lift the signal to every neuron through its
     /// coordinates in Q and finish there. Returns the exact pattern if any, and the sweeps.
+    #[allow(clippy::wrong_self_convention)] // "from a start", not a conversion
     pub(crate) fn from_start(&self, c: &Col<f64>) -> (Option<Found>, usize) {
         let (lo, hi) = self.slopes;
         let mid = 0.5 * (lo + hi);

@@ -19,13 +19,11 @@ use super::signal::{Neurons, SignalModel};
 use super::subsample::{self, Subsample};
 use super::zero::{SearchStats, Zero, best_residual, rel_dist, row_points};
 use crate::Result;
+use crate::attack::params::AttackConfig;
 use crate::attack::subspace::Subspace;
-use crate::attack::{AttackConfig, ServerView};
+use crate::attack::view::ServerView;
 use crate::numerics::lm::{self, LmOptions};
 use crate::rng::{Salt, salted};
-
-/// Demixing rounds at most; a round that finds nothing new ends them.
-pub const SEED_ROUNDS: usize = 12;
 
 /// LM iterations of a seed's polish on the subsample: seeds are rough (median error
 /// ~0.5), so they get more steps than a random start; 100 measured better than 40
@@ -300,7 +298,7 @@ fn deflation_radius(model: &SignalModel, seeds: &[Col<f64>]) -> f64 {
 mod tests {
     use super::super::route;
     use super::super::testing::case;
-    use crate::attack::{AttackConfig, Method};
+    use crate::attack::params::{AttackConfig, Method};
     use crate::model::Activation;
 
     /// Same seed -> bit-identical samples, for one or two threads, and the seeded

@@ -142,6 +142,7 @@ pub struct SearchStats {
     #[serde(rename = "search_rounds")]
     pub rounds: usize,
     /// Zeros found by the seeding rounds (before the random-start search).
+    #[serde(rename = "search_seeded")]
     pub seeded: usize,
     /// Seconds spent in the seeding rounds (ICA and their polish).
     pub seed_seconds: f64,

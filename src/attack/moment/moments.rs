@@ -150,7 +150,7 @@ pub fn whiten(
 }
 
 /// The empirical Hermite moment tensor, unfolded P x B^p: entry (a, b1 + B b2 + ...)
-/// is (1/m) sum_j f_j[a] He_p(u_j)[b1, b2, ...].
+/// is (1/m) sum_j `f_j[a] He_p(u_j)[b1, b2, ...]`.
 #[derive(Clone, Debug)]
 pub struct MomentTensor {
     pub data: Mat<f64>,
@@ -273,7 +273,7 @@ fn hermite_entry(u: &[f64], set: &[usize]) -> (f64, f64) {
 }
 
 /// The degree-p Hermite tensor by regression (docs/DESIGN.md, "Regression
-/// moments"): regress each free coordinate f_j[a] on every multivariate Hermite
+/// moments"): regress each free coordinate `f_j[a]` on every multivariate Hermite
 /// polynomial of u_j up to degree p (normal equations G_phi = (1/m) sum phi phi^T),
 /// and read the degree-p coefficients as a symmetric tensor. Same expectation as
 /// [`moment_tensor`] divided by p! (Stein), but the empirical fluctuation of the
