@@ -25,6 +25,7 @@ pub fn stream(seed: u64, stream: Stream) -> ChaCha8Rng {
 /// predate [`Stream`] and are kept so that published figures reproduce; they are
 /// written here only, so no two stages share one.
 #[derive(Clone, Copy, Debug)]
+#[allow(clippy::enum_clike_unportable_variant)] // 64-bit salts; a u64 on every target via `as u64`
 pub enum Salt {
     /// Sketch of the randomized range finder (subspace).
     Sketch,

@@ -109,8 +109,7 @@ impl Alternation<'_> {
     /// Alternate on the subsample from the pattern of c (fewer hyperplanes: row-point
     /// patterns agree more), then lift the signal to every neuron through its
     /// coordinates in Q and finish there. Returns the exact pattern if any, and the sweeps.
-    #[allow(clippy::wrong_self_convention)] // "from a start", not a conversion
-    pub(crate) fn from_start(&self, c: &Col<f64>) -> (Option<Found>, usize) {
+    pub(crate) fn run_from(&self, c: &Col<f64>) -> (Option<Found>, usize) {
         let (lo, hi) = self.slopes;
         let mid = 0.5 * (lo + hi);
         let a = self.a;
@@ -334,7 +333,7 @@ pub fn search(
             break;
         }
         stats.starts += 1;
-        let (res, iters) = alt.from_start(&c);
+        let (res, iters) = alt.run_from(&c);
         stats.lm_iterations += iters;
         let Some((pat, r, f)) = res else { continue };
         if alt.degenerate(&pat) {

@@ -32,13 +32,13 @@ fn from_seeds(
 ) -> Vec<(Option<Found>, usize)> {
     let threads = threads.clamp(1, seeds.len().max(1));
     if threads == 1 {
-        return seeds.iter().map(|c| alt.from_start(c)).collect();
+        return seeds.iter().map(|c| alt.run_from(c)).collect();
     }
     let chunk = seeds.len().div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = seeds
             .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|c| alt.from_start(c)).collect::<Vec<_>>()))
+            .map(|part| s.spawn(move || part.iter().map(|c| alt.run_from(c)).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
