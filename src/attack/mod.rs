@@ -5,6 +5,7 @@
 //! [`refine`] and [`span`] (exact equations), [`baseline`] (DLG, IG).
 
 pub mod baseline;
+pub mod cancel;
 pub mod exact;
 pub mod moment;
 pub mod prior;
@@ -17,6 +18,7 @@ pub use moment::{decompose, hermite, moments};
 
 use serde::Serialize;
 
+pub use cancel::Cancel;
 pub use prior::Prior;
 pub use subspace::{RankRule, Subspace, SubspaceOptions};
 pub use view::{FirstLayer, Rows, ServerView};
@@ -106,6 +108,8 @@ pub struct AttackConfig {
     pub tensor: tensor::TensorOptions,
     pub search: span::SearchOptions,
     pub baseline: baseline::BaselineOptions,
+    /// Polled by the searches; set from another thread to stop early.
+    pub cancel: Cancel,
 }
 
 impl AttackConfig {
@@ -121,6 +125,7 @@ impl AttackConfig {
             tensor: Default::default(),
             search: Default::default(),
             baseline: Default::default(),
+            cancel: Cancel::default(),
         }
     }
 

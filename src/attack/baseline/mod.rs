@@ -302,7 +302,7 @@ pub fn dlg(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         if best.as_ref().is_none_or(|b| m.f < b.f) {
             best = Some(m);
         }
-        if best.as_ref().is_some_and(|b| b.f <= DLG_F_TOL) {
+        if best.as_ref().is_some_and(|b| b.f <= DLG_F_TOL) || cfg.cancel.is_cancelled() {
             break;
         }
     }
@@ -388,6 +388,9 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             if let Some(pb) = &pb {
                 pb.set_position((r * o.ig_iters + t) as u64);
                 pb.set_message(format!("{f:.2e}"));
+            }
+            if cfg.cancel.is_cancelled() {
+                break;
             }
         }
         let rb = run_best.expect("at least one iteration");

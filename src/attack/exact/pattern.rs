@@ -145,6 +145,7 @@ pub fn search(
         if found.len() >= b
             || stats.starts >= cfg.search.max_starts
             || t0.elapsed().as_secs_f64() > cfg.search.seconds
+            || cfg.cancel.is_cancelled()
         {
             break;
         }

@@ -521,7 +521,9 @@ pub fn search(
         stall: 1e-4,
     };
     let out_of_budget = |stats: &SearchStats| {
-        stats.starts >= opts.max_starts || t0.elapsed().as_secs_f64() > opts.seconds
+        stats.starts >= opts.max_starts
+            || t0.elapsed().as_secs_f64() > opts.seconds
+            || cfg.cancel.is_cancelled()
     };
     let mut round = 0;
     let mut failures = 0;
