@@ -18,7 +18,8 @@ if ! "$PY" -c "import torch, opacus, flwr, distributed, pytest, maturin, numpy" 
   echo "test.sh: installed the Python test requirements in $(( $(date +%s) - t0 )) s" >&2
 fi
 t0=$(date +%s)
-# maturin is in the venv: build without an isolated build environment (no download)
-"$PY" -m pip install --quiet --no-build-isolation --force-reinstall --no-deps ./python
+# maturin is in the venv: build without an isolated build environment (no download);
+# the release build of the extension lives in python/target
+PATH="$VENV/bin:$PATH" "$PY" -m pip install --quiet --no-build-isolation --force-reinstall --no-deps ./python
 echo "test.sh: built and installed the gradleak Python package in $(( $(date +%s) - t0 )) s" >&2
 GRADLEAK_BIN="${GRADLEAK_BIN:-$PWD/target/debug/gradleak}" "$PY" -m pytest python/tests -q -p no:cacheprovider

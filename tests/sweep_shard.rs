@@ -15,8 +15,17 @@ fn tmpdir() -> PathBuf {
 
 /// Tiny digits rounds (B <= 2, m = 64): a fraction of a second each.
 const GRID: &[&str] = &[
-    "sweep", "--data", "digits", "--width", "64", "--grid", "batch=1,2", "--grid",
-    "activation=tanh,relu", "--grid", "seed=1,2,3",
+    "sweep",
+    "--data",
+    "digits",
+    "--width",
+    "64",
+    "--grid",
+    "batch=1,2",
+    "--grid",
+    "activation=tanh,relu",
+    "--grid",
+    "seed=1,2,3",
 ];
 
 fn run(extra: &[&str]) -> std::process::Output {
@@ -48,7 +57,12 @@ fn shards_merge_to_the_single_process_csv() {
     run(&["--csv", &s("single.csv")]);
     // shard 3 first: the merge must not depend on the order the jobs ran in
     for k in [3, 1, 2] {
-        run(&["--shard", &format!("{k}/3"), "--csv", &s(&format!("p{k}.csv"))]);
+        run(&[
+            "--shard",
+            &format!("{k}/3"),
+            "--csv",
+            &s(&format!("p{k}.csv")),
+        ]);
         assert_eq!(rows(&d.join(format!("p{k}.csv"))).len(), 1 + 4);
     }
     run(&[
@@ -66,7 +80,13 @@ fn shards_merge_to_the_single_process_csv() {
     // a missing shard is an error and writes nothing
     let out = Command::new(BIN)
         .args(GRID)
-        .args(["--csv", &s("bad.csv"), "--merge", &s("p1.csv"), &s("p2.csv")])
+        .args([
+            "--csv",
+            &s("bad.csv"),
+            "--merge",
+            &s("p1.csv"),
+            &s("p2.csv"),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -8,13 +8,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use faer::{Col, Mat};
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use gradleak::attack::{self, AttackConfig, Cancel, Reconstruction, Sample, ServerView};
+use gradleak::attack::{AttackConfig, Cancel, Reconstruction, Sample, ServerView};
 use gradleak::model::{Activation, Dense, Gradient, Loss, Mlp};
 use gradleak::report::{AttackReport, AttackSample, AttackSummary};
 use gradleak::{Dtype, Error};
@@ -39,7 +39,10 @@ fn bad(msg: impl Into<String>) -> PyErr {
 fn matrix(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(Mat<f64>, Dtype)> {
     if let Ok(a) = obj.extract::<PyReadonlyArray2<'_, f64>>() {
         let v = a.as_array();
-        return Ok((Mat::from_fn(v.nrows(), v.ncols(), |i, j| v[(i, j)]), Dtype::F64));
+        return Ok((
+            Mat::from_fn(v.nrows(), v.ncols(), |i, j| v[(i, j)]),
+            Dtype::F64,
+        ));
     }
     if let Ok(a) = obj.extract::<PyReadonlyArray2<'_, f32>>() {
         let v = a.as_array();
@@ -63,7 +66,9 @@ fn vector(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<(Col<f64>, Dtype)> {
         let v = a.as_array();
         return Ok((Col::from_fn(v.len(), |i| v[i] as f64), Dtype::F32));
     }
-    Err(bad(format!("{what}: expected a 1-D float32 or float64 array")))
+    Err(bad(format!(
+        "{what}: expected a 1-D float32 or float64 array"
+    )))
 }
 
 /// `[(weight, bias or None), ...]` as layers, and the widest dtype seen.
@@ -101,7 +106,7 @@ fn run_interruptible(
                 .name("gradleak-attack".into())
                 .stack_size(16 << 20)
                 .spawn_scoped(s, move || {
-                    let _ = tx.send(attack::run(view, cfg));
+                    let _ = tx.send(gradleak::attack::run(view, cfg));
                 });
             if let Err(e) = worker {
                 return (
@@ -166,7 +171,9 @@ fn attack<'py>(
     if let Some(s) = noise_std
         && !(s >= 0.0 && s.is_finite())
     {
-        return Err(bad("invalid argument: noise_std must be a finite number >= 0"));
+        return Err(bad(
+            "invalid argument: noise_std must be a finite number >= 0",
+        ));
     }
     cfg.noise_std = noise_std;
     cfg.progress = progress;
@@ -193,7 +200,11 @@ fn attack<'py>(
     let rec = run_interruptible(py, &view, &cfg)?;
 
     let (n, d) = (rec.samples.len(), view.input_dim());
-    let flat: Vec<f64> = rec.samples.iter().flat_map(|s| s.x.iter().copied()).collect();
+    let flat: Vec<f64> = rec
+        .samples
+        .iter()
+        .flat_map(|s| s.x.iter().copied())
+        .collect();
     let inputs = PyArray1::from_vec(py, flat).reshape([n, d])?;
     let labels: Vec<i64> = rec
         .samples
@@ -219,7 +230,12 @@ fn attack<'py>(
 }
 
 /// The command line's `attack` report, for arrays held in memory.
-fn report(view: &ServerView, cfg: &AttackConfig, rec: &Reconstruction, seconds: f64) -> AttackReport {
+fn report(
+    view: &ServerView,
+    cfg: &AttackConfig,
+    rec: &Reconstruction,
+    seconds: f64,
+) -> AttackReport {
     let labels: Vec<Option<usize>> = rec.samples.iter().map(|s| s.label).collect();
     AttackReport {
         gradleak_version: env!("CARGO_PKG_VERSION"),
