@@ -25,8 +25,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
 import gradleak  # noqa: E402
 import gradleak.flower  # noqa: E402
+
+# what a ServerApp process is told by the SuperLink; set here as the run is in-process
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 B, LR, ROUNDS = 8, 0.1, 2
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -63,7 +68,6 @@ def train(msg: Message, node: int) -> Message:
     if node in SENDS_GRADIENT:
         content["gradients"] = ArrayRecord(grads)
     reply = Message(content, reply_to=msg)
-    reply.metadata.src_node_id = node
     return reply
 
 

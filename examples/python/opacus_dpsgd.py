@@ -47,7 +47,12 @@ for sigma in [0.0, 1e-3, 1e-2, 0.1, 1.0]:
     optimizer.step()  # clip per sample, sum, add N(0, (sigma C)^2), divide by B
     gradient = [p.grad for p in model._module.parameters()]
     eps = engine.get_epsilon(DELTA) if sigma > 0 else float("inf")
-    rec = gradleak.attack(sent, gradient, loss="ce", noise_std=sigma * CLIP / B if sigma > 0 else None)
+    try:
+        rec = gradleak.attack(sent, gradient, loss="ce", noise_std=sigma * CLIP / B if sigma > 0 else None)
+    except gradleak.GradleakError as e:  # e.g. the gradient is below its own noise floor
+        print(f"{sigma:>7g} {eps:>10.3g} {0:>6}/{B} {0:>5} {'-':>15} {'-':>6}  ({e})")
+        rows.append((sigma, eps, 0))
+        continue
     m = gradleak.evaluate(x, rec, tol=1e-3, labels=y)
     acc = m["label_accuracy"]
     print(

@@ -126,6 +126,8 @@ class LeakAudit(_strategy_base()):
             gkey = self._auditor.gradient_key
             if gkey in content.array_records:
                 self._auditor.audit(server_round, node, gradient=_record_to_numpy(content.array_records[gkey]))
+                # strategies expect one ArrayRecord per reply: the gradient was for us
+                del content[gkey]
             elif self.arrays_key in content.array_records:
                 self._auditor.audit(server_round, node, returned=_record_to_numpy(content.array_records[self.arrays_key]))
         return self.strategy.aggregate_train(server_round, replies)
