@@ -19,6 +19,63 @@ pub struct BenchArgs {
     /// Also time the streaming subspace on a 100000 x 3073 gradient (slow).
     #[arg(long)]
     large: bool,
+    /// Also run the large-batch exact cases (photos B = 64 and 128; minutes each).
+    #[arg(long)]
+    scale: bool,
+    /// Directory of the photos for the large-batch cases.
+    #[arg(long, default_value = "../shared/data/images")]
+    images: String,
+    /// Directory of the nine photos for the B = 128 case.
+    #[arg(long, default_value = "../shared/data/photos")]
+    photos: String,
+}
+
+/// The large-batch exact cases: (data, activation, batch, width).
+fn scale_cases(a: &BenchArgs) -> Vec<(String, &'static str, usize, usize)> {
+    let images = format!("images:{}:32", a.images);
+    let photos = format!("images:{}:32", a.photos);
+    vec![
+        (images.clone(), "tanh", 64, 8192),
+        (images, "relu", 64, 8192),
+        (photos.clone(), "tanh", 128, 16384),
+        (photos, "relu", 128, 16384),
+    ]
+}
+
+/// One large case: the recovered count and each stage's seconds.
+fn run_scale_case(data: &str, act: &str, b: usize, m: usize) -> anyhow::Result<()> {
+    let mut c = SimConfig::default();
+    let (bs, ms) = (b.to_string(), m.to_string());
+    for (k, v) in [
+        ("data", data),
+        ("activation", act),
+        ("batch", bs.as_str()),
+        ("width", ms.as_str()),
+        ("init", "torch-default"),
+        ("dtype", "f64"),
+        ("tol", "1e-6"),
+        ("method", "auto"),
+    ] {
+        c.set(k, v)?;
+    }
+    let out = simulate::run(&c)?;
+    let r = &out.report;
+    let diag = &r.attack.diagnostics;
+    let get = |k: &str| diag.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let recovered = (r.recovered_fraction * b as f64).round() as usize;
+    println!(
+        "simulate --data {data} --batch {b} --width {m} --activation {act} --init torch-default --dtype f64 --tol 1e-6"
+    );
+    println!(
+        "    recovered {recovered}/{b}, gradient {:.1} s, attack {:.1} s (seeding {:.1} s, \
+         search after it {:.1} s, subspace and the rest {:.1} s)",
+        r.seconds.gradient,
+        r.seconds.attack,
+        get("seed_seconds"),
+        get("search_seconds") - get("seed_seconds"),
+        r.seconds.attack - get("search_seconds"),
+    );
+    Ok(())
 }
 
 fn machine() -> String {
@@ -93,6 +150,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             format!("attack --method {m}, digits B=8, m=4096"),
             s
         );
+    }
+    if a.scale {
+        for (data, act, b, m) in scale_cases(&a) {
+            run_scale_case(&data, act, b, m)?;
+        }
     }
     if a.large {
         let mut c = SimConfig::default();
