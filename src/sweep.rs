@@ -8,6 +8,9 @@ use std::path::Path;
 use crate::simulate::{self, KEYS, SimConfig};
 use crate::{Error, Result};
 
+pub mod shard;
+pub use shard::{Shard, merge};
+
 /// Metric columns written after the setting.
 pub const METRICS: &[&str] = &[
     "batch_estimated",
@@ -240,6 +243,21 @@ fn metric_row(out: &Result<simulate::SimOutput>) -> Vec<String> {
     }
 }
 
+/// Simulate one configuration: its setting followed by its metrics (or its error).
+pub fn run_row(c: &SimConfig) -> Vec<String> {
+    let mut row = setting(c);
+    row.extend(metric_row(&simulate::run(c)));
+    row
+}
+
+/// One CSV line (no newline) of a row.
+pub fn csv_line(row: &[String]) -> String {
+    row.iter()
+        .map(|s| csv_field(s))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Run every configuration not yet in `csv`, appending one row per run.
 /// `on_row` is called after each run (progress).
 pub fn run(
@@ -271,15 +289,8 @@ pub fn run(
         .collect();
     let total = todo.len();
     for (i, c) in todo.into_iter().enumerate() {
-        let key = setting(c);
-        let out = simulate::run(c);
-        let mut row = key.clone();
-        row.extend(metric_row(&out));
-        let line = row
-            .iter()
-            .map(|s| csv_field(s))
-            .collect::<Vec<_>>()
-            .join(",");
+        let row = run_row(c);
+        let line = csv_line(&row);
         writeln!(file, "{line}")
             .and_then(|_| file.flush())
             .map_err(|e| Error::io(csv, e))?;

@@ -7,6 +7,7 @@
 //! [`observer`].
 
 pub mod baseline;
+pub mod cancel;
 pub mod exact;
 pub mod moment;
 pub mod observer;
@@ -18,6 +19,7 @@ pub mod view;
 
 pub use observer::{Flow, Observer};
 pub use params::{AttackConfig, AttackParams, Method};
+pub use cancel::Cancel;
 pub use prior::Prior;
 pub use reconstruction::{Diagnostics, Reconstruction, Sample, Stage};
 pub use subspace::{RankRule, Subspace, SubspaceOptions};

@@ -198,6 +198,8 @@ pub struct AttackConfig {
     pub(crate) noise_std: Option<f64>,
     /// Who hears about progress (and may cancel).
     pub(crate) observer: Option<Shared>,
+    /// Polled by the searches; set from another thread to stop early.
+    pub(crate) cancel: crate::attack::Cancel,
     pub(crate) tensor: TensorOptions,
     pub(crate) search: SearchOptions,
     pub(crate) refine: RefineOptions,
@@ -215,6 +217,7 @@ impl AttackConfig {
             loss: None,
             noise_std: None,
             observer: None,
+            cancel: Default::default(),
             tensor: Default::default(),
             search: Default::default(),
             refine: Default::default(),
@@ -224,6 +227,11 @@ impl AttackConfig {
 
     pub fn method(&self) -> Method {
         self.method
+    }
+
+    /// The cancellation token the searches poll.
+    pub fn cancel_token(&self) -> &crate::attack::Cancel {
+        &self.cancel
     }
 
     pub fn seed(&self) -> u64 {
@@ -361,6 +369,11 @@ impl AttackParams {
     /// Image shape of the inputs (IG's total-variation prior).
     pub fn image(mut self, shape: ImageShape) -> Self {
         self.0.baseline.image = Some(shape);
+        self
+    }
+    /// A token another thread may set to stop the attack early (the searches poll it).
+    pub fn cancel(mut self, token: crate::attack::Cancel) -> Self {
+        self.0.cancel = token;
         self
     }
     /// Report progress to `observer`, which may also cancel the attack.

@@ -46,13 +46,33 @@ pub struct SweepArgs {
     /// Only plot the existing CSV; run nothing.
     #[arg(long)]
     plot_only: bool,
+    /// Run only part K of N of the grid (1 <= K <= N; runs i with i mod N = K - 1),
+    /// e.g. one task of a Slurm array; join the parts with --merge.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<String>,
+    /// Join these shard CSVs into --csv in grid order (give the same setting and --grid
+    /// flags as the shards); runs nothing.
+    #[arg(long, value_name = "CSV", num_args = 1.., conflicts_with_all = ["shard", "plot_only"])]
+    merge: Vec<std::path::PathBuf>,
 }
 
 pub fn run(a: SweepArgs) -> anyhow::Result<()> {
-    if !a.plot_only {
+    if !a.merge.is_empty() {
+        let axes: Vec<Axis> = a.grid.iter().map(|g| g.parse()).collect::<Result<_, _>>()?;
+        let configs = sweep::expand(&a.sim.config()?, &axes)?;
+        let n = sweep::merge(&configs, &a.merge, &a.csv)?;
+        eprintln!(
+            "merged {n} runs from {} files into {}",
+            a.merge.len(),
+            a.csv.display()
+        );
+    } else if !a.plot_only {
         let axes: Vec<Axis> = a.grid.iter().map(|g| g.parse()).collect::<Result<_, _>>()?;
         let base = a.sim.config()?;
-        let configs = sweep::expand(&base, &axes)?;
+        let mut configs = sweep::expand(&base, &axes)?;
+        if let Some(s) = &a.shard {
+            configs = super::parse::<sweep::Shard>(s)?.select(&configs);
+        }
         let pb = indicatif::ProgressBar::new(configs.len() as u64);
         pb.set_style(
             indicatif::ProgressStyle::with_template(

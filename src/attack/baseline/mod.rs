@@ -260,7 +260,7 @@ pub fn dlg(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         if best.as_ref().is_none_or(|b| m.f < b.f) {
             best = Some(m);
         }
-        if best.as_ref().is_some_and(|b| b.f <= DLG_F_TOL) {
+        if best.as_ref().is_some_and(|b| b.f <= DLG_F_TOL) || cfg.cancel.is_cancelled() {
             break;
         }
     }
@@ -346,6 +346,9 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
                 }
             }
             progress.advance((r * o.ig_iters + t) as u64, Some(f))?;
+            if cfg.cancel.is_cancelled() {
+                break;
+            }
         }
         let rb = run_best.expect("at least one iteration");
         if best.as_ref().is_none_or(|(bf, _)| rb.0 < *bf) {

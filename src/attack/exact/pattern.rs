@@ -329,6 +329,7 @@ pub fn search(
                 .search
                 .seconds
                 .is_some_and(|s| t0.elapsed().as_secs_f64() > s)
+            || cfg.cancel.is_cancelled()
         {
             break;
         }

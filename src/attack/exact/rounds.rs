@@ -175,7 +175,7 @@ pub fn search(
     let mut found_x: Vec<Vec<f64>> = Vec::new();
     let mut rho = 0.0;
     for round in 0..opts.seed_rounds {
-        if zeros.len() >= b || out_of_time(opts.seconds, &t0) {
+        if zeros.len() >= b || out_of_time(opts.seconds, &t0) || cfg.cancel.is_cancelled() {
             break;
         }
         let gv = search::residual_gradient(sub, &model, &zeros);

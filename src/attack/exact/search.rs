@@ -244,6 +244,7 @@ pub fn search_with(
     let out_of_budget = |stats: &SearchStats| {
         stats.starts >= opts.max_starts
             || opts.seconds.is_some_and(|s| t0.elapsed().as_secs_f64() > s)
+            || cfg.cancel.is_cancelled()
     };
     let mut round = 0;
     let mut failures = 0;

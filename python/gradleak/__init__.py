@@ -1,0 +1,24 @@
+"""gradleak: how much one model gradient leaks, from Python.
+
+    import gradleak
+    rec = gradleak.attack(model, [p.grad for p in model.parameters()], loss="ce")
+    rec.inputs, rec.labels, rec.exact, rec.residuals, rec.batch_size, rec.report
+    gradleak.evaluate(true_inputs, rec)
+
+The work is done by the Rust library (gradleak._native); torch is optional.
+`gradleak.flower` (a Flower strategy wrapper) is imported on first use.
+"""
+
+from ._native import GradleakError, __version__
+from ._api import Reconstruction, attack, evaluate, load_data
+from ._sweep import sweep
+
+__all__ = ["GradleakError", "Reconstruction", "attack", "evaluate", "load_data", "sweep", "__version__"]
+
+
+def __getattr__(name):
+    if name == "flower":
+        import importlib
+
+        return importlib.import_module(".flower", __name__)
+    raise AttributeError(f"module 'gradleak' has no attribute '{name}'")
