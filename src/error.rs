@@ -30,6 +30,13 @@ pub enum Error {
     /// A parameter outside what the method or the model allows.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// The first-layer gradient carries no signal above its floor (rounding or known
+    /// noise): a result ("nothing recoverable"), which `attack::run` reports as such.
+    #[error(
+        "the first-layer gradient is zero (or below its noise floor): nothing to reconstruct \
+         (largest singular value {largest:.3e} <= floor {floor:.3e})"
+    )]
+    NoSignal { largest: f64, floor: f64 },
     /// A numerical routine failed (e.g. an SVD did not converge).
     #[error("numerical failure: {0}")]
     Numerical(String),

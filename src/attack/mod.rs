@@ -5,6 +5,7 @@
 //! [`refine`] and [`span`] (exact equations), [`baseline`] (DLG, IG).
 
 pub mod baseline;
+pub mod defended;
 pub mod exact;
 pub mod moment;
 pub mod prior;
@@ -195,9 +196,10 @@ impl Reconstruction {
     }
 }
 
-/// Run the configured attack.
+/// Run the configured attack. A gradient below its noise floor is a result with no
+/// sample and the reason, not an error.
 pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
-    match cfg.method {
+    let out = match cfg.method {
         Method::Analytic => analytic::attack(view, cfg),
         Method::Tensor => tensor::attack(view, cfg),
         Method::Refine => refine::attack(view, cfg),
@@ -205,12 +207,23 @@ pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         Method::Auto => auto(view, cfg),
         Method::Dlg => baseline::dlg(view, cfg),
         Method::Ig => baseline::ig(view, cfg),
+    };
+    match out {
+        Err(Error::NoSignal { largest, floor }) => Ok(defended::nothing_recoverable(
+            cfg.method, view, largest, floor,
+        )),
+        other => other,
     }
 }
 
 /// The default route: exact analytic recovery for one sample, otherwise the best
 /// multi-sample method available.
 fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
+    if defended::complete::applies(view) {
+        let mut rec = defended::complete_then_attack(view, cfg)?;
+        rec.method = Method::Auto;
+        return Ok(rec);
+    }
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
     let mut rec = if sub.batch == 1 && view.first.grad_bias.is_some() {
         let mut rec = analytic::attack(view, cfg)?;
@@ -225,7 +238,7 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         }
         rec
     } else {
-        span::attack_on(view, cfg, &sub)?
+        defended::refine_found(view, cfg, span::attack_on(view, cfg, &sub)?)?
     };
     rec.method = Method::Auto;
     Ok(rec)
