@@ -20,3 +20,29 @@ pub fn stream(seed: u64, stream: Stream) -> ChaCha8Rng {
     r.set_stream(stream as u64);
     r
 }
+
+/// Streams of the attack's stages, each the attack seed XOR a fixed salt. The salts
+/// predate [`Stream`] and are kept so that published figures reproduce; they are
+/// written here only, so no two stages share one.
+#[derive(Clone, Copy, Debug)]
+pub enum Salt {
+    /// Sketch of the randomized range finder (subspace).
+    Sketch = 0x005e_ed5b_5ace,
+    /// Neuron subsample of the span search.
+    SearchNeurons = 0x5ea_2c4,
+    /// Starts drawn from the prior in the span search.
+    SearchPrior = 0x5a11_c0de,
+    /// Neuron subsample of the pattern search.
+    PatternNeurons = 0x9a7,
+    /// Neuron subsample of the joint refinement.
+    RefineNeurons = 0x002e_f12e,
+    /// DLG's initialisation.
+    Dlg = 0x00d1_9d19,
+    /// IG's initialisation.
+    Ig = 0x0016_1616,
+}
+
+/// The generator of an attack stage under the attack seed `seed`.
+pub fn salted(seed: u64, salt: Salt) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ salt as u64)
+}

@@ -12,10 +12,6 @@ pub mod prior;
 pub mod subspace;
 pub mod view;
 
-pub use exact::{analytic, labels, pattern, refine, signal, span};
-pub use moment as tensor;
-pub use moment::{decompose, hermite, moments};
-
 use serde::Serialize;
 
 pub use prior::Prior;
@@ -104,8 +100,8 @@ pub struct AttackConfig {
     pub noise_std: Option<f64>,
     /// Show progress bars on the terminal.
     pub progress: bool,
-    pub tensor: tensor::TensorOptions,
-    pub search: span::SearchOptions,
+    pub tensor: moment::TensorOptions,
+    pub search: exact::search::SearchOptions,
     pub baseline: baseline::BaselineOptions,
 }
 
@@ -200,10 +196,10 @@ impl Reconstruction {
 /// sample and the reason, not an error.
 pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let out = match cfg.method {
-        Method::Analytic => analytic::attack(view, cfg),
-        Method::Tensor => tensor::attack(view, cfg),
-        Method::Refine => refine::attack(view, cfg),
-        Method::Span => span::attack(view, cfg),
+        Method::Analytic => exact::analytic::attack(view, cfg),
+        Method::Tensor => moment::attack(view, cfg),
+        Method::Refine => exact::refine::attack(view, cfg),
+        Method::Span => exact::route::attack(view, cfg),
         Method::Auto => auto(view, cfg),
         Method::Dlg => baseline::dlg(view, cfg),
         Method::Ig => baseline::ig(view, cfg),
@@ -226,19 +222,19 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     }
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
     let mut rec = if sub.batch == 1 && view.first.grad_bias.is_some() {
-        let mut rec = analytic::attack(view, cfg)?;
+        let mut rec = exact::analytic::attack(view, cfg)?;
         // with one sample the output bias gradient is its residual r_1 = dL/df
         if let (Some(s), Some(gc)) = (
             rec.samples.first_mut(),
             view.upper_grad.last().and_then(|l| l.bias.as_ref()),
         ) {
             let r = faer::Col::from_fn(gc.nrows(), |k| gc[k]);
-            s.label = labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];
+            s.label = exact::labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];
             s.output_residual = Some(r.iter().copied().collect());
         }
         rec
     } else {
-        defended::refine_found(view, cfg, span::attack_on(view, cfg, &sub)?)?
+        defended::refine_found(view, cfg, exact::route::attack_on(view, cfg, &sub)?)?
     };
     rec.method = Method::Auto;
     Ok(rec)

@@ -3,10 +3,10 @@
 //! (docs/DESIGN.md, "Subspace and batch size").
 
 use faer::{Mat, MatRef};
-use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::view::{BLOCK_ROWS, ServerView};
+use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
 /// G~ is decomposed directly by a thin SVD when its shorter side is at most this
@@ -199,7 +199,7 @@ fn randomized_svd(
     let (m, n) = (view.width(), view.input_dim() + 1);
     let cap = m.min(n);
     let mut k = forced.map_or(48, |b| b + 16).min(cap);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed5b_5ace);
+    let mut rng = salted(seed, Salt::Sketch);
     loop {
         let omega = Mat::from_fn(n, k, |_, _| StandardNormal.sample(&mut rng));
         let mut q = orthonormal(times(view, omega.as_ref())?);
@@ -242,6 +242,7 @@ mod tests {
     use crate::Dtype;
     use crate::model::{Activation, Dense, Gradient, Mlp};
     use faer::Col;
+    use rand::SeedableRng;
 
     /// A rank-B gradient built from (1) directly, in f64 and rounded to f32.
     fn view(m: usize, d: usize, b: usize, dtype: Dtype, seed: u64) -> (ServerView, Mat<f64>) {

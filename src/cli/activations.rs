@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use gradleak::attack::hermite;
+use gradleak::attack::moment::hermite;
 
 #[derive(Args, Debug)]
 pub struct ActivationsArgs {

@@ -72,12 +72,19 @@ pub fn with_spinner<R>(msg: &str, f: impl FnOnce() -> R) -> R {
 /// Budgets of the iterative attacks (the defaults suit a laptop; raise them for hard cases).
 #[derive(clap::Args, Debug, Clone)]
 pub struct Budget {
-    /// Wall-clock budget of the span search in seconds.
+    /// Optional wall-clock cap of the span search in seconds (default: none; the
+    /// budget is counted in starts and rounds, so results do not depend on the machine).
     #[arg(long)]
     pub search_seconds: Option<f64>,
     /// Most Levenberg-Marquardt starts of the span search.
     #[arg(long)]
     pub search_starts: Option<usize>,
+    /// Demixing (FastICA) rounds that seed the span search; 0 = random starts only.
+    #[arg(long)]
+    pub seed_rounds: Option<usize>,
+    /// Threads polishing the seeds of a round (the output does not depend on it).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Iterations of the dlg (L-BFGS) and ig (Adam) baselines.
     #[arg(long)]
     pub baseline_iters: Option<usize>,
@@ -94,11 +101,18 @@ impl Budget {
                 s.is_finite() && s > 0.0,
                 "--search-seconds must be a positive number"
             );
-            cfg.search.seconds = s;
+            cfg.search.seconds = Some(s);
         }
         if let Some(n) = self.search_starts {
             anyhow::ensure!(n > 0, "--search-starts must be at least 1");
             cfg.search.max_starts = n;
+        }
+        if let Some(n) = self.seed_rounds {
+            cfg.search.seed_rounds = n;
+        }
+        if let Some(n) = self.threads {
+            anyhow::ensure!(n > 0, "--threads must be at least 1");
+            cfg.search.threads = n;
         }
         if let Some(n) = self.baseline_iters {
             anyhow::ensure!(n > 0, "--baseline-iters must be at least 1");

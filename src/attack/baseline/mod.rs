@@ -9,14 +9,14 @@ pub mod matching;
 mod tv;
 
 use faer::Mat;
-use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::attack::analytic::EXACT_FACTOR;
+use crate::attack::exact::floor::direct_floor;
 use crate::attack::{AttackConfig, Method, Prior, Reconstruction, Sample, ServerView, subspace};
 use crate::io::png::ImageShape;
 use crate::model::{Gradient, Loss, Mlp};
-use crate::{Error, Result};
+use crate::rng::{Salt, salted};
+use crate::{Dtype, Error, Result};
 use matching::{GradientMap, LabelModel, combine, dot};
 
 /// Iterations of DLG's L-BFGS (Zhu et al. run 300 on small images; the MLP cases
@@ -221,7 +221,7 @@ impl Problem {
     }
 
     /// The samples of a final candidate.
-    fn finish(mut self, theta: &[f64], stage: &str, eps: f64) -> Result<Reconstruction> {
+    fn finish(mut self, theta: &[f64], stage: &str, dtype: Dtype) -> Result<Reconstruction> {
         let (x, lam) = self.unpack(theta);
         let residual = self.relative_residual(theta)?;
         let (b, d, k) = self.dims();
@@ -234,7 +234,7 @@ impl Problem {
             self.rec.samples.push(Sample {
                 x: (0..d).map(|j| x[(i, j)]).collect(),
                 residual: Some(residual),
-                exact: residual <= EXACT_FACTOR * eps,
+                exact: residual <= direct_floor(dtype),
                 stage: stage.into(),
                 label,
                 output_residual: None,
@@ -275,7 +275,7 @@ pub fn dlg(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let o = &cfg.baseline;
     check_budget(o.dlg_iters, o.restarts)?;
     let mut prob = Problem::new(view, cfg, Method::Dlg)?;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x00d1_9d19);
+    let mut rng = salted(cfg.seed, Salt::Dlg);
     let opts = crate::numerics::lbfgs::LbfgsOptions {
         max_iters: o.dlg_iters,
         memory: LBFGS_MEMORY,
@@ -319,7 +319,7 @@ pub fn dlg(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     prob.rec
         .diagnostics
         .insert("evaluations".into(), evals.into());
-    prob.finish(&best.x, "dlg", view.dtype.epsilon())
+    prob.finish(&best.x, "dlg", view.dtype)
 }
 
 /// Adam's moment decays (Kingma & Ba's defaults) and the denominator's floor.
@@ -341,7 +341,7 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
             .notes
             .push("inputs are not images: no total-variation prior".into());
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x0016_1616);
+    let mut rng = salted(cfg.seed, Salt::Ig);
     let pb = progress(cfg, o.ig_iters * o.ig_restarts, "ig");
     let p = prob.prior;
     let step_x = IG_STEP
@@ -403,7 +403,7 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     prob.rec
         .diagnostics
         .insert("iterations".into(), (o.ig_iters * o.ig_restarts).into());
-    prob.finish(&theta, "ig", view.dtype.epsilon())
+    prob.finish(&theta, "ig", view.dtype)
 }
 
 #[cfg(test)]

@@ -15,6 +15,9 @@
 //! is a fixed point; under noise the fixed point is the least-squares fit of both
 //! halves. Each step costs O(B m d + m (BK)^2).
 
+// `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use faer::linalg::solvers::Solve;
 use faer::{Col, Mat};
 
@@ -56,13 +59,14 @@ impl TwoLayer {
     /// (weight, bias) weights.
     pub fn new(view: &ServerView, weights: &[(f64, f64)]) -> Result<Self> {
         if view.depth() != 1 || weights.len() != 2 {
-            return Err(Error::Invalid("the alternating fit needs one hidden layer".into()));
+            return Err(Error::Invalid(
+                "the alternating fit needs one hidden layer".into(),
+            ));
         }
-        let b = view
-            .first
-            .bias
-            .clone()
-            .ok_or_else(|| Error::Invalid("the alternating fit needs a first-layer bias".into()))?;
+        let b =
+            view.first.bias.clone().ok_or_else(|| {
+                Error::Invalid("the alternating fit needs a first-layer bias".into())
+            })?;
         let m = view.width();
         let k = view.outputs();
         Ok(TwoLayer {
@@ -71,7 +75,11 @@ impl TwoLayer {
             b,
             a: view.upper[0].weight.clone(),
             ow: view.first.grad_weight.to_mat()?,
-            ob: view.first.grad_bias.clone().unwrap_or_else(|| Col::zeros(m)),
+            ob: view
+                .first
+                .grad_bias
+                .clone()
+                .unwrap_or_else(|| Col::zeros(m)),
             oa: view.upper_grad[0].weight.clone(),
             oc: view.upper_grad[0]
                 .bias
@@ -128,7 +136,9 @@ impl TwoLayer {
         // split as ww (x . x') + wb (1), matching O_W and O_b
         let sol = nm.partial_piv_lu().solve(&rhs);
         if !sol.norm_l2().is_finite() {
-            return Err(Error::Numerical("the R-step's normal equations are singular".into()));
+            return Err(Error::Numerical(
+                "the R-step's normal equations are singular".into(),
+            ));
         }
         Ok(Mat::from_fn(bsz, k, |i, kk| sol[i * k + kk]))
     }
@@ -136,7 +146,9 @@ impl TwoLayer {
     /// Delta = act'(Z) o (R A), B x m.
     fn delta(&self, z: &Mat<f64>, r: &Mat<f64>) -> Mat<f64> {
         let ra = r * &self.a;
-        Mat::from_fn(z.nrows(), z.ncols(), |i, j| self.act.d1(z[(i, j)]) * ra[(i, j)])
+        Mat::from_fn(z.nrows(), z.ncols(), |i, j| {
+            self.act.d1(z[(i, j)]) * ra[(i, j)]
+        })
     }
 
     /// The X-step: least squares O_W = Delta^T X at fixed Delta.
@@ -145,7 +157,9 @@ impl TwoLayer {
         let rhs = delta * &self.ow;
         let x = g.partial_piv_lu().solve(&rhs);
         if !x.norm_l2().is_finite() {
-            return Err(Error::Numerical("the X-step's normal equations are singular".into()));
+            return Err(Error::Numerical(
+                "the X-step's normal equations are singular".into(),
+            ));
         }
         Ok(x)
     }
@@ -161,7 +175,8 @@ impl TwoLayer {
         let eb = (&self.ob - delta.transpose() * &ones).squared_norm_l2();
         let ea = (&self.oa - r.transpose() * &h).squared_norm_l2();
         let ec = (&self.oc - r.transpose() * &ones).squared_norm_l2();
-        let entries = (self.ow.nrows() * (self.ow.ncols() + 1) + self.oa.nrows() * (self.oa.ncols() + 1)) as f64;
+        let entries = (self.ow.nrows() * (self.ow.ncols() + 1)
+            + self.oa.nrows() * (self.oa.ncols() + 1)) as f64;
         (ww * ew + wb * eb + wa * ea + wc * ec) / entries
     }
 
@@ -294,7 +309,9 @@ mod tests {
         cfg.attack.baseline.dlg_iters = 1;
         cfg.attack.baseline.restarts = 1;
         let out = simulate::run(&cfg).unwrap();
-        let mut view = crate::attack::ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64).unwrap();
+        let mut view =
+            crate::attack::ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64)
+                .unwrap();
         view.noise_std = out.report.defense.as_ref().unwrap().noise_std;
         view.defenses = cfg.defenses.clone();
         let errors = ErrorModel::of(&view, &out.gradient).unwrap();
@@ -304,7 +321,10 @@ mod tests {
         let f_truth = tl.objective(&x, &r0);
         let fit = tl.fit(&x, 50, 1e-14).unwrap();
         let err = (&fit.x - &x).norm_l2() / x.norm_l2();
-        eprintln!("truth {f_truth} fit {} after {} error {err:e}", fit.objective, fit.iterations);
+        eprintln!(
+            "truth {f_truth} fit {} after {} error {err:e}",
+            fit.objective, fit.iterations
+        );
         assert!(f_truth < 1.2 && fit.objective <= f_truth && err < 1e-2);
     }
 }

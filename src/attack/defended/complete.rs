@@ -11,6 +11,9 @@
 //! `MIN_OBSERVED_PER_RANK` r observed entries are not determined and are dropped: the
 //! exact route then runs on the remaining neurons.
 
+// `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use faer::Mat;
 
 use crate::attack::view::{FirstLayer, Rows};
@@ -62,7 +65,6 @@ struct Observed {
     n: usize,
     by_row: Vec<Vec<(usize, f64)>>,
     by_col: Vec<Vec<(usize, f64)>>,
-    norm: f64,
 }
 
 impl Observed {
@@ -70,7 +72,6 @@ impl Observed {
         let (m, n) = (view.width(), view.input_dim() + 1);
         let mut by_row = vec![Vec::new(); m];
         let mut by_col = vec![Vec::new(); n];
-        let mut norm = 0.0;
         for start in (0..m).step_by(BLOCK_ROWS) {
             let r = start..(start + BLOCK_ROWS).min(m);
             let g = view.augmented_gradient_block(r.clone())?;
@@ -80,7 +81,6 @@ impl Observed {
                     if v != 0.0 {
                         by_row[j].push((k, v));
                         by_col[k].push((j, v));
-                        norm += v * v;
                     }
                 }
             }
@@ -91,7 +91,6 @@ impl Observed {
             n,
             by_row,
             by_col,
-            norm: norm.sqrt(),
         })
     }
 
@@ -143,7 +142,13 @@ fn spd_solve(a: &mut [f64], b: &mut [f64], r: usize, ridge: f64) -> Option<()> {
 
 /// One half-sweep: every row of `out` (entries `lists`) fitted by least squares against
 /// the factor `other` (row-major, r per row). Lists shorter than `min_obs` get zeros.
-fn half_sweep(lists: &[Vec<(usize, f64)>], other: &[f64], out: &mut [f64], r: usize, min_obs: usize) {
+fn half_sweep(
+    lists: &[Vec<(usize, f64)>],
+    other: &[f64],
+    out: &mut [f64],
+    r: usize,
+    min_obs: usize,
+) {
     let mut a = vec![0.0; r * r];
     let mut b = vec![0.0; r];
     for (j, list) in lists.iter().enumerate() {
@@ -175,25 +180,37 @@ fn half_sweep(lists: &[Vec<(usize, f64)>], other: &[f64], out: &mut [f64], r: us
     }
 }
 
-/// Relative residual on the observed entries.
+/// Relative residual on the observed entries of the kept neurons; infinite when
+/// fewer than a tenth of the neurons (or fewer than r) are kept, which no fit is.
 fn residual(obs: &Observed, u: &[f64], v: &[f64], r: usize) -> f64 {
-    let mut s = 0.0;
+    let (mut s, mut norm, mut kept) = (0.0, 0.0, 0);
     for (j, list) in obs.by_row.iter().enumerate() {
         let uj = &u[j * r..(j + 1) * r];
-        if uj.iter().all(|&x| x == 0.0) {
+        if list.len() < MIN_OBSERVED_PER_RANK * r {
             continue;
         }
+        kept += 1;
         for &(k, g) in list {
             let vk = &v[k * r..(k + 1) * r];
             let p: f64 = uj.iter().zip(vk).map(|(a, b)| a * b).sum();
             s += (g - p) * (g - p);
+            norm += g * g;
         }
     }
-    s.sqrt() / obs.norm.max(f64::MIN_POSITIVE)
+    if kept < r.max(obs.m / 10) || !(norm > 0.0) {
+        return f64::INFINITY;
+    }
+    (s / norm).sqrt()
 }
 
 /// ALS at rank r from the zero-filled matrix's top-r right singular vectors `v0`.
-fn als(obs: &Observed, v0: &Mat<f64>, r: usize, sweeps: usize, fit: f64) -> (Vec<f64>, Vec<f64>, f64, usize) {
+fn als(
+    obs: &Observed,
+    v0: &Mat<f64>,
+    r: usize,
+    sweeps: usize,
+    fit: f64,
+) -> (Vec<f64>, Vec<f64>, f64, usize) {
     let (m, n) = (obs.m, obs.n);
     let mut v: Vec<f64> = (0..n * r).map(|i| v0[(i / r, i % r)]).collect();
     let mut u = vec![0.0; m * r];
@@ -228,9 +245,9 @@ fn zero_filled_svd(obs: &Observed, k: usize) -> Result<Mat<f64>> {
             }
         }
     }
-    let eig = gram
-        .self_adjoint_eigen(faer::Side::Lower)
-        .map_err(|e| Error::Numerical(format!("eigenproblem of the zero-filled gradient: {e:?}")))?;
+    let eig = gram.self_adjoint_eigen(faer::Side::Lower).map_err(|e| {
+        Error::Numerical(format!("eigenproblem of the zero-filled gradient: {e:?}"))
+    })?;
     // eigenvalues ascending: take the last k columns, largest first
     let k = k.min(n);
     Ok(Mat::from_fn(n, k, |i, j| eig.U()[(i, n - 1 - j)]))
@@ -279,10 +296,16 @@ pub fn complete(view: &ServerView) -> Result<Completion> {
     let rmax = MAX_RANK.min(n - 1).min(m - 1);
     let v0 = zero_filled_svd(&obs, rmax)?;
     // a rank that fits: doubling (an over-parametrised fit converges fastest)
-    let mut r = 4.min(rmax);
+    let mut r = 1;
     let mut sweeps = 0;
     let fitted = loop {
-        let (u, v, res, s) = als(&obs, &v0.subcols(0, r).to_owned(), r, PROBE_SWEEPS, PROBE_FIT);
+        let (u, v, res, s) = als(
+            &obs,
+            &v0.subcols(0, r).to_owned(),
+            r,
+            PROBE_SWEEPS,
+            PROBE_FIT,
+        );
         sweeps += s;
         if res <= PROBE_FIT {
             break Some((u, v));

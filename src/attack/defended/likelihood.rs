@@ -15,6 +15,9 @@
 //! from the exact route's estimates (in the right basin) instead of random inputs.
 //! L-BFGS on variables scaled by the Gauss-Newton column norms.
 
+// `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use faer::Mat;
 
 use crate::attack::baseline::matching::{GradientMap, LabelModel, dot};
@@ -256,7 +259,11 @@ fn scales(model: &Mlp<f64>, x: &Mat<f64>, r: &Mat<f64>, w: f64) -> Result<(Vec<f
     let sx: Vec<f64> = (0..b)
         .map(|i| {
             let n = sw * row_norm(&bw.deltas[0], i);
-            if n > 0.0 && n.is_finite() { 1.0 / n } else { 1.0 }
+            if n > 0.0 && n.is_finite() {
+                1.0 / n
+            } else {
+                1.0
+            }
         })
         .collect();
     let last_in = |i: usize| {
@@ -270,8 +277,13 @@ fn scales(model: &Mlp<f64>, x: &Mat<f64>, r: &Mat<f64>, w: f64) -> Result<(Vec<f
         let bu = model.backward(x.as_ref(), &fw, unit.as_ref())?;
         for i in 0..b {
             let xn2 = row_norm(x, i).powi(2) + 1.0;
-            let n = sw * (xn2 * row_norm(&bu.deltas[0], i).powi(2) + last_in(i).powi(2) + 1.0).sqrt();
-            sr[(i, kk)] = if n > 0.0 && n.is_finite() { 1.0 / n } else { 1.0 };
+            let n =
+                sw * (xn2 * row_norm(&bu.deltas[0], i).powi(2) + last_in(i).powi(2) + 1.0).sqrt();
+            sr[(i, kk)] = if n > 0.0 && n.is_finite() {
+                1.0 / n
+            } else {
+                1.0
+            };
         }
     }
     Ok((sx, sr))

@@ -3,13 +3,10 @@
 //! least squares: x = sum_j g_b_j g_w_j / sum_j g_b_j^2 (the neurons with the
 //! largest |g_b_j| dominate, which is what keeps the rounding error smallest).
 
+use super::floor::direct_floor;
 use crate::attack::view::BLOCK_ROWS;
 use crate::attack::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
 use crate::{Error, Result};
-
-/// Relative residual below `EXACT_FACTOR * eps(dtype)` counts as exact: the gradient's
-/// own rounding gives about eps/2 per entry, amplified by at most a few units by the sums.
-pub const EXACT_FACTOR: f64 = 100.0;
 
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let (Some(gb), Some(_)) = (&view.first.grad_bias, &view.first.bias) else {
@@ -83,7 +80,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     rec.samples.push(Sample {
         x,
         residual: Some(residual),
-        exact: noise.is_none() && residual <= EXACT_FACTOR * view.dtype.epsilon(),
+        exact: noise.is_none() && residual <= direct_floor(view.dtype),
         stage: "analytic".into(),
         label: None,
         output_residual: None,

@@ -11,7 +11,7 @@ use faer::linalg::solvers::Solve;
 use faer::{Col, Mat, Side};
 
 use super::signal::{Neurons, SignalModel};
-use super::span::Zero;
+use super::zero::Zero;
 use crate::attack::subspace::Subspace;
 use crate::model::Loss;
 

@@ -15,14 +15,16 @@
 
 use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 
+use super::floor::exact_floor;
+use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};
-use super::span::{self, SearchStats, Zero, best_residual_of};
+use super::subsample::Subsample;
+use super::zero::{SearchStats, Zero, best_residual_of, row_points};
 use crate::attack::subspace::Subspace;
 use crate::attack::{AttackConfig, ServerView};
 use crate::model::{Activation, LEAKY_SLOPE};
+use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
 /// Alternating-projection sweeps per start (a correct pattern is stable after a few).
@@ -41,7 +43,7 @@ pub fn slopes(act: Activation) -> Option<(f64, f64)> {
 
 /// Alternating projections on `neurons` from pattern `pat` (one entry per neuron of
 /// `neurons`); Some((pattern, unit r, F)) when F reaches `floor`.
-fn alternate(
+pub(crate) fn alternate(
     a: &Mat<f64>,
     neurons: &Neurons,
     mut pat: Vec<bool>,
@@ -87,6 +89,162 @@ fn alternate(
     None
 }
 
+/// A found activation pattern: (pattern on every neuron, unit r, F).
+pub(crate) type Found = (Vec<bool>, Col<f64>, f64);
+
+/// What the alternation from one start reads (shared, read-only).
+pub(crate) struct Alternation<'a> {
+    pub a: &'a Mat<f64>,
+    pub q: &'a Mat<f64>,
+    pub small: &'a Neurons,
+    pub all: &'a Neurons,
+    pub slopes: (f64, f64),
+    pub floor: f64,
+    pub floor_small: f64,
+    pub model: &'a SignalModel,
+}
+
+impl Alternation<'_> {
+    /// Alternate on the subsample from the pattern of c (fewer hyperplanes: row-point
+    /// patterns agree more), then lift the signal to every neuron through its
+    /// coordinates in Q and finish there. Returns the exact pattern if any, and the sweeps.
+    pub(crate) fn from_start(&self, c: &Col<f64>) -> (Option<Found>, usize) {
+        let (lo, hi) = self.slopes;
+        let mid = 0.5 * (lo + hi);
+        let a = self.a;
+        let small = self.small;
+        let mut stats = SearchStats::default();
+        let zs = self.model.z(c, &small.rows);
+        let pat0: Vec<bool> = zs.iter().map(|&z| z > 0.0).collect();
+        let Some((ps, rs, _)) =
+            alternate(a, small, pat0, self.slopes, self.floor_small, &mut stats)
+        else {
+            return (None, stats.lm_iterations);
+        };
+        let ss = Col::from_fn(ps.len(), |i| {
+            let j = small.rows[i];
+            (if ps[i] { hi } else { lo }) * (0..a.nrows()).map(|k| a[(k, j)] * rs[k]).sum::<f64>()
+        });
+        let b = self.q.ncols();
+        let qs = Mat::from_fn(small.len(), b, |i, k| self.q[(small.rows[i], k)]);
+        let coef = qs.qr().solve_lstsq(&ss);
+        let y = self.q * &coef;
+        let ar = a.transpose() * &rs;
+        let pat_full: Vec<bool> = (0..self.q.nrows())
+            .map(|j| {
+                if ar[j].abs() < 1e-300 {
+                    false
+                } else {
+                    y[j] / ar[j] > mid
+                }
+            })
+            .collect();
+        let res = alternate(a, self.all, pat_full, self.slopes, self.floor, &mut stats);
+        (res, stats.lm_iterations)
+    }
+
+    /// A pattern with no active neuron (or, for ReLU, fewer than B) carries no sample.
+    pub(crate) fn degenerate(&self, pat: &[bool]) -> bool {
+        let active = pat.iter().filter(|&&p| p).count();
+        active == 0 || (self.slopes.0 == 0.0 && active < self.q.ncols())
+    }
+
+    /// The pattern was found before (differs on at most `SAME_PATTERN` of the neurons).
+    pub(crate) fn duplicate(&self, found: &[Found], pat: &[bool]) -> bool {
+        let m = pat.len();
+        found.iter().any(|(p, _, _)| {
+            p.iter().zip(pat).filter(|(a, b)| a != b).count() as f64 <= SAME_PATTERN * m as f64
+        })
+    }
+
+    /// The signal p (.) (A^T r) on every neuron.
+    pub(crate) fn signal(&self, pat: &[bool], r: &Col<f64>) -> Col<f64> {
+        let (lo, hi) = self.slopes;
+        let a = self.a;
+        Col::from_fn(pat.len(), |j| {
+            (if pat[j] { hi } else { lo }) * (0..a.nrows()).map(|k| a[(k, j)] * r[k]).sum::<f64>()
+        })
+    }
+
+    /// Inputs of the found samples when some patterns are missing: the found signals
+    /// plus a basis of what is left of the column space, (I - P_f) GV, stand in for S.
+    /// The missing signals' overlap with the found ones then biases each c_i, so these
+    /// samples are approximate (never marked exact) but consistent with their patterns.
+    pub(crate) fn partial_inputs(
+        &self,
+        sub: &Subspace,
+        gv: &Mat<f64>,
+        found: &[Found],
+    ) -> Vec<Zero> {
+        if found.is_empty() {
+            return Vec::new();
+        }
+        let b = gv.ncols();
+        let rest = super::pattern_rounds::deflate(self, gv, found);
+        let Ok(svd) = rest.thin_svd() else {
+            return Vec::new();
+        };
+        let u = svd.U();
+        let mut extra = Mat::zeros(gv.nrows(), b - found.len());
+        for i in 0..b - found.len() {
+            extra.col_mut(i).copy_from(u.col(i));
+        }
+        let mut zeros = self.inputs_with(sub, gv, found, &extra);
+        for z in &mut zeros {
+            z.exact = false;
+        }
+        zeros
+    }
+
+    /// Inputs from all B signals: G~ V = S diag(alpha) C^T, so diag(alpha) C^T = S^+ G~ V;
+    /// each c_i is normalised by its bias coordinate and must reproduce its own pattern.
+    pub(crate) fn inputs(&self, sub: &Subspace, gv: &Mat<f64>, found: &[Found]) -> Vec<Zero> {
+        self.inputs_with(sub, gv, found, &Mat::zeros(gv.nrows(), 0))
+    }
+
+    /// As [`Self::inputs`], with `extra` columns standing in for signals not found.
+    fn inputs_with(
+        &self,
+        sub: &Subspace,
+        gv: &Mat<f64>,
+        found: &[Found],
+        extra: &Mat<f64>,
+    ) -> Vec<Zero> {
+        let (m, b) = gv.shape();
+        let nf = found.len();
+        let mut s = Mat::zeros(m, nf + extra.ncols());
+        for (i, (p, r, _)) in found.iter().enumerate() {
+            s.col_mut(i).copy_from(self.signal(p, r));
+        }
+        for i in 0..extra.ncols() {
+            s.col_mut(nf + i).copy_from(extra.col(i));
+        }
+        let sts = s.transpose() * &s;
+        let rhs = s.transpose() * gv;
+        let w = sts.partial_piv_lu().solve(&rhs); // B x B, row i = alpha_i c_i^T
+        let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
+        let rows: Vec<usize> = (0..m).collect();
+        let mut zeros = Vec::new();
+        for (i, (p, r, f)) in found.iter().enumerate() {
+            let row = Col::from_fn(b, |k| w[(i, k)]);
+            let scale = row.transpose() * &vl;
+            if !(scale.abs() > 0.0) {
+                continue;
+            }
+            let c = &row * (1.0 / scale);
+            let zc = self.model.z(&c, &rows);
+            let agree = zc.iter().zip(p).filter(|(z, p)| (**z > 0.0) == **p).count();
+            zeros.push(Zero {
+                c,
+                r: r.clone(),
+                residual: *f,
+                exact: *f <= self.floor && agree == m && found.len() == b,
+            });
+        }
+        zeros
+    }
+}
+
 /// Neurons of the subsample the alternation starts on.
 pub const PATTERN_NEURONS: usize = 2048;
 
@@ -117,126 +275,78 @@ pub fn search(
         .clone();
     let (m, b) = (model.width(), model.batch());
     let all = Neurons::all(&sub.q);
-    let floor = span::exact_floor(view, sub);
-    let rows: Vec<usize> = (0..m).collect();
+    let floor = exact_floor(view, sub);
     let small = {
-        let mut perm = rows.clone();
-        perm.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
-            cfg.seed ^ 0x9a7,
-        ));
-        let n = PATTERN_NEURONS.max(16 * (b + a.nrows())).min(m);
-        let mut r = perm[..n].to_vec();
-        r.sort_unstable();
-        Neurons::new(&sub.q, r)
+        let order = Subsample::new(m, &mut salted(cfg.seed, Salt::PatternNeurons));
+        Neurons::new(
+            &sub.q,
+            order.first(PATTERN_NEURONS.max(16 * (b + a.nrows()))),
+        )
     };
     // F on the subsample is computed against a re-orthonormalised basis: the same
     // rounding floor applies (it depends on the conditioning of G~, not on m)
     let floor_small = floor;
     let gv = Mat::from_fn(m, b, |j, k| sub.q[(j, k)] * sub.singular_values[k]);
-    let starts = span::row_points(sub, &gv);
     let mut stats = SearchStats {
         exact_floor: floor,
-        candidates: starts.len(),
         ..Default::default()
     };
-    let mut found: Vec<(Vec<bool>, Col<f64>, f64)> = Vec::new();
-    let mid = 0.5 * (lo + hi);
+    let mut found: Vec<Found> = Vec::new();
+    let alt = Alternation {
+        a: &a,
+        q: &sub.q,
+        small: &small,
+        all: &all,
+        slopes: (lo, hi),
+        floor,
+        floor_small,
+        model: &model,
+    };
+    let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
+    let opts = &cfg.search;
+    pattern_rounds::rounds(
+        &alt,
+        &gv,
+        &vl,
+        cfg.seed,
+        opts.seed_rounds,
+        opts.ica_iterations,
+        opts.threads,
+        &mut found,
+        &mut stats,
+    );
+    // then the row points of the gradient with the found signals removed
+    let starts = row_points(sub, &pattern_rounds::deflate(&alt, &gv, &found));
+    stats.candidates += starts.len();
     for c in starts {
         if found.len() >= b
             || stats.starts >= cfg.search.max_starts
-            || t0.elapsed().as_secs_f64() > cfg.search.seconds
+            || cfg
+                .search
+                .seconds
+                .is_some_and(|s| t0.elapsed().as_secs_f64() > s)
         {
             break;
         }
         stats.starts += 1;
-        // alternate on the subsample (fewer hyperplanes: row-point patterns agree more),
-        // then lift the signal to every neuron through its coordinates in Q and finish there
-        let zs = model.z(&c, &small.rows);
-        let pat0: Vec<bool> = zs.iter().map(|&z| z > 0.0).collect();
-        let Some((ps, rs, _)) = alternate(&a, &small, pat0, (lo, hi), floor_small, &mut stats)
-        else {
-            continue;
-        };
-        let ss = Col::from_fn(ps.len(), |i| {
-            let j = small.rows[i];
-            (if ps[i] { hi } else { lo }) * (0..a.nrows()).map(|k| a[(k, j)] * rs[k]).sum::<f64>()
-        });
-        let qs = Mat::from_fn(small.len(), b, |i, k| sub.q[(small.rows[i], k)]);
-        let coef = qs.qr().solve_lstsq(&ss);
-        let y = &sub.q * &coef;
-        let ar = a.transpose() * &rs;
-        let pat_full: Vec<bool> = (0..m)
-            .map(|j| {
-                if ar[j].abs() < 1e-300 {
-                    false
-                } else {
-                    y[j] / ar[j] > mid
-                }
-            })
-            .collect();
-        let result = alternate(&a, &all, pat_full, (lo, hi), floor, &mut stats);
-        let Some((pat, r, f)) = result else { continue };
-        let result = Some((r, f));
-        let Some((r, f)) = result else { continue };
-        let active = pat.iter().filter(|&&p| p).count();
-        if active == 0 || (lo == 0.0 && active < b) {
+        let (res, iters) = alt.from_start(&c);
+        stats.lm_iterations += iters;
+        let Some((pat, r, f)) = res else { continue };
+        if alt.degenerate(&pat) {
             stats.degenerate += 1;
             continue;
         }
-        let dup = found.iter().any(|(p, _, _)| {
-            p.iter().zip(&pat).filter(|(a, b)| a != b).count() as f64 <= SAME_PATTERN * m as f64
-        });
-        if dup {
+        if alt.duplicate(&found, &pat) {
             stats.duplicates += 1;
             continue;
         }
         found.push((pat, r, f));
     }
     stats.seconds = t0.elapsed().as_secs_f64();
-    if found.len() < b {
-        return Ok((
-            Vec::new(),
-            SearchStats {
-                rounds: found.len(),
-                ..stats
-            },
-            model,
-        ));
-    }
-    // inputs from the signals: G~ V = S diag(alpha) C^T, so diag(alpha) C^T = S^+ G~ V
-    let s = Mat::from_fn(m, b, |j, i| {
-        let (p, r, _) = &found[i];
-        (if p[j] { hi } else { lo }) * (0..a.nrows()).map(|k| a[(k, j)] * r[k]).sum::<f64>()
-    });
-    let sts = s.transpose() * &s;
-    let rhs = s.transpose() * &gv;
-    let w = sts.partial_piv_lu().solve(&rhs); // B x B, row i = alpha_i c_i^T
-    let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
-    let mut zeros = Vec::new();
-    for (i, (p, r, f)) in found.iter().enumerate() {
-        let row = Col::from_fn(b, |k| w[(i, k)]);
-        let scale = row.transpose() * &vl;
-        if !(scale.abs() > 0.0) {
-            continue;
-        }
-        let c = &row * (1.0 / scale);
-        // the input must produce the pattern it was found with
-        let zc = model.z(&c, &rows);
-        let agree = zc.iter().zip(p).filter(|(z, p)| (**z > 0.0) == **p).count();
-        let exact = *f <= floor && agree == m;
-        zeros.push(Zero {
-            c,
-            r: r.clone(),
-            residual: *f,
-            exact,
-        });
-    }
-    Ok((
-        zeros,
-        SearchStats {
-            rounds: found.len(),
-            ..stats
-        },
-        model,
-    ))
+    let zeros = if found.len() < b {
+        alt.partial_inputs(sub, &gv, &found)
+    } else {
+        alt.inputs(sub, &gv, &found)
+    };
+    Ok((zeros, stats, model))
 }

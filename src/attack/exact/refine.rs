@@ -1,5 +1,5 @@
 //! `--method refine`: Levenberg-Marquardt on the projected gradient equations (3)
-//! of ALGORITHM.md for all samples at once, with free output residuals R
+//! of docs/DESIGN.md for all samples at once, with free output residuals R
 //! (docs/DESIGN.md, "Refinement"):
 //!
 //! ```text
@@ -11,17 +11,21 @@
 //! search's zeros. Each result is then checked on every neuron with the span residual.
 
 use faer::{Col, Mat};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
 
+use super::floor::exact_floor;
 use super::labels;
+use super::problem::SpanProblem;
+use super::route::{record, to_samples};
+use super::search::search;
 use super::signal::{Neurons, SignalModel};
-use super::span::{self, SpanProblem, Zero};
+use super::subsample::{self, Subsample};
+use super::zero::{Zero, best_residual, pack, unpack};
 use crate::Result;
 use crate::attack::moment as tensor;
 use crate::attack::subspace::{self, Subspace};
 use crate::attack::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::numerics::lm::{self, LmOptions, Problem};
+use crate::rng::{Salt, salted};
 
 /// Options of this method.
 #[derive(Clone, Debug, Default)]
@@ -53,31 +57,24 @@ impl JointProblem<'_> {
     fn unpack(&self, u: &Col<f64>) -> (Vec<Col<f64>>, Vec<Col<f64>>) {
         let (b, nb, k) = (self.model.batch(), self.model.dims(), self.model.k);
         let per = nb + k;
-        let c = (0..b)
+        (0..b)
             .map(|i| {
-                self.model
-                    .coords
-                    .c_of_t(&Col::from_fn(nb, |j| u[i * per + j]))
+                let (t, r) = unpack(self.model, u.subrows(i * per, per));
+                (self.model.coords.c_of_t(&t), r * self.scale)
             })
-            .collect();
-        let r = (0..b)
-            .map(|i| Col::from_fn(k, |j| u[i * per + nb + j] * self.scale))
-            .collect();
-        (c, r)
+            .unzip()
     }
 
     /// Pack samples (c_i, absolute r_i) into unknowns.
     pub fn pack(&self, c: &[Col<f64>], r: &[Col<f64>]) -> Col<f64> {
-        let (nb, k) = (self.model.dims(), self.model.k);
-        let per = nb + k;
-        Col::from_fn(c.len() * per, |idx| {
-            let (i, j) = (idx / per, idx % per);
-            if j < nb {
-                self.model.coords.t_of_c(&c[i])[j]
-            } else {
-                r[i][j - nb] / self.scale
-            }
-        })
+        let per = self.model.dims() + self.model.k;
+        let mut u = Col::zeros(c.len() * per);
+        for (i, (c, r)) in c.iter().zip(r).enumerate() {
+            let r = Col::from_fn(r.nrows(), |j| r[j] / self.scale);
+            let ui = pack(self.model, c, &r);
+            u.subrows_mut(i * per, per).copy_from(&ui);
+        }
+        u
     }
 }
 
@@ -139,7 +136,7 @@ pub fn polish(
     seed: u64,
 ) -> Vec<Zero> {
     let (m, b, k) = (model.width(), model.batch(), model.k);
-    let floor = span::exact_floor(view, sub);
+    let floor = exact_floor(view, sub);
     let all = Neurons::all(&sub.q);
     // every candidate is judged (and per-sample refined) on all neurons, undeflated
     let full = SpanProblem {
@@ -149,19 +146,10 @@ pub fn polish(
         rho: 1.0,
         bound: None,
     };
-    // the unknown vector (t, r) of the span problem for input c and residual r
-    let stack = |c: &Col<f64>, r: &Col<f64>| -> Col<f64> {
-        let t = model.coords.t_of_c(c);
-        Col::from_fn(model.dims() + k, |i| {
-            if i < model.dims() {
-                t[i]
-            } else {
-                r[i - model.dims()]
-            }
-        })
-    };
     let check = |c: &Col<f64>, r: &Col<f64>| -> Zero {
-        let f = full.span_residual(&stack(c, r)).unwrap_or(f64::INFINITY);
+        let f = full
+            .span_residual(&pack(model, c, r))
+            .unwrap_or(f64::INFINITY);
         let nr = r.norm_l2().max(f64::MIN_POSITIVE);
         Zero {
             c: c.clone(),
@@ -175,29 +163,21 @@ pub fn polish(
         return starts
             .iter()
             .map(|z| {
-                let u0 = stack(&z.c, &z.r);
+                let u0 = pack(model, &z.c, &z.r);
                 let opts = LmOptions {
                     max_iterations: JOINT_ITERATIONS,
                     target: 0.0,
                     stall: 1e-3,
                 };
                 let u = lm::solve(&full, u0.clone(), &opts).map_or(u0, |r| r.u);
-                let t = Col::from_fn(model.dims(), |i| u[i]);
-                let r = Col::from_fn(k, |i| u[model.dims() + i]);
+                let (t, r) = unpack(model, u.as_ref());
                 check(&model.coords.c_of_t(&t), &r)
             })
             .collect();
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x002e_f12e);
-    let mut perm: Vec<usize> = (0..m).collect();
-    perm.shuffle(&mut rng);
-    let n = opts
-        .neurons
-        .unwrap_or(NEURONS_PER_UNKNOWN * (b - 1 + k))
-        .max(MIN_NEURONS)
-        .min(m);
-    let mut rows = perm[..n].to_vec();
-    rows.sort_unstable();
+    let order = Subsample::new(m, &mut salted(seed, Salt::RefineNeurons));
+    let n = subsample::size(opts.neurons, NEURONS_PER_UNKNOWN, MIN_NEURONS, b - 1 + k, m);
+    let rows = order.first(n);
     let target = Mat::from_fn(n, b, |a, q| sub.q[(rows[a], q)] * sub.singular_values[q]);
     let scale = target.norm_l2().max(f64::MIN_POSITIVE);
     let target = target * (1.0 / scale);
@@ -232,7 +212,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
                 .iter()
                 .filter_map(|s| {
                     let c = model.coords.c_of_x(&s.x);
-                    span::best_residual(&model, &all, &c).map(|(f, r)| Zero {
+                    best_residual(&model, &all, &c).map(|(f, r)| Zero {
                         c,
                         r,
                         residual: f,
@@ -245,8 +225,8 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let (starts, origin) = if tensor_starts.len() == sub.batch {
         (tensor_starts, "tensor")
     } else {
-        let (z, stats, _) = span::search(view, &sub, cfg, &[])?;
-        span::record(&mut rec, &stats, z.len());
+        let (z, stats, _) = search(view, &sub, cfg, &[])?;
+        record(&mut rec, &stats, z.len());
         (z, "span")
     };
     rec.notes.push(format!(
@@ -264,7 +244,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     .into_iter()
     .filter(|z| z.exact)
     .collect();
-    rec.samples = span::to_samples(view, &sub, &model, &zeros, cfg, "refine");
+    rec.samples = to_samples(view, &sub, &model, &zeros, cfg, "refine");
     Ok(rec)
 }
 
@@ -273,6 +253,7 @@ mod tests {
     use super::*;
     use crate::Dtype;
     use crate::model::{Activation, Init, InitConfig, Loss, Targets};
+    use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
 
     /// The joint Jacobian against central differences (truncation h^2, rounding eps/h).

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 pub mod decompose;
 pub mod hermite;
+pub mod law;
 pub mod moments;
 
 use crate::attack::{AttackConfig, Method, Reconstruction, Sample, ServerView, subspace};
@@ -20,7 +21,7 @@ use crate::rng::{Stream, stream};
 use crate::{Error, Result};
 use decompose::CpOptions;
 use hermite::{Coefficients, DEFAULT_LAW, Order};
-use moments::{Law, LawSource, WeightLaw};
+use law::{Law, LawSource, WeightLaw};
 
 /// Options of this method.
 #[derive(Clone, Debug, Default)]
