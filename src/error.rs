@@ -54,6 +54,13 @@ pub enum Error {
     /// The caller's [`Observer`](crate::Observer) asked the attack to stop.
     #[error("cancelled by the caller")]
     Cancelled,
+    /// The first-layer gradient carries no signal above its floor (rounding or known
+    /// noise): a result ("nothing recoverable"), which `attack::run` reports as such.
+    #[error(
+        "the first-layer gradient is zero (or below its noise floor): nothing to reconstruct \
+         (largest singular value {largest:.3e} <= floor {floor:.3e})"
+    )]
+    NoSignal { largest: f64, floor: f64 },
     /// A numerical routine failed (e.g. an SVD did not converge).
     #[error("numerical failure: {0}")]
     Numerical(String),

@@ -177,6 +177,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
 
     let mut view = ServerView::from_memory(&model, &grad, cfg.dtype)?;
     view.noise_std = defense_report.as_ref().and_then(|r| r.noise_std);
+    view.defenses = cfg.defenses.clone();
     let mut acfg = cfg.attack.clone();
     if acfg.prior.is_none() {
         acfg.prior = Some(Prior::from(stats));

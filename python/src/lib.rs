@@ -269,6 +269,8 @@ fn report(
         recovered: rec.samples.len(),
         missing: rec.missing(),
         exact: rec.samples.iter().filter(|s| s.exact).count(),
+        certified: rec.certificate.as_ref().is_some_and(|c| c.certified),
+        closure_residual: rec.certificate.as_ref().and_then(|c| c.closure_residual),
         labels: labels.iter().any(Option::is_some).then(|| labels.clone()),
         samples: rec
             .samples
@@ -280,7 +282,11 @@ fn report(
                 exact: s.exact,
                 stage: s.stage,
                 label: s.label,
-                why: None,
+                why: rec
+                    .certificate
+                    .as_ref()
+                    .and_then(|c| c.samples.get(i))
+                    .map(|e| e.why.clone()),
             })
             .collect(),
         seconds,

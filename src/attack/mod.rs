@@ -8,6 +8,7 @@
 
 pub mod baseline;
 pub mod cancel;
+pub mod defended;
 pub mod exact;
 pub mod moment;
 pub mod observer;
@@ -25,11 +26,12 @@ pub use reconstruction::{Diagnostics, Reconstruction, Sample, Stage};
 pub use subspace::{RankRule, Subspace, SubspaceOptions};
 pub use view::{FirstLayer, Rows, ServerView};
 
-use crate::Result;
+use crate::{Error, Result};
 
-/// Run the configured attack.
+/// Run the configured attack. A gradient below its noise floor is a result with no
+/// sample and the reason, not an error.
 pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
-    match cfg.method {
+    let out = match cfg.method {
         Method::Analytic => exact::analytic::attack(view, cfg),
         Method::Tensor => moment::attack(view, cfg),
         Method::Refine => exact::refine::attack(view, cfg),
@@ -37,12 +39,23 @@ pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         Method::Auto => auto(view, cfg),
         Method::Dlg => baseline::dlg(view, cfg),
         Method::Ig => baseline::ig(view, cfg),
+    };
+    match out {
+        Err(Error::NoSignal { largest, floor }) => Ok(defended::nothing_recoverable(
+            cfg.method, view, largest, floor,
+        )),
+        other => other,
     }
 }
 
 /// The default route: exact analytic recovery for one sample, otherwise the best
 /// multi-sample method available.
 fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
+    if defended::complete::applies(view) {
+        let mut rec = defended::complete_then_attack(view, cfg)?;
+        rec.method = Method::Auto;
+        return Ok(rec);
+    }
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
     let mut rec = if sub.batch == 1 && view.first.grad_bias.is_some() {
         let mut rec = exact::analytic::attack_on(view, cfg, &sub)?;
@@ -61,7 +74,7 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         }
         rec
     } else {
-        exact::route::attack_on(view, cfg, &sub)?
+        defended::refine_found(view, cfg, exact::route::attack_on(view, cfg, &sub)?)?
     };
     rec.method = Method::Auto;
     Ok(rec)

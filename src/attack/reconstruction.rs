@@ -26,6 +26,8 @@ pub enum Stage {
     Dlg,
     /// Gradient matching with a cosine objective (Geiping et al. 2020).
     Ig,
+    /// Refined jointly by maximum likelihood under a known defence error.
+    Likelihood,
 }
 
 impl Stage {
@@ -38,6 +40,7 @@ impl Stage {
             Stage::Pattern => "pattern",
             Stage::Dlg => "dlg",
             Stage::Ig => "ig",
+            Stage::Likelihood => "likelihood",
         }
     }
 }
@@ -64,6 +67,9 @@ pub struct Diagnostics {
     /// Expected relative error of the single-sample formula under known noise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_rel_error: Option<f64>,
+    /// Figures of the defended-gradient stages (completion, likelihood), by name.
+    #[serde(flatten)]
+    pub defended: serde_json::Map<String, serde_json::Value>,
     /// The batch certificate holds (docs/DESIGN.md, "Certificate").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certified: Option<bool>,

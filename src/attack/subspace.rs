@@ -85,10 +85,10 @@ pub fn estimate(view: &ServerView, opts: &SubspaceOptions) -> Result<Subspace> {
         noise,
     );
     if s.first().is_none_or(|&s0| s0 <= threshold) {
-        return Err(Error::Numerical(
-            "the first-layer gradient is zero (or below its noise floor): nothing to reconstruct"
-                .into(),
-        ));
+        return Err(Error::NoSignal {
+            largest: s.first().copied().unwrap_or(0.0),
+            floor: threshold,
+        });
     }
     let max_rank = m.min(n);
     let (batch, rule) = match opts.batch {

@@ -80,6 +80,8 @@ pub struct ServerView {
     pub upper_grad: Vec<Dense<f64>>,
     /// Standard deviation of noise known to be in each gradient entry (defences), if any.
     pub noise_std: Option<f64>,
+    /// The defences the client is known to apply (their public parameters only).
+    pub defenses: Vec<crate::defense::Defense>,
 }
 
 /// Rows per block when streaming over the first layer.
@@ -106,6 +108,7 @@ impl ServerView {
             upper: model.layers[1..].to_vec(),
             upper_grad: grad.layers[1..].to_vec(),
             noise_std: None,
+            defenses: Vec::new(),
         })
     }
 
@@ -171,6 +174,7 @@ impl ServerView {
             upper,
             upper_grad,
             noise_std: None,
+            defenses: Vec::new(),
         };
         view.check()?;
         Ok(view)

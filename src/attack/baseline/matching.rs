@@ -17,6 +17,9 @@ pub enum LabelModel {
     FreeMse,
     /// Binary cross-entropy against free targets: r = (sigmoid(f) - Lambda) / (B K).
     FreeBce,
+    /// The output residual itself: r = Lambda (no loss needed; the refinement of
+    /// `attack::defended::likelihood`).
+    Free,
 }
 
 impl LabelModel {
@@ -83,6 +86,7 @@ impl GradientMap<'_> {
             LabelModel::FreeBce => Mat::from_fn(b, k, |i, j| {
                 (sigmoid(f[(i, j)]) - lam[(i, j)]) / (b * k) as f64
             }),
+            LabelModel::Free => lam.to_owned(),
         }
     }
 
@@ -122,6 +126,7 @@ impl GradientMap<'_> {
                     Mat::from_fn(b, k, |i, j| -c * adj_r[(i, j)]),
                 )
             }
+            LabelModel::Free => (Mat::zeros(b, k), adj_r.clone()),
         }
     }
 
@@ -272,6 +277,7 @@ mod tests {
                 (LabelModel::SoftCe, 4),
                 (LabelModel::FreeMse, 2),
                 (LabelModel::FreeBce, 3),
+                (LabelModel::Free, 2),
             ] {
                 for depth in [1, 2] {
                     let m = model(act, depth, k);
