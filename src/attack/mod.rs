@@ -18,9 +18,9 @@ pub mod reconstruction;
 pub mod subspace;
 pub mod view;
 
+pub use cancel::Cancel;
 pub use observer::{Flow, Observer};
 pub use params::{AttackConfig, AttackParams, Method};
-pub use cancel::Cancel;
 pub use prior::Prior;
 pub use reconstruction::{Diagnostics, Reconstruction, Sample, Stage};
 pub use subspace::{RankRule, Subspace, SubspaceOptions};

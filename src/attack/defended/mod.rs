@@ -15,9 +15,9 @@ pub mod alternating;
 pub mod complete;
 pub mod likelihood;
 
-use crate::attack::Stage;
 use super::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::Result;
+use crate::attack::Stage;
 
 /// After the exact route: when the server knows the gradient carries noise or
 /// quantisation error, refine the found samples jointly by maximum likelihood.
@@ -26,7 +26,13 @@ pub fn refine_found(
     cfg: &AttackConfig,
     mut rec: Reconstruction,
 ) -> Result<Reconstruction> {
-    if rec.samples.is_empty() {
+    // only a known error (noise, quantisation) calls for the joint fit: skip reading
+    // the whole gradient otherwise
+    let quantized = view
+        .defenses
+        .iter()
+        .any(|d| matches!(d, crate::defense::Defense::Quantize(_)));
+    if rec.samples.is_empty() || !(quantized || view.noise_std.is_some_and(|s| s > 0.0)) {
         return Ok(rec);
     }
     let observed = view.gradient()?;
@@ -61,16 +67,14 @@ pub fn refine_found(
                     x: (0..d).map(|j| fit.x[(i, j)]).collect(),
                     residual: Some(fit.objective.sqrt()),
                     exact: false,
-                    stage: if i < rec.samples.len() {
-                        Stage::Likelihood
-                    } else {
-                        Stage::Likelihood
-                    },
+                    stage: Stage::Likelihood,
                     label: None,
                     output_residual: Some((0..k).map(|j| fit.r[(i, j)]).collect()),
                 })
                 .collect();
-            rec.diagnostics.defended.insert("likelihood_filled".into(), filled.into());
+            rec.diagnostics
+                .defended
+                .insert("likelihood_filled".into(), filled.into());
             (
                 samples,
                 likelihood::MlStats {
@@ -152,7 +156,9 @@ pub fn nothing_recoverable(
         diagnostics: Default::default(),
         certificate: None,
     };
-    rec.diagnostics.defended.insert("nothing_recoverable".into(), true.into());
+    rec.diagnostics
+        .defended
+        .insert("nothing_recoverable".into(), true.into());
     rec
 }
 
