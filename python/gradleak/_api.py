@@ -111,7 +111,8 @@ def _rows(x, what):
         a = a[None, :]
     if a.ndim < 2:
         raise GradleakError(f"shape mismatch: {what} must have one row per sample")
-    return np.ascontiguousarray(a.reshape(a.shape[0], -1))
+    # explicit column count: reshape(0, -1) cannot infer it for an empty batch
+    return np.ascontiguousarray(a.reshape(a.shape[0], int(np.prod(a.shape[1:]))))
 
 
 def evaluate(truth, rec, tol=1e-3, *, labels=None, data_range=None):
@@ -132,7 +133,8 @@ def evaluate(truth, rec, tol=1e-3, *, labels=None, data_range=None):
     else:
         x = _rows(rec, "reconstruction")
         lab = np.full(x.shape[0], -1, dtype=np.int64)
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1))
+    x = np.asarray(x, dtype=np.float64)
+    x = np.ascontiguousarray(x.reshape(x.shape[0], int(np.prod(x.shape[1:]))))
     if x.shape[0] and x.shape[1] != t.shape[1]:
         raise GradleakError(f"shape mismatch: recovered samples have {x.shape[1]} values, the truth {t.shape[1]}")
     if x.shape[0] == 0:
