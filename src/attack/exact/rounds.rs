@@ -142,9 +142,6 @@ pub fn search(
     let t0 = Instant::now();
     let opts = &cfg.search;
     let model = SignalModel::new(view, sub)?;
-    if std::env::var_os("GRADLEAK_TRACE").is_some() {
-        eprintln!("signal model {:.2} s", t0.elapsed().as_secs_f64());
-    }
     let (m, b, k) = (model.width(), model.batch(), model.k);
     let order = Subsample::new(m, &mut salted(cfg.seed, Salt::SearchNeurons));
     let n = subsample::size(
@@ -164,9 +161,6 @@ pub fn search(
     let bound = Some((prior.mean, search::PRIOR_RADIUS * prior.std.max(1e-12)));
     let vl = Col::from_fn(b, |q| sub.v[(sub.v.nrows() - 1, q)]);
 
-    if std::env::var_os("GRADLEAK_TRACE").is_some() {
-        eprintln!("setup done {:.2} s", t0.elapsed().as_secs_f64());
-    }
     let mut stats = SearchStats {
         exact_floor: floor,
         ..Default::default()
@@ -187,12 +181,6 @@ pub fn search(
         );
         if round == 0 {
             rho = deflation_radius(&model, &seeds);
-        }
-        if std::env::var_os("GRADLEAK_TRACE").is_some() {
-            eprintln!(
-                "round {round}: ica done {:.2} s",
-                t0.elapsed().as_secs_f64()
-            );
         }
         stats.candidates += seeds.len();
         stats.starts += seeds.len();
@@ -237,15 +225,6 @@ pub fn search(
                 Outcome::Degenerate => stats.degenerate += 1,
                 Outcome::Failed => {}
             }
-        }
-        if std::env::var_os("GRADLEAK_TRACE").is_some() {
-            eprintln!(
-                "round {round}: {} seeds, found {} (+{}), {:.2} s",
-                seeds.len(),
-                zeros.len(),
-                zeros.len() - before,
-                t0.elapsed().as_secs_f64()
-            );
         }
         if zeros.len() == before {
             break;

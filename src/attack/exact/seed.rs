@@ -51,9 +51,7 @@ pub fn fastica(y: &Mat<f64>, seed: u64, max_iterations: usize) -> Option<Mat<f64
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x1ca_5eed);
     let w0 = Mat::from_fn(k, k, |_, _| StandardNormal.sample(&mut rng));
     let mut w = decorrelate(&w0)?;
-    let mut iters = 0;
     for _ in 0..max_iterations {
-        iters += 1;
         let proj = &z * w.transpose(); // m x k
         let g = Mat::from_fn(m, k, |j, i| proj[(j, i)].tanh());
         let gp: Vec<f64> = (0..k)
@@ -72,9 +70,6 @@ pub fn fastica(y: &Mat<f64>, seed: u64, max_iterations: usize) -> Option<Mat<f64
         if moved < ICA_TOL {
             break;
         }
-    }
-    if std::env::var_os("GRADLEAK_TRACE").is_some() {
-        eprintln!("fastica: {m} x {k}, {iters} iterations");
     }
     // sources s = W K (y - mean); mixing = (W K)^+ = K^+ W^T (W orthogonal)
     Some(kinv * w.transpose())
