@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gradleak: error: {e:#}");
+            eprintln!("gradleak: error: {}", cli::error_line(&e));
             ExitCode::FAILURE
         }
     }
