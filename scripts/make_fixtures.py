@@ -188,3 +188,9 @@ if __name__ == "__main__":
          12, data="photos12")
     make(out, "photos12-tanh-ce-depth3", "tanh", [1024, 32, 32, 10], "ce", 10, "float32",
          "torch-default", 13, data="photos12")
+    # deep smooth nets on face crops (the --deep cases, upper layers narrowed to keep the
+    # repository small and the debug-build test under a few seconds)
+    make(out, "faces12-gelu-bce-deep", "gelu", [1024, 256, 1], "bce", 6, "float32",
+         "torch-default", 14, data="faces12")
+    make(out, "faces12-tanh-ce-depth3", "tanh", [1024, 256, 256, 5], "ce", 10, "float32",
+         "torch-default", 15, data="faces12")
