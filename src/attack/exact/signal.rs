@@ -188,7 +188,7 @@ impl SignalModel {
             }
             Upper::Deep { model } => {
                 let full = self.deep_signals(model, c);
-                Mat::from_fn(rows.len(), self.k, |i, k| full[(k, rows[i])])
+                Mat::from_fn(rows.len(), self.k, |i, k| full[(rows[i], k)])
             }
         }
     }
@@ -209,16 +209,17 @@ impl SignalModel {
         z
     }
 
-    /// K x m signals of every output unit for a deep model: the backward pass from
-    /// dL/df = I_K, deltas only (no weight gradients are formed).
+    /// m x K signals of every output unit for a deep model: the backward pass from
+    /// dL/df = I_K, deltas only (no weight gradients are formed). Kept as n_l x K
+    /// columns, so with few outputs each step is a product of W_l^T with K vectors.
     fn deep_signals(&self, model: &Mlp<f64>, c: &Col<f64>) -> Mat<f64> {
         let k = self.k;
         let z = self.deep_forward(model, c);
         let mut delta = Mat::<f64>::identity(k, k);
         for l in (1..model.layers.len()).rev() {
-            let back = &delta * &model.layers[l].weight;
+            let back = model.layers[l].weight.transpose() * &delta;
             let d1: Vec<f64> = z[l - 1].iter().map(|&v| self.act.d1(v)).collect();
-            delta = Mat::from_fn(k, back.ncols(), |i, j| back[(i, j)] * d1[j]);
+            delta = Mat::from_fn(back.nrows(), k, |j, i| back[(j, i)] * d1[j]);
         }
         delta
     }
