@@ -183,7 +183,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
         acfg.prior = Some(Prior::from(stats));
     }
     if acfg.tensor.known_law.is_none() {
-        acfg.tensor.known_law = Some(attack::moment::law::WeightLaw::of_init(&init));
+        acfg.tensor.known_law = Some(attack::law::WeightLaw::of_init(&init));
     }
     if acfg.baseline.image.is_none() {
         acfg.baseline.image = data.image; // IG's total-variation prior
@@ -429,3 +429,6 @@ impl SimConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod baseline_tests;
