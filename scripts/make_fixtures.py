@@ -160,6 +160,8 @@ def deep(out):
              "float32", "torch-default", 40 + i, data="faces25")
         make(out, f"faces25-silu-ce-depth2-s{i}", "silu", [2048, 1024, 10], "ce", 12, "float32",
              "torch-default", 50 + i, data="faces25")
+    make(out, "faces25-tanh-ce-depth3-b16", "tanh", [2048, 1024, 1024, 10], "ce", 16, "float32",
+         "torch-default", 61, data="faces25")
 
 
 if __name__ == "__main__":
