@@ -5,9 +5,11 @@
 //! the alternating-projection polish for piecewise-linear activations
 //! (`alternation`), their seeding rounds and pattern search (`pattern`), labels
 //! (`labels`), the choice between the searches (`route`), refinement from tensor
-//! starts (`refine`), and the single-sample formula (`analytic`).
+//! starts (`refine`), the single-sample formula (`analytic`), and when a search keeps
+//! a zero (`accept`, after [`certificate`]'s rounding scale).
 //! Each module imports only those listed before it.
 
+pub(crate) mod accept;
 pub(crate) mod alternation;
 pub(crate) mod analytic;
 pub mod certificate;
