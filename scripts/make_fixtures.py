@@ -172,3 +172,9 @@ if __name__ == "__main__":
          12, data="photos12")
     make(out, "photos12-tanh-ce-depth3", "tanh", [1024, 32, 32, 10], "ce", 10, "float32",
          "torch-default", 13, data="photos12")
+    # deep piecewise-linear nets (issue 9): pattern search on the top layer, descent to x
+    make(out, "digits-relu-ce-depth2", "relu", [256, 128, 10], "ce", 8, "float32", "torch-default", 14)
+    make(out, "digits-relu-ce-depth3", "relu", [256, 128, 128, 10], "ce", 8, "float32",
+         "torch-default", 15)
+    make(out, "digits-leaky_relu-ce-depth2", "leaky_relu", [256, 128, 10], "ce", 6, "float32",
+         "torch-default", 16)

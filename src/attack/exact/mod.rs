@@ -9,6 +9,7 @@
 
 pub mod analytic;
 pub mod certificate;
+pub mod deep_pattern;
 pub mod floor;
 pub mod labels;
 pub mod pattern;

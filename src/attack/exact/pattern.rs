@@ -16,6 +16,7 @@
 use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
 
+use super::certificate::RoundingScale;
 use super::floor::exact_floor;
 use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};
@@ -103,6 +104,10 @@ pub(crate) struct Alternation<'a> {
     pub floor: f64,
     pub floor_small: f64,
     pub model: &'a SignalModel,
+    /// Per-sample rounding floors (docs/DESIGN.md, "Certificate"): a pattern is kept only
+    /// under its own floor, so a wrong pattern under the global floor takes no slot.
+    pub scale: &'a RoundingScale,
+    pub sub: &'a Subspace,
 }
 
 impl Alternation<'_> {
@@ -142,6 +147,17 @@ impl Alternation<'_> {
             .collect();
         let res = alternate(a, self.all, pat_full, self.slopes, self.floor, &mut stats);
         (res, stats.lm_iterations)
+    }
+
+    /// F of a found pattern is under its own rounding floor SAMPLE_FACTOR u (1 + amp).
+    pub(crate) fn own_floor(&self, pat: &[bool], r: &Col<f64>, f: f64) -> bool {
+        let s = self.signal(pat, r);
+        let ns = s.norm_l2();
+        if !(ns > 0.0) {
+            return false;
+        }
+        let amp = self.scale.amplification(self.sub, &(s * (1.0 / ns)));
+        f <= self.scale.floor(amp)
     }
 
     /// A pattern with no active neuron (or, for ReLU, fewer than B) carries no sample.
@@ -304,6 +320,8 @@ pub fn search(
         floor,
         floor_small,
         model: &model,
+        scale: &RoundingScale::new(view)?,
+        sub,
     };
     let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
     let opts = &cfg.search;
@@ -337,7 +355,7 @@ pub fn search(
         let (res, iters) = alt.run_from(&c);
         stats.lm_iterations += iters;
         let Some((pat, r, f)) = res else { continue };
-        if alt.degenerate(&pat) {
+        if alt.degenerate(&pat) || !alt.own_floor(&pat, &r, f) {
             stats.degenerate += 1;
             continue;
         }
