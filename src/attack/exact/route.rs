@@ -3,10 +3,10 @@
 //! samples with output residuals and labels.
 
 use super::labels;
-use super::pattern;
 use super::search::search;
 use super::signal::SignalModel;
 use super::zero::{SearchStats, Zero};
+use super::{alternation, pattern};
 use crate::attack::params::{AttackConfig, Method};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::{self, Subspace};
@@ -72,17 +72,17 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
         );
         return Ok(rec);
     }
-    if pattern::slopes(view.activation).is_some() && view.depth() > 1 {
+    if alternation::slopes(view.activation).is_some() && view.depth() > 1 {
         let (samples, stats, batch) = super::deep_pattern::search(view, &sub, cfg)?;
-        rec.batch_estimated = batch;
         let found = samples.len();
+        rec.batch_estimated = batch;
         rec.samples = samples;
         record(&mut rec, &stats, found);
         let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
         super::certificate::apply(&mut rec, cert);
         return Ok(rec);
     }
-    let (zeros, stats, model, stage) = if pattern::slopes(view.activation).is_some() {
+    let (zeros, stats, model, stage) = if alternation::slopes(view.activation).is_some() {
         let (z, s, m) = pattern::search(view, &sub, cfg)?;
         if z.len() < sub.batch {
             rec.notes.push(format!(
