@@ -196,3 +196,9 @@ if __name__ == "__main__":
          "torch-default", 14, data="faces12")
     make(out, "faces12-tanh-ce-depth3", "tanh", [1024, 256, 256, 5], "ce", 10, "float32",
          "torch-default", 15, data="faces12")
+    # deep piecewise-linear nets (issue 9): pattern search on the top layer, descent to x
+    make(out, "digits-relu-ce-depth2", "relu", [256, 128, 10], "ce", 8, "float32", "torch-default", 14)
+    make(out, "digits-relu-ce-depth3", "relu", [256, 128, 128, 10], "ce", 8, "float32",
+         "torch-default", 15)
+    make(out, "digits-leaky_relu-ce-depth2", "leaky_relu", [256, 128, 10], "ce", 6, "float32",
+         "torch-default", 16)

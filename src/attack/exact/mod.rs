@@ -3,16 +3,18 @@
 //! ([`zero`]), when a residual is exact ([`floor`]), neuron subsamples
 //! (`subsample`), one sample's problem (`problem`), the span search (`search`),
 //! the alternating-projection polish for piecewise-linear activations
-//! (`alternation`), their seeding rounds and pattern search (`pattern`), labels
-//! (`labels`), the choice between the searches (`route`), refinement from tensor
-//! starts (`refine`), the single-sample formula (`analytic`), and when a search keeps
-//! a zero (`accept`, after [`certificate`]'s rounding scale).
+//! (`alternation`), their seeding rounds and pattern search (`pattern`), deep
+//! piecewise-linear nets layer by layer (`deep_pattern`), labels (`labels`), the
+//! choice between the searches (`route`), refinement from tensor starts (`refine`),
+//! the single-sample formula (`analytic`), and when a search keeps a zero (`accept`,
+//! after [`certificate`]'s rounding scale).
 //! Each module imports only those listed before it.
 
 pub(crate) mod accept;
 pub(crate) mod alternation;
 pub(crate) mod analytic;
 pub mod certificate;
+pub(crate) mod deep_pattern;
 pub mod floor;
 pub(crate) mod labels;
 pub(crate) mod pattern;

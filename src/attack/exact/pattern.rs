@@ -13,6 +13,7 @@
 use faer::Col;
 
 use super::alternation::{Alternation, Found, deflate, slopes};
+use super::certificate::RoundingScale;
 use super::floor::exact_floor;
 use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};
@@ -84,6 +85,8 @@ pub fn search(
         floor,
         floor_small,
         model: &model,
+        scale: &RoundingScale::new(view)?,
+        sub,
     };
     let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
     let opts = &cfg.search;
@@ -117,7 +120,7 @@ pub fn search(
         let (res, iters) = alt.run_from(&c);
         stats.lm_iterations += iters;
         let Some((pat, r, f)) = res else { continue };
-        if alt.degenerate(&pat) {
+        if alt.degenerate(&pat) || !alt.own_floor(&pat, &r, f) {
             stats.degenerate += 1;
             continue;
         }

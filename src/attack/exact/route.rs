@@ -81,11 +81,13 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
         return Ok(rec);
     }
     if alternation::slopes(view.activation).is_some() && view.depth() > 1 {
-        rec.notes.push(format!(
-            "{} with {} hidden layers: the pattern search handles one hidden layer only; no sample returned",
-            view.activation,
-            view.depth()
-        ));
+        let (samples, stats, batch) = super::deep_pattern::search(view, &sub, cfg)?;
+        let found = samples.len();
+        rec.batch_estimated = batch;
+        rec.samples = samples;
+        record(&mut rec, &stats, found);
+        let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+        super::certificate::apply(&mut rec, cert);
         return Ok(rec);
     }
     let (zeros, stats, model, stage) = if alternation::slopes(view.activation).is_some() {
