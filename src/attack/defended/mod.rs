@@ -13,7 +13,9 @@
 
 pub mod alternating;
 pub mod complete;
+pub mod gauss_newton;
 pub mod likelihood;
+pub mod quantized;
 
 use super::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::Result;
@@ -50,7 +52,7 @@ pub fn refine_found(
             if missing > 0 {
                 // fit the found ones, then seed the missing from what they leave unexplained
                 let x0 = faer::Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
-                let f0 = tl.fit(&x0, alternating::ITERATIONS, alternating::TOL)?;
+                let f0 = tl.refine(&x0, gauss_newton::STEPS)?;
                 let extra = tl.fill_missing(&f0.x, &f0.r, missing, cfg.seed);
                 filled = extra.len();
                 xs = (0..f0.x.nrows())
@@ -60,7 +62,7 @@ pub fn refine_found(
             }
             let x0 = faer::Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
             let start = tl.fit(&x0, 0, 0.0)?.objective;
-            let fit = tl.fit(&x0, alternating::ITERATIONS, alternating::TOL)?;
+            let fit = tl.refine(&x0, gauss_newton::STEPS)?;
             let k = view.outputs();
             let samples: Vec<super::Sample> = (0..fit.x.nrows())
                 .map(|i| super::Sample {

@@ -1,0 +1,387 @@
+//! Two-layer nets: the weighted gradient equations solved jointly in (X, R) by
+//! Levenberg-Marquardt, each step's normal equations by preconditioned conjugate
+//! gradients on Jacobian products (docs/DESIGN.md, "Defended gradients: maximum
+//! likelihood").
+//!
+//! With the notation of [`super::alternating`] (Z = X W^T + 1 b^T, D = act'(Z),
+//! H = act(Z), P = R A, Delta = D o P), a direction (dX, dR) moves
+//!
+//! ```text
+//! dZ = dX W^T, dDelta = act''(Z) o dZ o P + D o (dR A),
+//! dO_W = dDelta^T X + Delta^T dX, dO_b = dDelta^T 1, dO_A = dR^T H + R^T (D o dZ), dO_c = dR^T 1
+//! ```
+//!
+//! and the adjoint runs the same lines backwards. A product costs O(B m (d + K)), so a
+//! step never forms the Jacobian; the preconditioner is its exact column norms.
+
+// `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
+use faer::{Col, Mat};
+
+use super::alternating::{Fit, TwoLayer};
+use crate::Result;
+
+/// Levenberg-Marquardt steps at most. From the span estimates (relative error
+/// ~1e-2) the objective settles in well under this (measured, docs/EXPERIMENTS.md 4).
+pub const STEPS: usize = 40;
+/// Conjugate-gradient iterations per step at most.
+pub const CG_ITERATIONS: usize = 60;
+/// Inexact Newton: CG stops once its residual is this fraction of the gradient.
+pub const CG_TOL: f64 = 1e-4;
+/// Stop once a step lowers the objective by less than this fraction.
+pub const F_TOL: f64 = 1e-9;
+
+/// Residual (or a direction) in gradient space: (O_W, O_b, O_A, O_c).
+struct Grad {
+    w: Mat<f64>,
+    b: Col<f64>,
+    a: Mat<f64>,
+    c: Col<f64>,
+}
+
+/// The forward quantities at one point.
+struct Point {
+    x: Mat<f64>,
+    r: Mat<f64>,
+    d1: Mat<f64>,
+    d2: Mat<f64>,
+    h: Mat<f64>,
+    p: Mat<f64>,
+    delta: Mat<f64>,
+}
+
+fn ones(n: usize) -> Col<f64> {
+    Col::from_fn(n, |_| 1.0)
+}
+
+impl TwoLayer {
+    fn point(&self, x: &Mat<f64>, r: &Mat<f64>) -> Point {
+        let z = self.pre(x);
+        let (bsz, m) = z.shape();
+        let d1 = Mat::from_fn(bsz, m, |i, j| self.act.d1(z[(i, j)]));
+        let d2 = Mat::from_fn(bsz, m, |i, j| self.act.d2(z[(i, j)]));
+        let h = Mat::from_fn(bsz, m, |i, j| self.act.eval(z[(i, j)]));
+        let p = r * &self.a;
+        let delta = Mat::from_fn(bsz, m, |i, j| d1[(i, j)] * p[(i, j)]);
+        Point {
+            x: x.clone(),
+            r: r.clone(),
+            d1,
+            d2,
+            h,
+            p,
+            delta,
+        }
+    }
+
+    /// Model minus observation.
+    fn residual(&self, pt: &Point) -> Grad {
+        let bsz = pt.x.nrows();
+        Grad {
+            w: pt.delta.transpose() * &pt.x - &self.ow,
+            b: pt.delta.transpose() * ones(bsz) - &self.ob,
+            a: pt.r.transpose() * &pt.h - &self.oa,
+            c: pt.r.transpose() * ones(bsz) - &self.oc,
+        }
+    }
+
+    /// sum over the four tensors of weight x squared norm.
+    fn weighted_norm2(&self, g: &Grad) -> f64 {
+        let [ww, wb, wa, wc] = self.weights;
+        ww * g.w.squared_norm_l2()
+            + wb * g.b.squared_norm_l2()
+            + wa * g.a.squared_norm_l2()
+            + wc * g.c.squared_norm_l2()
+    }
+
+    fn entries(&self) -> f64 {
+        (self.ow.nrows() * (self.ow.ncols() + 1) + self.oa.nrows() * (self.oa.ncols() + 1)) as f64
+    }
+
+    /// J (dX, dR).
+    fn jvp(&self, pt: &Point, dx: &Mat<f64>, dr: &Mat<f64>) -> Grad {
+        let dz = dx * self.w.transpose();
+        let dp = dr * &self.a;
+        let (bsz, m) = dz.shape();
+        let dd = Mat::from_fn(bsz, m, |i, j| {
+            pt.d2[(i, j)] * dz[(i, j)] * pt.p[(i, j)] + pt.d1[(i, j)] * dp[(i, j)]
+        });
+        let dh = Mat::from_fn(bsz, m, |i, j| pt.d1[(i, j)] * dz[(i, j)]);
+        Grad {
+            w: dd.transpose() * &pt.x + pt.delta.transpose() * dx,
+            b: dd.transpose() * ones(bsz),
+            a: dr.transpose() * &pt.h + pt.r.transpose() * &dh,
+            c: dr.transpose() * ones(bsz),
+        }
+    }
+
+    /// J^T u.
+    fn vjp(&self, pt: &Point, u: &Grad) -> (Mat<f64>, Mat<f64>) {
+        let bsz = pt.x.nrows();
+        let m = self.w.nrows();
+        // adjoint of dDelta: X U_W^T + 1 u_b^T
+        let mut e = &pt.x * u.w.transpose();
+        for j in 0..m {
+            for i in 0..bsz {
+                e[(i, j)] += u.b[j];
+            }
+        }
+        let hbar = &pt.r * &u.a; // B x m, adjoint of dH
+        let pbar = Mat::from_fn(bsz, m, |i, j| e[(i, j)] * pt.d1[(i, j)]);
+        let zbar = Mat::from_fn(bsz, m, |i, j| {
+            e[(i, j)] * pt.p[(i, j)] * pt.d2[(i, j)] + hbar[(i, j)] * pt.d1[(i, j)]
+        });
+        let dx = &pt.delta * &u.w + &zbar * &self.w;
+        let mut dr = &pt.h * u.a.transpose() + &pbar * self.a.transpose();
+        for k in 0..dr.ncols() {
+            for i in 0..bsz {
+                dr[(i, k)] += u.c[k];
+            }
+        }
+        (dx, dr)
+    }
+
+    fn weigh(&self, mut g: Grad) -> Grad {
+        let [ww, wb, wa, wc] = self.weights;
+        g.w *= faer::Scale(ww);
+        g.b *= faer::Scale(wb);
+        g.a *= faer::Scale(wa);
+        g.c *= faer::Scale(wc);
+        g
+    }
+
+    /// The diagonal of J^T W J (squared weighted column norms), in closed form.
+    fn diagonal(&self, pt: &Point) -> (Mat<f64>, Mat<f64>) {
+        let [ww, wb, wa, wc] = self.weights;
+        let (bsz, m) = pt.delta.shape();
+        let (d, k) = (self.w.ncols(), self.a.nrows());
+        let mut cx = Mat::zeros(bsz, d);
+        let mut cr = Mat::zeros(bsz, k);
+        for i in 0..bsz {
+            let xn2: f64 = (0..d).map(|c| pt.x[(i, c)].powi(2)).sum();
+            let rn2: f64 = (0..k).map(|c| pt.r[(i, c)].powi(2)).sum();
+            let hn2: f64 = (0..m).map(|j| pt.h[(i, j)].powi(2)).sum();
+            for c in 0..d {
+                let mut s = 0.0;
+                for j in 0..m {
+                    let wjc = self.w[(j, c)];
+                    let dd = pt.d2[(i, j)] * wjc * pt.p[(i, j)];
+                    let de = pt.delta[(i, j)];
+                    s += ww * (dd * dd * xn2 + 2.0 * dd * de * pt.x[(i, c)] + de * de)
+                        + wb * dd * dd
+                        + wa * rn2 * (pt.d1[(i, j)] * wjc).powi(2);
+                }
+                cx[(i, c)] = s;
+            }
+            for c in 0..k {
+                let s2: f64 = (0..m)
+                    .map(|j| (pt.d1[(i, j)] * self.a[(c, j)]).powi(2))
+                    .sum();
+                cr[(i, c)] = (ww * xn2 + wb) * s2 + wa * hn2 + wc;
+            }
+        }
+        (cx, cr)
+    }
+
+    /// Levenberg-Marquardt from `x0` and its best output residuals (the exact R-step).
+    pub fn refine(&self, x0: &Mat<f64>, steps: usize) -> Result<Fit> {
+        let r0 = self.r_step(x0, &self.pre(x0))?;
+        self.gauss_newton(x0, &r0, steps)
+    }
+
+    /// Levenberg-Marquardt on the weighted objective from (x0, r0), at most `steps`.
+    pub fn gauss_newton(&self, x0: &Mat<f64>, r0: &Mat<f64>, steps: usize) -> Result<Fit> {
+        let n = self.entries();
+        let mut pt = self.point(x0, r0);
+        let mut f = self.weighted_norm2(&self.residual(&pt));
+        let mut lambda = 1e-4;
+        let mut it = 0;
+        while it < steps {
+            it += 1;
+            let res = self.residual(&pt);
+            let (gx, gr) = self.vjp(&pt, &self.weigh(res));
+            let (cx, cr) = self.diagonal(&pt);
+            let mut accepted = false;
+            for _ in 0..8 {
+                let (px, pr) = self.cg(&pt, &gx, &gr, &cx, &cr, lambda);
+                let cand = self.point(&(&pt.x + &px), &(&pt.r + &pr));
+                let fc = self.weighted_norm2(&self.residual(&cand));
+                if std::env::var("GL_DEBUG").is_ok() {
+                    eprintln!(
+                        "gn it {it} lambda {lambda:e} f {:.6} fc {:.6}",
+                        f / n,
+                        fc / n
+                    );
+                }
+                if fc.is_finite() && fc < f {
+                    let gain = (f - fc) / f.max(f64::MIN_POSITIVE);
+                    pt = cand;
+                    f = fc;
+                    lambda = (lambda / 3.0).max(1e-12);
+                    accepted = gain > F_TOL;
+                    break;
+                }
+                lambda *= 8.0;
+            }
+            if !accepted {
+                break;
+            }
+        }
+        Ok(Fit {
+            x: pt.x,
+            r: pt.r,
+            iterations: it,
+            objective: f / n,
+        })
+    }
+
+    /// Solve (J^T W J + lambda diag) p = -g by conjugate gradients preconditioned with
+    /// the diagonal.
+    fn cg(
+        &self,
+        pt: &Point,
+        gx: &Mat<f64>,
+        gr: &Mat<f64>,
+        cx: &Mat<f64>,
+        cr: &Mat<f64>,
+        lambda: f64,
+    ) -> (Mat<f64>, Mat<f64>) {
+        let inv = |c: f64| if c > 0.0 { 1.0 / c } else { 1.0 };
+        let prec = |ax: &Mat<f64>, ar: &Mat<f64>| {
+            (
+                Mat::from_fn(ax.nrows(), ax.ncols(), |i, j| {
+                    ax[(i, j)] * inv(cx[(i, j)] * (1.0 + lambda))
+                }),
+                Mat::from_fn(ar.nrows(), ar.ncols(), |i, j| {
+                    ar[(i, j)] * inv(cr[(i, j)] * (1.0 + lambda))
+                }),
+            )
+        };
+        let apply = |vx: &Mat<f64>, vr: &Mat<f64>| {
+            let jv = self.weigh(self.jvp(pt, vx, vr));
+            let (mut ax, mut ar) = self.vjp(pt, &jv);
+            ax += Mat::from_fn(vx.nrows(), vx.ncols(), |i, j| {
+                lambda * cx[(i, j)] * vx[(i, j)]
+            });
+            ar += Mat::from_fn(vr.nrows(), vr.ncols(), |i, j| {
+                lambda * cr[(i, j)] * vr[(i, j)]
+            });
+            (ax, ar)
+        };
+        let dot = |a: &(Mat<f64>, Mat<f64>), b: &(Mat<f64>, Mat<f64>)| -> f64 {
+            let mut s = 0.0;
+            for (u, v) in [(&a.0, &b.0), (&a.1, &b.1)] {
+                for j in 0..u.ncols() {
+                    for i in 0..u.nrows() {
+                        s += u[(i, j)] * v[(i, j)];
+                    }
+                }
+            }
+            s
+        };
+        let mut p = (
+            Mat::zeros(gx.nrows(), gx.ncols()),
+            Mat::zeros(gr.nrows(), gr.ncols()),
+        );
+        let mut res = (-gx, -gr);
+        let g0 = dot(&res, &res).sqrt();
+        let mut z = prec(&res.0, &res.1);
+        let mut dir = (z.0.clone(), z.1.clone());
+        let mut rz = dot(&res, &z);
+        let mut used = 0;
+        for _ in 0..CG_ITERATIONS {
+            used += 1;
+            let q = apply(&dir.0, &dir.1);
+            let dq = dot(&dir, &q);
+            if !(dq > 0.0) {
+                break;
+            }
+            let alpha = rz / dq;
+            p.0 += faer::Scale(alpha) * &dir.0;
+            p.1 += faer::Scale(alpha) * &dir.1;
+            res.0 -= faer::Scale(alpha) * &q.0;
+            res.1 -= faer::Scale(alpha) * &q.1;
+            if dot(&res, &res).sqrt() <= CG_TOL * g0 {
+                break;
+            }
+            z = prec(&res.0, &res.1);
+            let rz2 = dot(&res, &z);
+            let beta = rz2 / rz;
+            rz = rz2;
+            dir.0 = &z.0 + faer::Scale(beta) * &dir.0;
+            dir.1 = &z.1 + faer::Scale(beta) * &dir.1;
+        }
+        if std::env::var("GL_DEBUG").is_ok() {
+            eprintln!("cg {used} rel {:e}", dot(&res, &res).sqrt() / g0);
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attack::defended::likelihood::ErrorModel;
+    use crate::attack::{AttackConfig, Method};
+    use crate::defense::Defense;
+    use crate::simulate::{self, SimConfig};
+
+    /// The adjoint is the transpose of the tangent: <J v, u> = <v, J^T u> to rounding,
+    /// and J v matches a central difference of the residual.
+    #[test]
+    fn jacobian_products_are_consistent() {
+        let cfg = SimConfig {
+            batch: 3,
+            width: 64,
+            init: crate::model::Init::TorchDefault,
+            defenses: vec![Defense::NoiseRel(1e-3)],
+            attack: AttackConfig::new(Method::Analytic, 1),
+            ..SimConfig::default()
+        };
+        let out = simulate::run(&cfg).unwrap();
+        let mut view =
+            crate::attack::ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64)
+                .unwrap();
+        view.noise_std = out.report.defense.as_ref().unwrap().noise_std;
+        let errors = ErrorModel::of(&view, &out.gradient).unwrap();
+        let tl = TwoLayer::new(&view, &errors.weights()).unwrap();
+        let x = out.batch.x.clone();
+        let r = Mat::from_fn(3, tl.a.nrows(), |i, k| 0.1 * ((i + 2 * k) as f64).sin());
+        let pt = tl.point(&x, &r);
+        let dx = Mat::from_fn(x.nrows(), x.ncols(), |i, j| ((3 * i + j) as f64).cos());
+        let dr = Mat::from_fn(r.nrows(), r.ncols(), |i, j| ((i + j) as f64).sin());
+        let jv = tl.jvp(&pt, &dx, &dr);
+        let u = tl.residual(&pt);
+        let (ux, ur) = tl.vjp(&pt, &u);
+        let ip = |a: &Mat<f64>, b: &Mat<f64>| -> f64 {
+            (0..a.ncols())
+                .flat_map(|j| (0..a.nrows()).map(move |i| (i, j)))
+                .map(|(i, j)| a[(i, j)] * b[(i, j)])
+                .sum()
+        };
+        let ipc = |a: &Col<f64>, b: &Col<f64>| -> f64 {
+            a.iter().zip(b.iter()).map(|(x, y)| x * y).sum()
+        };
+        let lhs = ip(&jv.w, &u.w) + ipc(&jv.b, &u.b) + ip(&jv.a, &u.a) + ipc(&jv.c, &u.c);
+        let rhs = ip(&dx, &ux) + ip(&dr, &ur);
+        assert!((lhs - rhs).abs() <= 1e-10 * lhs.abs(), "{lhs} {rhs}");
+        let h = 1e-6;
+        let rp = tl.residual(&tl.point(&(&x + faer::Scale(h) * &dx), &(&r + faer::Scale(h) * &dr)));
+        let rm = tl.residual(&tl.point(&(&x - faer::Scale(h) * &dx), &(&r - faer::Scale(h) * &dr)));
+        let fd = (&rp.w - &rm.w) * faer::Scale(0.5 / h);
+        let err = (&fd - &jv.w).norm_l2() / jv.w.norm_l2();
+        assert!(err < 1e-7, "{err:e}");
+        // the closed-form diagonal matches J^T W J on a unit direction
+        let (cx, _) = tl.diagonal(&pt);
+        let mut e = Mat::zeros(x.nrows(), x.ncols());
+        e[(1, 5)] = 1.0;
+        let col = tl.jvp(&pt, &e, &Mat::zeros(r.nrows(), r.ncols()));
+        let want = tl.weighted_norm2(&col);
+        assert!(
+            (cx[(1, 5)] - want).abs() <= 1e-10 * want,
+            "{} {want}",
+            cx[(1, 5)]
+        );
+    }
+}
