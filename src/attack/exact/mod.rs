@@ -2,11 +2,13 @@
 //! bottom up: the signal model ([`signal`]), the vocabulary of zeros and unknowns
 //! ([`zero`]), when a residual is exact ([`floor`]), neuron subsamples
 //! ([`subsample`]), one sample's problem ([`problem`]), the span search ([`search`]),
-//! the pattern search for piecewise-linear activations ([`pattern`]), labels
+//! the alternating-projection polish for piecewise-linear activations
+//! ([`alternation`]), their seeding rounds and pattern search ([`pattern`]), labels
 //! ([`labels`]), the choice between the searches ([`route`]), refinement from tensor
 //! starts ([`refine`]), and the single-sample formula ([`analytic`]).
 //! Each module imports only those listed before it.
 
+pub mod alternation;
 pub mod analytic;
 pub mod certificate;
 pub mod floor;

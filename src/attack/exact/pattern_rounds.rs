@@ -5,7 +5,7 @@
 
 use faer::{Col, Mat};
 
-use super::pattern::{Alternation, Found};
+use super::alternation::{Alternation, Found};
 use super::seed;
 use super::zero::SearchStats;
 

@@ -3,10 +3,10 @@
 //! samples with output residuals and labels.
 
 use super::labels;
-use super::pattern;
 use super::search::search;
 use super::signal::SignalModel;
 use super::zero::{SearchStats, Zero};
+use super::{alternation, pattern};
 use crate::attack::params::{AttackConfig, Method};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::{self, Subspace};
@@ -72,7 +72,7 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
         );
         return Ok(rec);
     }
-    if pattern::slopes(view.activation).is_some() && view.depth() > 1 {
+    if alternation::slopes(view.activation).is_some() && view.depth() > 1 {
         rec.notes.push(format!(
             "{} with {} hidden layers: the pattern search handles one hidden layer only; no sample returned",
             view.activation,
@@ -80,7 +80,7 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
         ));
         return Ok(rec);
     }
-    let (zeros, stats, model, stage) = if pattern::slopes(view.activation).is_some() {
+    let (zeros, stats, model, stage) = if alternation::slopes(view.activation).is_some() {
         let (z, s, m) = pattern::search(view, &sub, cfg)?;
         if z.len() < sub.batch {
             rec.notes.push(format!(

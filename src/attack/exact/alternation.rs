@@ -1,0 +1,233 @@
+//! The alternating-projection polish for piecewise-linear activations (ReLU, leaky
+//! ReLU): from an activation pattern to a stable pattern and its signal coefficients
+//! (docs/DESIGN.md, "Piecewise-linear activations"). Used by the pattern search
+//! (`pattern.rs`) and its seeding rounds (`pattern_rounds.rs`).
+
+// `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
+use faer::linalg::solvers::{Solve, SolveLstsq};
+use faer::{Col, Mat};
+
+use super::signal::{Neurons, SignalModel};
+use super::zero::{SearchStats, Zero, best_residual_of};
+use crate::attack::subspace::Subspace;
+use crate::model::{Activation, LEAKY_SLOPE};
+
+/// Alternating-projection sweeps per start (a correct pattern is stable after a few).
+pub const MAX_SWEEPS: usize = 30;
+/// Patterns differing on fewer than this share of neurons are the same sample.
+pub const SAME_PATTERN: f64 = 1e-3;
+
+/// The two slopes of a piecewise-linear activation.
+pub fn slopes(act: Activation) -> Option<(f64, f64)> {
+    match act {
+        Activation::Relu => Some((0.0, 1.0)),
+        Activation::LeakyRelu => Some((LEAKY_SLOPE, 1.0)),
+        _ => None,
+    }
+}
+
+/// Alternating projections on `neurons` from pattern `pat` (one entry per neuron of
+/// `neurons`); Some((pattern, unit r, F)) when F reaches `floor`.
+pub(crate) fn alternate(
+    a: &Mat<f64>,
+    neurons: &Neurons,
+    mut pat: Vec<bool>,
+    (lo, hi): (f64, f64),
+    floor: f64,
+    stats: &mut SearchStats,
+) -> Option<(Vec<bool>, Col<f64>, f64)> {
+    let n = neurons.len();
+    let mid = 0.5 * (lo + hi);
+    for _ in 0..MAX_SWEEPS {
+        stats.lm_iterations += 1;
+        let mmat = Mat::from_fn(
+            n,
+            a.nrows(),
+            |i, k| if pat[i] { hi } else { lo } * a[(k, neurons.rows[i])],
+        );
+        let (f, r) = best_residual_of(&mmat, neurons)?;
+        if f <= floor {
+            return Some((pat, r, f));
+        }
+        let ar: Vec<f64> = neurons
+            .rows
+            .iter()
+            .map(|&j| (0..a.nrows()).map(|k| a[(k, j)] * r[k]).sum())
+            .collect();
+        let s = &mmat * &r;
+        let y = &s - neurons.perp(&s);
+        let gamma = (y.transpose() * &s) / s.squared_norm_l2().max(f64::MIN_POSITIVE);
+        let new: Vec<bool> = (0..n)
+            .map(|i| {
+                if ar[i].abs() < 1e-300 {
+                    pat[i]
+                } else {
+                    y[i] / (gamma * ar[i]) > mid
+                }
+            })
+            .collect();
+        if new == pat {
+            return None;
+        }
+        pat = new;
+    }
+    None
+}
+
+/// A found activation pattern: (pattern on every neuron, unit r, F).
+pub(crate) type Found = (Vec<bool>, Col<f64>, f64);
+
+/// What the alternation from one start reads (shared, read-only).
+pub(crate) struct Alternation<'a> {
+    pub a: &'a Mat<f64>,
+    pub q: &'a Mat<f64>,
+    pub small: &'a Neurons,
+    pub all: &'a Neurons,
+    pub slopes: (f64, f64),
+    pub floor: f64,
+    pub floor_small: f64,
+    pub model: &'a SignalModel,
+}
+
+impl Alternation<'_> {
+    /// Alternate on the subsample from the pattern of c (fewer hyperplanes: row-point
+    /// patterns agree more), then lift the signal to every neuron through its
+    /// coordinates in Q and finish there. Returns the exact pattern if any, and the sweeps.
+    pub(crate) fn run_from(&self, c: &Col<f64>) -> (Option<Found>, usize) {
+        let (lo, hi) = self.slopes;
+        let mid = 0.5 * (lo + hi);
+        let a = self.a;
+        let small = self.small;
+        let mut stats = SearchStats::default();
+        let zs = self.model.z(c, &small.rows);
+        let pat0: Vec<bool> = zs.iter().map(|&z| z > 0.0).collect();
+        let Some((ps, rs, _)) =
+            alternate(a, small, pat0, self.slopes, self.floor_small, &mut stats)
+        else {
+            return (None, stats.lm_iterations);
+        };
+        let ss = Col::from_fn(ps.len(), |i| {
+            let j = small.rows[i];
+            (if ps[i] { hi } else { lo }) * (0..a.nrows()).map(|k| a[(k, j)] * rs[k]).sum::<f64>()
+        });
+        let b = self.q.ncols();
+        let qs = Mat::from_fn(small.len(), b, |i, k| self.q[(small.rows[i], k)]);
+        let coef = qs.qr().solve_lstsq(&ss);
+        let y = self.q * &coef;
+        let ar = a.transpose() * &rs;
+        let pat_full: Vec<bool> = (0..self.q.nrows())
+            .map(|j| {
+                if ar[j].abs() < 1e-300 {
+                    false
+                } else {
+                    y[j] / ar[j] > mid
+                }
+            })
+            .collect();
+        let res = alternate(a, self.all, pat_full, self.slopes, self.floor, &mut stats);
+        (res, stats.lm_iterations)
+    }
+
+    /// A pattern with no active neuron (or, for ReLU, fewer than B) carries no sample.
+    pub(crate) fn degenerate(&self, pat: &[bool]) -> bool {
+        let active = pat.iter().filter(|&&p| p).count();
+        active == 0 || (self.slopes.0 == 0.0 && active < self.q.ncols())
+    }
+
+    /// The pattern was found before (differs on at most `SAME_PATTERN` of the neurons).
+    pub(crate) fn duplicate(&self, found: &[Found], pat: &[bool]) -> bool {
+        let m = pat.len();
+        found.iter().any(|(p, _, _)| {
+            p.iter().zip(pat).filter(|(a, b)| a != b).count() as f64 <= SAME_PATTERN * m as f64
+        })
+    }
+
+    /// The signal p (.) (A^T r) on every neuron.
+    pub(crate) fn signal(&self, pat: &[bool], r: &Col<f64>) -> Col<f64> {
+        let (lo, hi) = self.slopes;
+        let a = self.a;
+        Col::from_fn(pat.len(), |j| {
+            (if pat[j] { hi } else { lo }) * (0..a.nrows()).map(|k| a[(k, j)] * r[k]).sum::<f64>()
+        })
+    }
+
+    /// Inputs of the found samples when some patterns are missing: the found signals
+    /// plus a basis of what is left of the column space, (I - P_f) GV, stand in for S.
+    /// The missing signals' overlap with the found ones then biases each c_i, so these
+    /// samples are approximate (never marked exact) but consistent with their patterns.
+    pub(crate) fn partial_inputs(
+        &self,
+        sub: &Subspace,
+        gv: &Mat<f64>,
+        found: &[Found],
+    ) -> Vec<Zero> {
+        if found.is_empty() {
+            return Vec::new();
+        }
+        let b = gv.ncols();
+        let rest = super::pattern_rounds::deflate(self, gv, found);
+        let Ok(svd) = rest.thin_svd() else {
+            return Vec::new();
+        };
+        let u = svd.U();
+        let mut extra = Mat::zeros(gv.nrows(), b - found.len());
+        for i in 0..b - found.len() {
+            extra.col_mut(i).copy_from(u.col(i));
+        }
+        let mut zeros = self.inputs_with(sub, gv, found, &extra);
+        for z in &mut zeros {
+            z.exact = false;
+        }
+        zeros
+    }
+
+    /// Inputs from all B signals: G~ V = S diag(alpha) C^T, so diag(alpha) C^T = S^+ G~ V;
+    /// each c_i is normalised by its bias coordinate and must reproduce its own pattern.
+    pub(crate) fn inputs(&self, sub: &Subspace, gv: &Mat<f64>, found: &[Found]) -> Vec<Zero> {
+        self.inputs_with(sub, gv, found, &Mat::zeros(gv.nrows(), 0))
+    }
+
+    /// As [`Self::inputs`], with `extra` columns standing in for signals not found.
+    fn inputs_with(
+        &self,
+        sub: &Subspace,
+        gv: &Mat<f64>,
+        found: &[Found],
+        extra: &Mat<f64>,
+    ) -> Vec<Zero> {
+        let (m, b) = gv.shape();
+        let nf = found.len();
+        let mut s = Mat::zeros(m, nf + extra.ncols());
+        for (i, (p, r, _)) in found.iter().enumerate() {
+            s.col_mut(i).copy_from(self.signal(p, r));
+        }
+        for i in 0..extra.ncols() {
+            s.col_mut(nf + i).copy_from(extra.col(i));
+        }
+        let sts = s.transpose() * &s;
+        let rhs = s.transpose() * gv;
+        let w = sts.partial_piv_lu().solve(&rhs); // B x B, row i = alpha_i c_i^T
+        let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
+        let rows: Vec<usize> = (0..m).collect();
+        let mut zeros = Vec::new();
+        for (i, (p, r, f)) in found.iter().enumerate() {
+            let row = Col::from_fn(b, |k| w[(i, k)]);
+            let scale = row.transpose() * &vl;
+            if !(scale.abs() > 0.0) {
+                continue;
+            }
+            let c = &row * (1.0 / scale);
+            let zc = self.model.z(&c, &rows);
+            let agree = zc.iter().zip(p).filter(|(z, p)| (**z > 0.0) == **p).count();
+            zeros.push(Zero {
+                c,
+                r: r.clone(),
+                residual: *f,
+                exact: *f <= self.floor && agree == m && found.len() == b,
+            });
+        }
+        zeros
+    }
+}
