@@ -187,11 +187,23 @@ impl TwoLayer {
     /// Levenberg-Marquardt from `x0` and its best output residuals (the exact R-step).
     pub fn refine(&self, x0: &Mat<f64>, steps: usize) -> Result<Fit> {
         let r0 = self.r_step(x0, &self.pre(x0))?;
-        self.gauss_newton(x0, &r0, steps)
+        self.gauss_newton(x0, &r0, &[], steps)
+    }
+
+    /// As [`Self::refine`], with the inputs of the samples flagged in `fixed` held.
+    pub fn refine_holding(&self, x0: &Mat<f64>, fixed: &[bool], steps: usize) -> Result<Fit> {
+        let r0 = self.r_step(x0, &self.pre(x0))?;
+        self.gauss_newton(x0, &r0, fixed, steps)
     }
 
     /// Levenberg-Marquardt on the weighted objective from (x0, r0), at most `steps`.
-    pub fn gauss_newton(&self, x0: &Mat<f64>, r0: &Mat<f64>, steps: usize) -> Result<Fit> {
+    pub fn gauss_newton(
+        &self,
+        x0: &Mat<f64>,
+        r0: &Mat<f64>,
+        fixed: &[bool],
+        steps: usize,
+    ) -> Result<Fit> {
         let n = self.entries();
         let mut pt = self.point(x0, r0);
         let mut f = self.weighted_norm2(&self.residual(&pt));
@@ -200,8 +212,15 @@ impl TwoLayer {
         while it < steps {
             it += 1;
             let res = self.residual(&pt);
-            let (gx, gr) = self.vjp(&pt, &self.weigh(res));
-            let (cx, cr) = self.diagonal(&pt);
+            let (mut gx, gr) = self.vjp(&pt, &self.weigh(res));
+            let (mut cx, cr) = self.diagonal(&pt);
+            // a held sample: no gradient, and an infinite diagonal keeps CG off it
+            for (i, _) in fixed.iter().enumerate().filter(|f| *f.1) {
+                for c in 0..gx.ncols() {
+                    gx[(i, c)] = 0.0;
+                    cx[(i, c)] = f64::INFINITY;
+                }
+            }
             let mut accepted = false;
             for _ in 0..8 {
                 let (px, pr) = self.cg(&pt, &gx, &gr, &cx, &cr, lambda);
@@ -261,9 +280,15 @@ impl TwoLayer {
         let apply = |vx: &Mat<f64>, vr: &Mat<f64>| {
             let jv = self.weigh(self.jvp(pt, vx, vr));
             let (mut ax, mut ar) = self.vjp(pt, &jv);
-            ax += Mat::from_fn(vx.nrows(), vx.ncols(), |i, j| {
-                lambda * cx[(i, j)] * vx[(i, j)]
-            });
+            for j in 0..ax.ncols() {
+                for i in 0..ax.nrows() {
+                    ax[(i, j)] = if cx[(i, j)].is_finite() {
+                        ax[(i, j)] + lambda * cx[(i, j)] * vx[(i, j)]
+                    } else {
+                        0.0
+                    };
+                }
+            }
             ar += Mat::from_fn(vr.nrows(), vr.ncols(), |i, j| {
                 lambda * cr[(i, j)] * vr[(i, j)]
             });
@@ -289,9 +314,7 @@ impl TwoLayer {
         let mut z = prec(&res.0, &res.1);
         let mut dir = (z.0.clone(), z.1.clone());
         let mut rz = dot(&res, &z);
-        let mut used = 0;
         for _ in 0..CG_ITERATIONS {
-            used += 1;
             let q = apply(&dir.0, &dir.1);
             let dq = dot(&dir, &q);
             if !(dq > 0.0) {
@@ -311,9 +334,6 @@ impl TwoLayer {
             rz = rz2;
             dir.0 = &z.0 + faer::Scale(beta) * &dir.0;
             dir.1 = &z.1 + faer::Scale(beta) * &dir.1;
-        }
-        if std::env::var("GL_DEBUG").is_ok() {
-            eprintln!("cg {used} rel {:e}", dot(&res, &res).sqrt() / g0);
         }
         p
     }

@@ -69,3 +69,37 @@ pub fn with_known_error(view: &ServerView, cfg: &AttackConfig) -> Result<AttackC
     }
     Ok(cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attack::{Method, subspace};
+    use crate::simulate::{self, SimConfig};
+
+    /// quantize:8 spreads rounding error over every entry of G~: read as rounding of
+    /// f64 it inflates the rank far past B (50 for 8 on digits, m = 4096); as a known
+    /// error of step^2 / 12 (with the margin) the rank is B again (s_8 / s_9 = 2.5).
+    #[test]
+    fn quantisation_error_sets_the_rank_floor() {
+        let defenses = vec![Defense::Quantize(8)];
+        let cfg = SimConfig {
+            batch: 8,
+            width: 4096,
+            init: crate::model::Init::TorchDefault,
+            defenses: defenses.clone(),
+            attack: AttackConfig::new(Method::Analytic, 1),
+            ..SimConfig::default()
+        };
+        let out = simulate::run(&cfg).unwrap();
+        let mut view =
+            ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64).unwrap();
+        let plain = subspace::estimate(&view, &cfg.attack.subspace_options());
+        assert!(plain.is_err() || plain.unwrap().batch > 8);
+        view.defenses = defenses;
+        let known = with_known_error(&view, &cfg.attack).unwrap();
+        let sd = known.noise_std.unwrap();
+        assert!(sd > 0.0);
+        let sub = subspace::estimate(&view, &known.subspace_options()).unwrap();
+        assert_eq!(sub.batch, 8, "{:?}", &sub.singular_values[..8]);
+    }
+}
