@@ -21,11 +21,14 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         eprintln!("gradleak: internal error: {msg}{at} (please report this)");
     }));
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => return cli::usage_error(e),
+    };
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gradleak: error: {e:#}");
+            eprintln!("gradleak: error: {}", cli::error_line(&e));
             ExitCode::FAILURE
         }
     }

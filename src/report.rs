@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::attack::exact::certificate::Certificate;
+use crate::attack::evidence::Certificate;
 use crate::attack::{Diagnostics, RankRule, Reconstruction, Stage};
 use crate::defense::{Defense, DefenseReport};
 use crate::metrics::{Metrics, SampleMetrics};

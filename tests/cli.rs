@@ -79,7 +79,7 @@ fn bad_files_and_names_are_one_line_errors_without_output() {
     // unknown activation
     fails(
         &attack_args(m, g, "swish", o, r),
-        "unknown activation 'swish'",
+        "invalid value 'swish' for '--activation",
     );
     // truncated file
     let bytes = std::fs::read(&grad).unwrap();
@@ -137,7 +137,7 @@ fn bad_files_and_names_are_one_line_errors_without_output() {
             "--out",
             o,
         ],
-        "unknown loss 'hinge'",
+        "invalid value 'hinge' for '--loss",
     );
     // wrong shapes in client: a batch of another width
     let b2 = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -200,8 +200,14 @@ fn simulate_rejects_bad_settings() {
         &["simulate", "--data", "gaussian:8", "--batch", "0"],
         "batch",
     );
-    fails(&["simulate", "--init", "xavier"], "unknown init 'xavier'");
-    fails(&["simulate", "--method", "magic"], "unknown method 'magic'");
+    fails(
+        &["simulate", "--init", "xavier"],
+        "invalid value 'xavier' for '--init",
+    );
+    fails(
+        &["simulate", "--method", "magic"],
+        "invalid value 'magic' for '--method",
+    );
     fails(
         &["simulate", "--data", "images:/no/such/dir"],
         "/no/such/dir",

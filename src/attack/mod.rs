@@ -3,13 +3,16 @@
 //! Stages (docs/DESIGN.md, "Where things are"): [`subspace`] (batch size, row space)
 //! -> a method: [`exact`] (the single-sample formula, the span and pattern searches,
 //! refinement), [`moment`] (the paper's moments + CP decomposition), [`baseline`]
-//! (DLG, IG). Parameters: [`params`]; results: [`reconstruction`]; progress:
+//! (DLG, IG). Parameters: [`params`]; results: [`reconstruction`] and [`evidence`]
+//! (search statistics, certificate); the law of the weights: [`law`]; progress:
 //! [`observer`].
 
 pub mod baseline;
 pub mod cancel;
 pub mod defended;
+pub mod evidence;
 pub mod exact;
+pub mod law;
 pub mod moment;
 pub mod observer;
 pub mod params;

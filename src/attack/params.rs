@@ -7,11 +7,14 @@ use serde::Serialize;
 use super::observer::{Observer, Shared};
 use super::prior::Prior;
 use super::subspace::SubspaceOptions;
-use crate::attack::moment::decompose::CpOptions;
-use crate::attack::moment::law::WeightLaw;
+use crate::attack::law::WeightLaw;
 use crate::io::png::ImageShape;
 use crate::model::Loss;
 use crate::{Error, Result};
+
+/// Fixed-point iterations of FastICA at most. The estimates are only starts for the
+/// polish, so a loose convergence suffices.
+pub const ICA_ITERATIONS: usize = 200;
 
 /// Which attack to run (`--method`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -109,7 +112,7 @@ impl Default for SearchOptions {
             seconds: None,
             prior_starts: 64,
             seed_rounds: SEED_ROUNDS,
-            ica_iterations: crate::attack::exact::seed::ICA_ITERATIONS,
+            ica_iterations: ICA_ITERATIONS,
             threads: 1,
         }
     }
@@ -432,5 +435,29 @@ impl AttackParams {
             return Err(param("tv_weight", "must be a finite number >= 0"));
         }
         Ok(self.0)
+    }
+}
+
+/// Options of the decomposition.
+#[derive(Clone, Copy, Debug)]
+pub struct CpOptions {
+    /// Jennrich starts (each with fresh random contractions), each polished by ALS.
+    pub restarts: usize,
+    /// ALS sweeps per start at most.
+    pub max_sweeps: usize,
+    /// Stop when the relative residual improves by less than this (relative) per sweep.
+    pub tol: f64,
+}
+
+/// Defaults: 8 starts cover the occasional ill-conditioned random contraction;
+/// 300 sweeps are ample (ALS from a Jennrich start converges in tens of sweeps unless
+/// two components are nearly collinear); 1e-10 stops well below the moment noise.
+impl Default for CpOptions {
+    fn default() -> Self {
+        CpOptions {
+            restarts: 8,
+            max_sweeps: 300,
+            tol: 1e-10,
+        }
     }
 }

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use super::exact::zero::SearchStats;
-use super::moment::law::LawSource;
+use super::evidence::{Certificate, SearchStats};
+use super::law::LawSource;
 use super::params::Method;
 use super::subspace::{RankRule, Subspace};
 
@@ -150,7 +150,7 @@ pub struct Reconstruction {
     pub diagnostics: Diagnostics,
     /// What vouches for the word "exact" (exact route; docs/DESIGN.md, "Certificate").
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub certificate: Option<crate::attack::exact::certificate::Certificate>,
+    pub certificate: Option<Certificate>,
 }
 
 impl Reconstruction {

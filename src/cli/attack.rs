@@ -6,8 +6,9 @@ use std::time::Instant;
 use clap::Args;
 use faer::Mat;
 
-use gradleak::attack::{self, AttackParams, ServerView};
+use gradleak::attack::{self, AttackParams, Method, ServerView};
 use gradleak::io::{npy, write_atomic};
+use gradleak::model::{Activation, Loss};
 use gradleak::report::{AttackReport, AttackSample, AttackSummary};
 
 #[derive(Args, Debug)]
@@ -19,17 +20,17 @@ pub struct AttackArgs {
     #[arg(long)]
     gradient: PathBuf,
     /// The model's activation.
-    #[arg(long)]
-    activation: String,
-    /// analytic tensor refine span auto dlg ig.
-    #[arg(long, default_value = "auto")]
-    method: String,
+    #[arg(long, value_enum)]
+    activation: Activation,
+    /// The attack (auto: the best available route for the case).
+    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    method: Method,
     /// Force the batch size instead of estimating it from the gradient's rank.
     #[arg(long)]
     batch: Option<usize>,
-    /// The client's loss, if known (mse ce bce): enables label recovery rules and baselines.
-    #[arg(long)]
-    loss: Option<String>,
+    /// The client's loss, if known: enables label recovery rules and baselines.
+    #[arg(long, value_enum)]
+    loss: Option<Loss>,
     /// Public prior over input values: mean=..,std=..,min=..,max=..
     #[arg(long)]
     prior: Option<String>,
@@ -53,14 +54,14 @@ pub struct AttackArgs {
 
 pub fn run(a: AttackArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let act = super::parse(&a.activation)?;
-    let mut p = AttackParams::new(super::parse(&a.method)?)
+    let act = a.activation;
+    let mut p = AttackParams::new(a.method)
         .seed(a.seed)
         .observer(super::progress::Bars::default());
     if let Some(b) = a.batch {
         p = p.batch(b);
     }
-    if let Some(l) = a.loss.as_deref().map(super::parse).transpose()? {
+    if let Some(l) = a.loss {
         p = p.loss(l);
     }
     if let Some(pr) = a.prior.as_deref().map(super::parse).transpose()? {

@@ -18,12 +18,12 @@ pub struct ClientArgs {
     /// The private batch (safetensors with `x` B x d and `y`: class indices for ce, values for mse/bce).
     #[arg(long)]
     batch: PathBuf,
-    /// Activation between layers: tanh sigmoid relu leaky_relu gelu silu softplus elu identity.
-    #[arg(long)]
-    activation: String,
+    /// Activation between layers.
+    #[arg(long, value_enum)]
+    activation: Activation,
     /// Loss with mean reduction: mse, ce (cross-entropy), bce (with logits).
-    #[arg(long)]
-    loss: String,
+    #[arg(long, value_enum)]
+    loss: Loss,
     /// Where to write the gradient (safetensors, same names as the model).
     #[arg(long)]
     out: PathBuf,
@@ -68,8 +68,7 @@ pub fn targets_from(
 }
 
 pub fn run(a: ClientArgs) -> anyhow::Result<()> {
-    let act: Activation = super::parse(&a.activation)?;
-    let loss: Loss = super::parse(&a.loss)?;
+    let (act, loss) = (a.activation, a.loss);
     let (model, dtype) = read_model(&a.model, act)?;
     let batch = read_batch(&a.batch)?;
     let targets = targets_from(batch.y.as_ref(), loss, model.output_dim(), batch.x.nrows())

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use gradleak::attack::Method;
 use gradleak::simulate::{self, SimConfig};
 
 #[derive(Args, Debug)]
@@ -12,8 +13,8 @@ pub struct DemoArgs {
     #[arg(long, default_value = "gradleak-demo")]
     out: PathBuf,
     /// Attack method (default: the best available).
-    #[arg(long, default_value = "auto")]
-    method: String,
+    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    method: Method,
     /// Batch size.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -26,7 +27,7 @@ pub struct DemoArgs {
 
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let mut cfg = SimConfig::default();
-    cfg.set("method", &a.method)?;
+    cfg.set("method", a.method.name())?;
     cfg.set("seed", &a.seed.to_string())?;
     cfg.set("init", "torch-default")?;
     cfg.batch = a.batch;

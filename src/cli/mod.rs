@@ -51,6 +51,39 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Clap's verdict on the command line: help and version as clap prints them (exit 0);
+/// a usage error as one line on stderr, with the allowed values when clap lists them
+/// (exit 1, like every other error).
+pub fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return std::process::ExitCode::SUCCESS;
+    }
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        let _ = e.print();
+        return std::process::ExitCode::FAILURE;
+    }
+    eprintln!("gradleak: error: {}", one_line(&e.render().to_string()));
+    std::process::ExitCode::FAILURE
+}
+
+/// Clap's rendered error on one line: the message and any "[possible values: ...]"
+/// or "tip: ..." line, without the usage block and the "--help" hint.
+fn one_line(rendered: &str) -> String {
+    let mut parts = Vec::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with("For more information") {
+            continue;
+        }
+        if line.starts_with("Usage:") {
+            break;
+        }
+        parts.push(line.strip_prefix("error: ").unwrap_or(line));
+    }
+    format!("{} (see --help)", parts.join(" "))
+}
+
 /// Parse a name with the library's own error (one line naming the choices).
 pub fn parse<T: std::str::FromStr<Err = gradleak::Error>>(s: &str) -> anyhow::Result<T> {
     Ok(s.parse::<T>()?)
@@ -142,8 +175,37 @@ pub fn flag_of(e: &gradleak::Error) -> &'static str {
             "threads" => "--threads",
             "baseline_iters" => "--baseline-iters",
             "restarts" => "--restarts",
+            "classes" => "--classes",
+            _ => "see --help",
+        },
+        gradleak::Error::Spec { kind, .. } => match *kind {
+            "data spec" => "--data",
+            "defence" => "--defense",
+            "prior" => "--prior",
+            "grid axis" => "--grid",
+            "shard" => "--shard",
             _ => "see --help",
         },
         _ => "see --help",
+    }
+}
+
+/// The one line printed for a failed command: the error chain, and the flag behind a
+/// parameter or specification error.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let flag = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<gradleak::Error>())
+        .filter(|g| {
+            matches!(
+                g,
+                gradleak::Error::Param { .. } | gradleak::Error::Spec { .. }
+            )
+        })
+        .map(flag_of)
+        .filter(|f| *f != "see --help");
+    match flag {
+        Some(f) => format!("{e:#} ({f})"),
+        None => format!("{e:#}"),
     }
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use gradleak::attack::Method;
+use gradleak::model::{Activation, Init, Loss};
 use gradleak::simulate::{self, SimConfig};
 
 /// The setting of a simulated round (shared by `simulate`, `demo` and `sweep`).
@@ -25,27 +27,27 @@ pub struct SimArgs {
     /// Width of the hidden layers after the first.
     #[arg(long, default_value_t = 256)]
     pub hidden: usize,
-    /// tanh sigmoid relu leaky_relu gelu silu softplus elu identity.
-    #[arg(long, default_value = "tanh")]
-    pub activation: String,
-    /// mse, ce, bce.
-    #[arg(long, default_value = "ce")]
-    pub loss: String,
+    /// Activation between layers.
+    #[arg(long, value_enum, default_value_t = Activation::Tanh)]
+    pub activation: Activation,
+    /// The client's loss (mean reduction).
+    #[arg(long, value_enum, default_value_t = Loss::Ce)]
+    pub loss: Loss,
     /// Output dimension K (classes for ce). Default: the data's classes, 10 for ce, 1 otherwise.
     #[arg(long)]
     pub classes: Option<usize>,
-    /// Server's parameters: gaussian (the paper's law) centred torch-default kaiming-normal.
-    #[arg(long, default_value = "gaussian")]
-    pub init: String,
+    /// Server's parameters (gaussian: the paper's law).
+    #[arg(long, value_enum, default_value_t = Init::Gaussian)]
+    pub init: Init,
     /// Client's precision: f32 or f64.
     #[arg(long, default_value = "f64")]
     pub dtype: String,
     /// Seed of every random draw.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Attack: analytic tensor refine span auto dlg ig.
-    #[arg(long, default_value = "auto")]
-    pub method: String,
+    /// The attack (auto: the best available route for the case).
+    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    pub method: Method,
     /// Defence applied by the client, repeatable, in order (e.g. clip:1, noise:0.5, prune:0.9).
     #[arg(long = "defense")]
     pub defenses: Vec<String>,
@@ -77,12 +79,12 @@ impl SimArgs {
             ("width", self.width.to_string()),
             ("depth", self.depth.to_string()),
             ("hidden", self.hidden.to_string()),
-            ("activation", self.activation.clone()),
-            ("loss", self.loss.clone()),
-            ("init", self.init.clone()),
+            ("activation", self.activation.to_string()),
+            ("loss", self.loss.to_string()),
+            ("init", self.init.to_string()),
             ("dtype", self.dtype.clone()),
             ("seed", self.seed.to_string()),
-            ("method", self.method.clone()),
+            ("method", self.method.to_string()),
             ("defense", self.defenses.join("+")),
             ("tol", self.tol.to_string()),
             ("tensor-law", self.tensor_law.clone()),

@@ -368,6 +368,3 @@ pub fn ig(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     });
     prob.finish(&theta, Stage::Ig, view.dtype)
 }
-
-#[cfg(test)]
-mod tests;

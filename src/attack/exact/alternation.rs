@@ -10,7 +10,8 @@ use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
 
 use super::signal::{Neurons, SignalModel};
-use super::zero::{SearchStats, Zero, best_residual_of};
+use super::zero::{Zero, best_residual_of};
+use crate::attack::evidence::SearchStats;
 use crate::attack::subspace::Subspace;
 use crate::model::{Activation, LEAKY_SLOPE};
 
@@ -167,7 +168,7 @@ impl Alternation<'_> {
             return Vec::new();
         }
         let b = gv.ncols();
-        let rest = super::pattern_rounds::deflate(self, gv, found);
+        let rest = deflate(self, gv, found);
         let Ok(svd) = rest.thin_svd() else {
             return Vec::new();
         };
@@ -230,4 +231,19 @@ impl Alternation<'_> {
         }
         zeros
     }
+}
+
+/// (I - P_f) GV: the projected gradient with the found signals' directions removed;
+/// its rows mix only the missing samples' coordinates.
+pub(crate) fn deflate(alt: &Alternation<'_>, gv: &Mat<f64>, found: &[Found]) -> Mat<f64> {
+    if found.is_empty() {
+        return gv.clone();
+    }
+    let mut s = Mat::zeros(gv.nrows(), found.len());
+    for (i, (p, r, _)) in found.iter().enumerate() {
+        s.col_mut(i).copy_from(alt.signal(p, r));
+    }
+    let qf = s.qr().compute_thin_Q();
+    let proj = qf.transpose() * gv;
+    gv - &qf * &proj
 }

@@ -13,9 +13,9 @@
 // `!(x <= tol)` is deliberate: it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
+use crate::attack::evidence::{Certificate, LayerClosure, SampleEvidence};
 use faer::linalg::solvers::SolveLstsq;
 use faer::{Col, Mat};
-use serde::Serialize;
 
 use super::signal::{Neurons, SignalModel};
 use super::zero::best_residual;
@@ -41,52 +41,6 @@ pub const PARTIAL_FACTOR: f64 = 30.0;
 /// for the per-sample check; none when fewer than `MIN_HELD_OUT` would be left.
 pub const HELD_OUT_SHARE: f64 = 0.25;
 pub const MIN_HELD_OUT: usize = 64;
-
-/// Relative closure of one layer: ||G_rec - G_obs||_F / ||G_obs||_F (weight and bias).
-#[derive(Clone, Debug, Serialize)]
-pub struct LayerClosure {
-    pub layer: usize,
-    pub residual: f64,
-}
-
-/// Why one sample is, or is not, exact.
-#[derive(Clone, Debug, Serialize)]
-pub struct SampleEvidence {
-    pub exact: bool,
-    /// Span residual F on every neuron (best output residual).
-    pub span_residual: f64,
-    /// F on the held-back neurons, when there are any.
-    pub held_out_residual: Option<f64>,
-    /// This sample's rounding floor of F: SAMPLE_FACTOR u (1 + amp).
-    pub floor: f64,
-    /// Rounding amplification of its signal direction (1 when the inputs are orthogonal).
-    pub amplification: f64,
-    pub why: String,
-}
-
-/// The certificate of a reconstruction.
-#[derive(Clone, Debug, Serialize)]
-pub struct Certificate {
-    /// All B samples found, each passes its own test, and the batch reproduces the gradient.
-    pub certified: bool,
-    /// Samples missing, and the found ones certified as a part (own tests and the split test).
-    pub part_certified: bool,
-    pub found: usize,
-    pub batch: usize,
-    /// Overall relative closure of the whole gradient (all samples found).
-    pub closure_residual: Option<f64>,
-    pub layers: Vec<LayerClosure>,
-    /// Tolerance of the closure: CLOSURE_FACTOR u sqrt(n_path).
-    pub closure_tolerance: f64,
-    /// Closure with r_i from the known loss and the recovered labels (cross-entropy only).
-    pub loss_closure_residual: Option<f64>,
-    /// Largest normalised off-diagonal of the split test (samples missing, or the batch
-    /// failing its closure), and its tolerance.
-    pub split_residual: Option<f64>,
-    pub split_tolerance: Option<f64>,
-    pub samples: Vec<SampleEvidence>,
-    pub why: String,
-}
 
 /// The neurons held back from the search: a quarter of them, from the search's own
 /// permutation (its first `used` entries are the iteration subsample).

@@ -12,12 +12,13 @@
 
 use faer::{Col, Mat};
 
-use super::alternation::{Alternation, Found, slopes};
+use super::alternation::{Alternation, Found, deflate, slopes};
 use super::floor::exact_floor;
 use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};
 use super::subsample::Subsample;
-use super::zero::{SearchStats, Zero, row_points};
+use super::zero::{Zero, row_points};
+use crate::attack::evidence::SearchStats;
 use crate::attack::params::AttackConfig;
 use crate::attack::subspace::Subspace;
 use crate::attack::view::ServerView;
@@ -99,7 +100,7 @@ pub fn search(
     );
     stats.seed_seconds = t0.elapsed().as_secs_f64();
     // then the row points of the gradient with the found signals removed
-    let starts = row_points(sub, &pattern_rounds::deflate(&alt, &gv, &found));
+    let starts = row_points(sub, &deflate(&alt, &gv, &found));
     stats.candidates += starts.len();
     for c in starts {
         if found.len() >= b

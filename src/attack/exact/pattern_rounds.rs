@@ -5,24 +5,9 @@
 
 use faer::{Col, Mat};
 
-use super::alternation::{Alternation, Found};
+use super::alternation::{Alternation, Found, deflate};
 use super::seed;
-use super::zero::SearchStats;
-
-/// (I - P_f) GV: the projected gradient with the found signals' directions removed;
-/// its rows mix only the missing samples' coordinates.
-pub(crate) fn deflate(alt: &Alternation<'_>, gv: &Mat<f64>, found: &[Found]) -> Mat<f64> {
-    if found.is_empty() {
-        return gv.clone();
-    }
-    let mut s = Mat::zeros(gv.nrows(), found.len());
-    for (i, (p, r, _)) in found.iter().enumerate() {
-        s.col_mut(i).copy_from(alt.signal(p, r));
-    }
-    let qf = s.qr().compute_thin_Q();
-    let proj = qf.transpose() * gv;
-    gv - &qf * &proj
-}
+use crate::attack::evidence::SearchStats;
 
 /// Run the alternation from every seed on `threads` threads (results in seed order).
 fn from_seeds(

@@ -5,8 +5,9 @@
 use super::labels;
 use super::search::search;
 use super::signal::SignalModel;
-use super::zero::{SearchStats, Zero};
+use super::zero::Zero;
 use super::{alternation, pattern};
+use crate::attack::evidence::SearchStats;
 use crate::attack::params::{AttackConfig, Method};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::{self, Subspace};

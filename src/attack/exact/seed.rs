@@ -14,9 +14,6 @@ use faer::{Col, Mat, Side};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-/// Fixed-point iterations of FastICA at most. The estimates are only starts for the
-/// polish, so a loose convergence suffices.
-pub const ICA_ITERATIONS: usize = 200;
 /// Stop when every unmixing row moves by less than this (1 - |<w_new, w_old>|).
 /// Measured (photos B = 64, m = 8192, tanh): 1e-3 stops after ~30 iterations and the
 /// polish finds as many samples from its seeds as from 1e-4 (~100 iterations).
@@ -144,7 +141,7 @@ mod tests {
             [[1.0, 0.5, -0.3], [0.2, 1.0, 0.4], [-0.6, 0.1, 1.0]][i][j]
         });
         let y = &src * mix.transpose();
-        let a = fastica(&y, 1, ICA_ITERATIONS).unwrap();
+        let a = fastica(&y, 1, crate::attack::params::ICA_ITERATIONS).unwrap();
         for t in 0..3 {
             let col = mix.col(t).to_owned();
             let best = (0..a.ncols())

@@ -123,31 +123,6 @@ pub struct Zero {
     pub exact: bool,
 }
 
-/// What the search did (reported under the keys `search_starts`, ...).
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct SearchStats {
-    #[serde(rename = "search_starts")]
-    pub starts: usize,
-    #[serde(rename = "search_candidates")]
-    pub candidates: usize,
-    #[serde(rename = "search_lm_iterations")]
-    pub lm_iterations: usize,
-    #[serde(rename = "search_duplicates")]
-    pub duplicates: usize,
-    #[serde(rename = "search_degenerate")]
-    pub degenerate: usize,
-    #[serde(rename = "search_seconds")]
-    pub seconds: f64,
-    pub exact_floor: f64,
-    #[serde(rename = "search_rounds")]
-    pub rounds: usize,
-    /// Zeros found by the seeding rounds (before the random-start search).
-    #[serde(rename = "search_seeded")]
-    pub seeded: usize,
-    /// Seconds spent in the seeding rounds (ICA and their polish).
-    pub seed_seconds: f64,
-}
-
 /// Row points of a projected gradient GV (m x B): row j divided by its bias
 /// coordinate is an affine combination of the inputs, dominated by one sample on
 /// many neurons. Ordered by the share of the row in the bias direction.

@@ -14,31 +14,8 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
 use super::moments::MomentTensor;
+use crate::attack::params::CpOptions;
 use crate::{Error, Result};
-
-/// Options of the decomposition.
-#[derive(Clone, Copy, Debug)]
-pub struct CpOptions {
-    /// Jennrich starts (each with fresh random contractions), each polished by ALS.
-    pub restarts: usize,
-    /// ALS sweeps per start at most.
-    pub max_sweeps: usize,
-    /// Stop when the relative residual improves by less than this (relative) per sweep.
-    pub tol: f64,
-}
-
-/// Defaults: 8 starts cover the occasional ill-conditioned random contraction;
-/// 300 sweeps are ample (ALS from a Jennrich start converges in tens of sweeps unless
-/// two components are nearly collinear); 1e-10 stops well below the moment noise.
-impl Default for CpOptions {
-    fn default() -> Self {
-        CpOptions {
-            restarts: 8,
-            max_sweeps: 300,
-            tol: 1e-10,
-        }
-    }
-}
 
 /// A symmetric-in-p-modes CP model.
 #[derive(Clone, Debug)]

@@ -12,9 +12,9 @@ use faer::{Col, Mat};
 
 pub mod decompose;
 pub mod hermite;
-pub mod law;
 pub mod moments;
 
+use crate::attack::law::{Law, LawSource};
 use crate::attack::params::{AttackConfig, Method, TensorOptions};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage, TensorDiagnostics};
 use crate::attack::subspace::{self, Subspace};
@@ -22,7 +22,6 @@ use crate::attack::view::ServerView;
 use crate::rng::{Stream, stream};
 use crate::{Error, Result};
 use hermite::{Coefficients, DEFAULT_LAW, Order};
-use law::{Law, LawSource};
 
 /// A component whose bias coordinate is below this fraction of its norm cannot be
 /// scaled by it (the reconstruction would blow up): it is reported with a note.

@@ -10,7 +10,7 @@ use faer::{Col, Mat, MatRef, Side};
 use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::law::Law;
+use crate::attack::law::Law;
 use crate::attack::view::{BLOCK_ROWS, ServerView};
 use crate::{Error, Result};
 
@@ -359,8 +359,8 @@ impl MomentTensor {
 
 #[cfg(test)]
 mod tests {
-    use super::super::law::WeightLaw;
     use super::*;
+    use crate::attack::law::WeightLaw;
     use rand::SeedableRng;
 
     /// Synthetic (1) in whitened coordinates: u_j ~ N(0, I), one output with

@@ -1,3 +1,6 @@
+//! The DLG and IG baselines end to end (here, above `attack`, so that `attack` never
+//! imports `simulate`).
+
 use crate::attack::{AttackConfig, Method};
 use crate::data::DataSpec;
 use crate::simulate::{self, SimConfig};
