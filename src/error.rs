@@ -27,6 +27,14 @@ pub enum Error {
         name: String,
         expected: String,
     },
+    /// A text specification (data, defence, prior, grid axis, shard) that does not parse
+    /// or is out of range; `kind` names which.
+    #[error("{kind} '{spec}': {reason}")]
+    Spec {
+        kind: &'static str,
+        spec: String,
+        reason: String,
+    },
     /// A parameter outside what the method or the model allows.
     #[error("invalid argument: {0}")]
     Invalid(String),

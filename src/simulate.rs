@@ -58,11 +58,14 @@ fn targets(cfg: &SimConfig, data: &Dataset, batch: &Batch, k: usize) -> Result<T
             let labels = match &batch.labels {
                 Some(l) if l.iter().all(|&c| c < k) => l.clone(),
                 Some(_) => {
-                    return Err(Error::Invalid(format!(
-                        "{} has {} classes but --classes is {k}",
-                        data.name,
-                        data.classes.unwrap_or(0)
-                    )));
+                    return Err(Error::Param {
+                        name: "classes",
+                        reason: format!(
+                            "{k} is fewer than the {} classes of {}",
+                            data.classes.unwrap_or(0),
+                            data.name
+                        ),
+                    });
                 }
                 None => (0..cfg.batch).map(|_| rng.random_range(0..k)).collect(),
             };
@@ -101,7 +104,10 @@ fn class_labels(t: &Targets, loss: Loss) -> Option<Vec<usize>> {
 pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     let t0 = Instant::now();
     if cfg.batch == 0 {
-        return Err(Error::Invalid("--batch must be at least 1".into()));
+        return Err(Error::Param {
+            name: "batch",
+            reason: "must be at least 1".into(),
+        });
     }
     let data = cfg
         .data
@@ -113,9 +119,10 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
         (None, _) => 1,
     };
     if cfg.loss == Loss::Ce && k < 2 {
-        return Err(Error::Invalid(
-            "cross-entropy needs --classes of at least 2".into(),
-        ));
+        return Err(Error::Param {
+            name: "classes",
+            reason: "cross-entropy needs at least 2".into(),
+        });
     }
     let stats = data.prior_stats();
     let init = InitConfig {

@@ -40,9 +40,11 @@ impl std::str::FromStr for Axis {
     type Err = Error;
     /// `key=v1,v2,...` (for `prior`, values are separated by `;`).
     fn from_str(s: &str) -> Result<Self> {
-        let (k, v) = s
-            .split_once('=')
-            .ok_or_else(|| Error::Invalid(format!("--grid '{s}': expected key=v1,v2,...")))?;
+        let (k, v) = s.split_once('=').ok_or_else(|| Error::Spec {
+            kind: "grid axis",
+            spec: s.to_string(),
+            reason: "expected key=v1,v2,...".into(),
+        })?;
         if !KEYS.contains(&k) {
             return Err(Error::Unknown {
                 kind: "grid key",
@@ -57,7 +59,11 @@ impl std::str::FromStr for Axis {
             .filter(|x| !x.is_empty())
             .collect();
         if values.is_empty() {
-            return Err(Error::Invalid(format!("--grid '{s}': no values")));
+            return Err(Error::Spec {
+                kind: "grid axis",
+                spec: s.to_string(),
+                reason: "no values".into(),
+            });
         }
         Ok(Axis {
             key: k.into(),
@@ -272,7 +278,7 @@ pub fn run(
         if h != head {
             return Err(Error::format(
                 csv,
-                "existing CSV has different columns; use another --csv",
+                "existing CSV has different columns (another grid or version); write to a new file",
             ));
         }
         done.extend(rows.into_iter().map(|r| r[..KEYS.len()].to_vec()));

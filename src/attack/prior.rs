@@ -44,12 +44,16 @@ impl std::str::FromStr for Prior {
     fn from_str(s: &str) -> Result<Self> {
         let mut p = Prior::default();
         for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                Error::Invalid(format!("--prior '{s}': expected key=value pairs"))
+            let (k, v) = part.split_once('=').ok_or_else(|| Error::Spec {
+                kind: "prior",
+                spec: s.to_string(),
+                reason: "expected key=value pairs".into(),
             })?;
-            let v: f64 = v
-                .parse()
-                .map_err(|_| Error::Invalid(format!("--prior '{s}': '{v}' is not a number")))?;
+            let v: f64 = v.parse().map_err(|_| Error::Spec {
+                kind: "prior",
+                spec: s.to_string(),
+                reason: format!("'{v}' is not a number"),
+            })?;
             match k {
                 "mean" => p.mean = v,
                 "std" => p.std = v,
@@ -65,9 +69,11 @@ impl std::str::FromStr for Prior {
             }
         }
         if p.std.is_nan() || p.std <= 0.0 || !p.mean.is_finite() || p.min >= p.max {
-            return Err(Error::Invalid(format!(
-                "--prior '{s}': need std > 0, a finite mean and min < max"
-            )));
+            return Err(Error::Spec {
+                kind: "prior",
+                spec: s.to_string(),
+                reason: "need std > 0, a finite mean and min < max".into(),
+            });
         }
         Ok(p)
     }

@@ -175,8 +175,37 @@ pub fn flag_of(e: &gradleak::Error) -> &'static str {
             "threads" => "--threads",
             "baseline_iters" => "--baseline-iters",
             "restarts" => "--restarts",
+            "classes" => "--classes",
+            _ => "see --help",
+        },
+        gradleak::Error::Spec { kind, .. } => match *kind {
+            "data spec" => "--data",
+            "defence" => "--defense",
+            "prior" => "--prior",
+            "grid axis" => "--grid",
+            "shard" => "--shard",
             _ => "see --help",
         },
         _ => "see --help",
+    }
+}
+
+/// The one line printed for a failed command: the error chain, and the flag behind a
+/// parameter or specification error.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let flag = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<gradleak::Error>())
+        .filter(|g| {
+            matches!(
+                g,
+                gradleak::Error::Param { .. } | gradleak::Error::Spec { .. }
+            )
+        })
+        .map(flag_of)
+        .filter(|f| *f != "see --help");
+    match flag {
+        Some(f) => format!("{e:#} ({f})"),
+        None => format!("{e:#}"),
     }
 }

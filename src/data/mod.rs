@@ -49,7 +49,11 @@ pub const DEFAULT_IMAGE_SIZE: usize = 32;
 impl std::str::FromStr for DataSpec {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| Error::Invalid(format!("--data '{s}': {why}"));
+        let bad = |why: &str| Error::Spec {
+            kind: "data spec",
+            spec: s.to_string(),
+            reason: why.to_string(),
+        };
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
         match kind {
             "digits" if rest.is_empty() => Ok(DataSpec::Digits),

@@ -56,10 +56,11 @@ impl Defense {
     /// Check the parameter's range: an invalid one is a one-line error, never a panic.
     pub fn check(&self) -> Result<()> {
         let bad = |why: &str| {
-            Err(Error::Invalid(format!(
-                "--defense {}: {why}",
-                self.spelling()
-            )))
+            Err(Error::Spec {
+                kind: "defence",
+                spec: self.spelling(),
+                reason: why.to_string(),
+            })
         };
         match *self {
             Defense::Clip(c) if !(c > 0.0 && c.is_finite()) => {
@@ -96,7 +97,11 @@ impl Defense {
 impl std::str::FromStr for Defense {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::Invalid(format!("--defense '{s}': bad value"));
+        let bad = || Error::Spec {
+            kind: "defence",
+            spec: s.to_string(),
+            reason: "bad value".into(),
+        };
         let parts: Vec<&str> = s.split(':').collect();
         let f = |i: usize| -> Result<f64> {
             parts
@@ -139,18 +144,24 @@ pub fn check_chain(defenses: &[Defense]) -> Result<()> {
     for (k, d) in defenses.iter().enumerate() {
         d.check()?;
         if d.rebuilds_from_data() && k > 0 {
-            return Err(Error::Invalid(format!(
-                "--defense {d}: it rebuilds the update from the client's data, so it must be the first defence \
-                 (and only one of clip / local-steps)"
-            )));
+            return Err(Error::Spec {
+                kind: "defence",
+                spec: d.to_string(),
+                reason: "it rebuilds the update from the client's data, so it must be the first defence \
+                         (and only one of clip / local-steps)"
+                    .into(),
+            });
         }
         match d {
             Defense::Clip(c) => clip = Some(*c),
             Defense::Noise(_) if clip.is_none() => {
-                return Err(Error::Invalid(format!(
-                    "--defense {d}: DP-SGD noise has standard deviation SIGMA * C; put clip:C before it \
-                     (or use noise-rel:S)"
-                )));
+                return Err(Error::Spec {
+                    kind: "defence",
+                    spec: d.to_string(),
+                    reason: "DP-SGD noise has standard deviation SIGMA * C; put clip:C before it \
+                             (or use noise-rel:S)"
+                        .into(),
+                });
             }
             _ => {}
         }
@@ -363,7 +374,7 @@ pub(crate) mod tests {
             "clip:nan",
         ] {
             let e = bad.parse::<Defense>().unwrap_err().to_string();
-            assert!(!e.contains('\n') && e.contains("--defense"), "{bad}: {e}");
+            assert!(!e.contains('\n') && e.contains("defence '"), "{bad}: {e}");
         }
         for good in [
             "clip:1",

@@ -24,7 +24,11 @@ impl std::str::FromStr for Shard {
     type Err = Error;
     /// `K/N` with 1 <= K <= N.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::Invalid(format!("shard '{s}': expected K/N with 1 <= K <= N"));
+        let bad = || Error::Spec {
+            kind: "shard",
+            spec: s.to_string(),
+            reason: "expected K/N with 1 <= K <= N".into(),
+        };
         let (k, n) = s.split_once('/').ok_or_else(bad)?;
         let index: usize = k.trim().parse().map_err(|_| bad())?;
         let count: usize = n.trim().parse().map_err(|_| bad())?;
@@ -95,7 +99,7 @@ pub fn merge(configs: &[SimConfig], inputs: &[PathBuf], out: &Path) -> Result<us
     }
     if !rows.is_empty() {
         return Err(Error::Invalid(format!(
-            "{} input rows are not in this grid: give --merge the same setting and --grid flags as the shards",
+            "{} input rows are not in this grid: merge with the same settings and grid as the shards",
             rows.len()
         )));
     }

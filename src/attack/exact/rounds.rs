@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use faer::{Col, Mat};
+use faer::Col;
 
 use super::accept::{Acceptance, Verdict};
 use super::floor::{exact_floor, noise_floor};
@@ -160,7 +160,7 @@ pub fn search(
     let floor = exact_floor(view, sub);
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
     let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
-    let gv0 = Mat::from_fn(m, b, |j, kk| sub.q[(j, kk)] * sub.singular_values[kk]);
+    let gv0 = sub.projected_gradient();
     let prior = search::effective_prior(cfg, &model, &row_points(sub, &gv0));
     let bound = Some((prior.mean, search::PRIOR_RADIUS * prior.std.max(1e-12)));
     let vl = Col::from_fn(b, |q| sub.v[(sub.v.nrows() - 1, q)]);

@@ -112,10 +112,7 @@ pub const LAST_FEW: usize = 2;
 /// onto the complement of the found signals, (I - S_f S_f^+) GV = (I - S_f S_f^+) S_m C_m^T.
 /// Its rows are combinations of the missing samples only (no scale needs fitting).
 pub(crate) fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat<f64> {
-    let b = sub.batch;
-    let gv = Mat::from_fn(sub.q.nrows(), b, |j, k| {
-        sub.q[(j, k)] * sub.singular_values[k]
-    });
+    let gv = sub.projected_gradient();
     if zeros.is_empty() {
         return gv;
     }
@@ -183,7 +180,7 @@ pub fn search_with(
     let all = &acc.kept;
     let promising = PROMISING.max(2.0 * accept);
 
-    let gv0 = Mat::from_fn(m, b, |j, kk| sub.q[(j, kk)] * sub.singular_values[kk]);
+    let gv0 = sub.projected_gradient();
     let first_rows = row_points(sub, &gv0);
     let prior = effective_prior(cfg, &model, &first_rows);
     let d = model.coords.input_dim();
