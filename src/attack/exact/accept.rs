@@ -17,12 +17,18 @@ use crate::Result;
 use crate::attack::subspace::Subspace;
 use crate::attack::view::ServerView;
 
+/// A zero over its own floor is kept (as a fit) only if F on the held-back neurons is
+/// within this factor of F where it was polished: a zero fitted to the search's neurons
+/// alone is far larger on the others.
+pub const HELD_AGREEMENT: f64 = 10.0;
+
 /// The verdict on a polished zero.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Verdict {
     /// A true zero to the rounding of the gradient.
     Exact,
-    /// Kept as a least-squares fit under known noise (never exact).
+    /// Kept as a least-squares fit under known noise, or a zero under the global floor
+    /// that agrees on the held-back neurons (never exact).
     Fit,
     /// Not kept.
     Rejected,
@@ -89,6 +95,15 @@ impl<'a> Acceptance<'a> {
         if f <= own && self.held_residual(c).is_none_or(|h| h <= own) {
             Verdict::Exact
         } else if self.accept > self.floor && f <= self.accept {
+            Verdict::Fit
+        } else if f <= self.floor
+            && self
+                .held_residual(c)
+                .is_none_or(|h| h <= self.floor && h <= HELD_AGREEMENT * f.max(own))
+        {
+            // over its own floor but under the global one, and as small on the held-back
+            // neurons: a true zero of a gradient carrying more than its own rounding
+            // (e.g. a one-step update divided by lr); kept, never exact
             Verdict::Fit
         } else {
             Verdict::Rejected
