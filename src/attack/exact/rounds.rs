@@ -155,6 +155,7 @@ pub fn search(
     let sub_neurons = Neurons::new(&sub.q, order.first(n));
     let screen = Neurons::new(&sub.q, order.first(SCREEN_NEURONS.max(4 * (b + k))));
     let all = Neurons::all(&sub.q);
+    let scale = super::certificate::RoundingScale::new(view)?;
     let floor = exact_floor(view, sub);
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
     let gv0 = Mat::from_fn(m, b, |j, kk| sub.q[(j, kk)] * sub.singular_values[kk]);
@@ -219,7 +220,16 @@ pub fn search(
                     if zeros.len() >= b {
                         continue;
                     }
-                    z.exact = z.residual <= floor;
+                    // as in the search: a zero above its own rounding floor takes no slot
+                    // (photos B = 64, f32: 7 wrong zeros inside the global floor did)
+                    let sv = model.signal_matrix(&z.c, &all.rows) * &z.r;
+                    let shat = &sv * (1.0 / sv.norm_l2().max(f64::MIN_POSITIVE));
+                    let own = scale.floor(scale.amplification(sub, &shat)).min(floor);
+                    if z.residual > own && accept <= floor {
+                        stats.degenerate += 1;
+                        continue;
+                    }
+                    z.exact = z.residual <= own;
                     found_x.push(x);
                     zeros.push(z);
                 }
