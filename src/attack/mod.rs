@@ -34,6 +34,7 @@ use crate::{Error, Result};
 /// Run the configured attack. A gradient below its noise floor is a result with no
 /// sample and the reason, not an error.
 pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
+    let cfg = &defended::quantized::with_known_error(view, cfg)?;
     let out = match cfg.method {
         Method::Analytic => exact::analytic::attack(view, cfg),
         Method::Tensor => moment::attack(view, cfg),

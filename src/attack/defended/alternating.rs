@@ -32,16 +32,16 @@ pub const TOL: f64 = 1e-13;
 
 /// The two-layer problem.
 pub struct TwoLayer {
-    act: crate::model::Activation,
-    w: Mat<f64>,
-    b: Col<f64>,
-    a: Mat<f64>,
-    ow: Mat<f64>,
-    ob: Col<f64>,
-    oa: Mat<f64>,
-    oc: Col<f64>,
+    pub(super) act: crate::model::Activation,
+    pub(super) w: Mat<f64>,
+    pub(super) b: Col<f64>,
+    pub(super) a: Mat<f64>,
+    pub(super) ow: Mat<f64>,
+    pub(super) ob: Col<f64>,
+    pub(super) oa: Mat<f64>,
+    pub(super) oc: Col<f64>,
     /// Weights 1/variance of (O_W, O_b, O_A, O_c).
-    weights: [f64; 4],
+    pub(super) weights: [f64; 4],
 }
 
 /// Outcome of the iteration.
@@ -89,7 +89,7 @@ impl TwoLayer {
         })
     }
 
-    fn pre(&self, x: &Mat<f64>) -> Mat<f64> {
+    pub(super) fn pre(&self, x: &Mat<f64>) -> Mat<f64> {
         let mut z = x * self.w.transpose();
         for j in 0..z.ncols() {
             for i in 0..z.nrows() {
@@ -100,7 +100,7 @@ impl TwoLayer {
     }
 
     /// The R-step: weighted least squares for R (B x K) at fixed X.
-    fn r_step(&self, x: &Mat<f64>, z: &Mat<f64>) -> Result<Mat<f64>> {
+    pub(super) fn r_step(&self, x: &Mat<f64>, z: &Mat<f64>) -> Result<Mat<f64>> {
         let (bsz, m) = z.shape();
         let k = self.a.nrows();
         let [ww, wb, wa, wc] = self.weights;

@@ -30,6 +30,9 @@ pub const MAX_RANK: usize = 64;
 /// ALS sweeps of one rank probe and of the final fit.
 pub const PROBE_SWEEPS: usize = 60;
 pub const MAX_SWEEPS: usize = 2000;
+/// ALS sweeps of a probe below the first fitting rank, warm-started from its
+/// directions (ALS at the exact rank converges slowly on a magnitude mask).
+pub const REFIT_SWEEPS: usize = 300;
 /// A probe fits when the relative residual on the observed entries falls below this
 /// (a rank below B stalls at the (r+1)-th singular value's share, >= 1e-4 on every
 /// case measured).
@@ -322,7 +325,25 @@ pub fn complete(view: &ServerView) -> Result<Completion> {
         )));
     };
     // the rank is the number of singular values of the fit above its floor
-    let (r, vstart) = truncate(&obs, &u, &v, r)?;
+    let last_failed = r / 2;
+    let (mut r, mut vstart) = truncate(&obs, &u, &v, r)?;
+    // the over-parametrised fit is not unique on a structured mask, so its count can
+    // exceed B: bisect down to the smallest rank that fits from its leading directions
+    let (mut lo, mut hi) = (last_failed.max(1), r);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        let start = vstart.subcols(0, mid).to_owned();
+        let (_, vm, res, s) = als(&obs, &start, mid, REFIT_SWEEPS, PROBE_FIT);
+        sweeps += s;
+        if res <= PROBE_FIT {
+            hi = mid;
+            let vm = Mat::from_fn(n, mid, |k, p| vm[k * mid + p]);
+            vstart = vm.qr().compute_thin_Q().subcols(0, mid).to_owned();
+            r = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
     let (u, v, res, s) = als(&obs, &vstart, r, MAX_SWEEPS, FINAL_FIT);
     sweeps += s;
     let rows: Vec<usize> = (0..m)

@@ -48,13 +48,6 @@ pub fn view_from(view: &ServerView, l: usize) -> ServerView {
     }
 }
 
-/// What the descent gives for one sample: the input and the largest relative misfit
-/// of the equations solved on the way down.
-pub struct Descent {
-    pub x: Vec<f64>,
-    pub misfit: f64,
-}
-
 /// The equation a neuron's known output gives: (slope, a) with slope z = a, None near
 /// the kink. Leaky ReLU's negative side keeps its slope in the row, so the rounding of
 /// a is not amplified by 1 / slope.

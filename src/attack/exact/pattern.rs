@@ -10,7 +10,7 @@
 //! is stable. Starts are the patterns of the gradient's row points. Once all B
 //! signals S are known, the inputs follow linearly from G~ V = S diag(alpha) C^T.
 
-use faer::{Col, Mat};
+use faer::Col;
 
 use super::alternation::{Alternation, Found, deflate, slopes};
 use super::certificate::RoundingScale;
@@ -70,7 +70,7 @@ pub fn search(
     // F on the subsample is computed against a re-orthonormalised basis: the same
     // rounding floor applies (it depends on the conditioning of G~, not on m)
     let floor_small = floor;
-    let gv = Mat::from_fn(m, b, |j, k| sub.q[(j, k)] * sub.singular_values[k]);
+    let gv = sub.projected_gradient();
     let mut stats = SearchStats {
         exact_floor: floor,
         ..Default::default()

@@ -5,6 +5,7 @@
 use super::labels;
 use super::search::search;
 use super::signal::SignalModel;
+use super::subsample::Subsample;
 use super::zero::Zero;
 use super::{alternation, pattern};
 use crate::attack::evidence::SearchStats;
@@ -12,6 +13,7 @@ use crate::attack::params::{AttackConfig, Method};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::{self, Subspace};
 use crate::attack::view::ServerView;
+use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
 /// Turn zeros into samples: output residuals with their absolute scale and sign, labels.
@@ -49,6 +51,11 @@ pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
             rec.batch_estimated, stats.starts, stats.seconds
         ));
     }
+}
+
+/// The neurons the span searches (random starts and seeding rounds) hold back for seed `seed`.
+pub fn held_back(view: &ServerView, seed: u64) -> Vec<usize> {
+    Subsample::new(view.width(), &mut salted(seed, Salt::SearchNeurons)).held_back()
 }
 
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
@@ -104,7 +111,13 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     };
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);
     record(&mut rec, &stats, zeros.len());
-    let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+    // the span searches never touched their held-back neurons; the pattern search
+    // fits a pattern on every neuron, so none is held back there
+    let held = match stage {
+        Stage::Span => held_back(view, cfg.seed),
+        _ => Vec::new(),
+    };
+    let cert = super::certificate::certify(view, &sub, &rec.samples, &held, cfg.loss)?;
     super::certificate::apply(&mut rec, cert);
     Ok(rec)
 }
