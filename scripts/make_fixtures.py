@@ -81,7 +81,12 @@ def make(out, name, act, widths, loss, batch, dtype, init, seed, data="digits"):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    if data.startswith("faces"):
+    if data.startswith("npy:"):
+        # rows written by another tool, e.g. `gradleak simulate --data images:... --save DIR`
+        # (truth.npy: the crops of the `images:` data spec); labels drawn here
+        x_all = np.load(data[len("npy:"):])
+        y_all = rng.integers(0, 10, size=len(x_all))
+    elif data.startswith("faces"):
         x_all, _ = face_crops(int(data[len("faces"):]), seed)
         y_all = rng.integers(0, 10, size=len(x_all))
     elif data.startswith("photos"):
@@ -148,6 +153,13 @@ def heldout(out):
          "torch-default", 23, data="photos25")
     make(out, "photos25-gelu-ce-depth2-b16", "gelu", [2048, 256, 10], "ce", 16, "float32",
          "torch-default", 24, data="photos25")
+    # issue 9: a federated-size photo batch, B = 64 colour 32 x 32 crops of the `images:` spec,
+    # m = 8192; make the crops first with
+    # gradleak simulate --data images:../shared/data/photos:32 --batch 64 --width 8192 \
+    #     --activation tanh --dtype f32 --seed 1 --method span --seed-rounds 0 --search-starts 1 --save /tmp/photos64
+    if os.path.exists("/tmp/photos64/truth.npy"):
+        make(out, "photos32rgb-tanh-ce-8192-b64", "tanh", [8192, 10], "ce", 64, "float32",
+             "torch-default", 25, data="npy:/tmp/photos64/truth.npy")
 
 
 def deep(out):
