@@ -83,7 +83,13 @@ fn joint_fit(
                     .chain(extra)
                     .collect();
             }
-            let x0 = faer::Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
+            let mut x0 = faer::Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
+            if !hold_found && missing == 1 && xs.len() >= 2 {
+                // two close samples can share one zero of the span residual (a mixture
+                // of both): also try splitting each found sample in two, and keep the
+                // start that a few Gauss-Newton steps take lowest
+                x0 = gauss_newton::best_split(tl, x0, filled == 1, cfg.seed)?;
+            }
             let start = tl.fit(&x0, 0, 0.0)?.objective;
             let fit = if hold_found && filled > 0 {
                 // the found samples are exact: fit only the seeded ones around them
