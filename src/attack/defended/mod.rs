@@ -6,7 +6,9 @@
 //! * [`complete`]: pruned / sparsified entries are unknowns; the rank-B first layer is
 //!   completed from the rest, then the exact route runs on it.
 //! * [`likelihood`]: under known noise or quantisation, the exact route's estimates
-//!   refined jointly by maximum likelihood on every layer.
+//!   refined jointly by maximum likelihood on every layer ([`gauss_newton`] for two
+//!   layers, L-BFGS deeper).
+//! * [`quantized`]: the rounding error of `quantize:BITS` as the exact route's noise level.
 
 // `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
