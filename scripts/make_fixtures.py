@@ -5,6 +5,7 @@ gradient.safetensors ({name: p.grad} after one loss.backward() on the batch,
 reduction='mean'), batch.safetensors (the private truth: x, y) and case.json.
 Run: python scripts/make_fixtures.py tests/fixtures/pytorch   (needs torch, safetensors, numpy, pillow)
      python scripts/make_fixtures.py DIR --heldout   (larger correlated cases, not committed)
+     python scripts/make_fixtures.py DIR --deep      (deep smooth nets on faces, not committed)
 Photo cases read ../shared/data/photos (beside the checkout; --photos DIR to change it).
 """
 
@@ -149,9 +150,26 @@ def heldout(out):
          "torch-default", 24, data="photos25")
 
 
+def deep(out):
+    """Deep smooth nets on face crops (issue 12, done-when line 4): 25 x 25 grey, float32,
+    torch-default init, widths >= 1024, depth 2-3; two draws (model and batch) of each."""
+    for i in (1, 2):
+        make(out, f"faces25-gelu-bce-deep-s{i}", "gelu", [1024, 512, 1], "bce", 6, "float32",
+             "torch-default", 30 + i, data="faces25")
+        make(out, f"faces25-tanh-ce-depth3-s{i}", "tanh", [1024, 1024, 1024, 5], "ce", 10,
+             "float32", "torch-default", 40 + i, data="faces25")
+        make(out, f"faces25-silu-ce-depth2-s{i}", "silu", [2048, 1024, 10], "ce", 12, "float32",
+             "torch-default", 50 + i, data="faces25")
+    make(out, "faces25-tanh-ce-depth3-b16", "tanh", [2048, 1024, 1024, 10], "ce", 16, "float32",
+         "torch-default", 61, data="faces25")
+
+
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/pytorch"
     torch.set_num_threads(1)
+    if "--deep" in sys.argv:
+        deep(out)
+        sys.exit(0)
     if "--heldout" in sys.argv:
         heldout(out)
         sys.exit(0)
@@ -172,3 +190,15 @@ if __name__ == "__main__":
          12, data="photos12")
     make(out, "photos12-tanh-ce-depth3", "tanh", [1024, 32, 32, 10], "ce", 10, "float32",
          "torch-default", 13, data="photos12")
+    # deep smooth nets on face crops (the --deep cases, upper layers narrowed to keep the
+    # repository small and the debug-build test under a few seconds)
+    make(out, "faces12-gelu-bce-deep", "gelu", [1024, 256, 1], "bce", 6, "float32",
+         "torch-default", 14, data="faces12")
+    make(out, "faces12-tanh-ce-depth3", "tanh", [1024, 256, 256, 5], "ce", 10, "float32",
+         "torch-default", 15, data="faces12")
+    # deep piecewise-linear nets (issue 9): pattern search on the top layer, descent to x
+    make(out, "digits-relu-ce-depth2", "relu", [256, 128, 10], "ce", 8, "float32", "torch-default", 14)
+    make(out, "digits-relu-ce-depth3", "relu", [256, 128, 128, 10], "ce", 8, "float32",
+         "torch-default", 15)
+    make(out, "digits-leaky_relu-ce-depth2", "leaky_relu", [256, 128, 10], "ce", 6, "float32",
+         "torch-default", 16)

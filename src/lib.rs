@@ -51,7 +51,7 @@ mod error;
 pub mod io;
 pub mod metrics;
 pub mod model;
-pub mod numerics;
+pub(crate) mod numerics;
 pub mod plot;
 pub mod report;
 pub mod rng;

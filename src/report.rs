@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::attack::evidence::Certificate;
-use crate::attack::{Diagnostics, RankRule, Reconstruction, Stage};
+use crate::attack::{AttackConfig, Diagnostics, RankRule, Reconstruction, ServerView, Stage};
 use crate::defense::{Defense, DefenseReport};
 use crate::metrics::{Metrics, SampleMetrics};
 
@@ -145,4 +145,58 @@ pub struct AttackReport {
     pub samples: Vec<AttackSample>,
     pub seconds: f64,
     pub attack: AttackSummary,
+}
+
+impl AttackReport {
+    /// The report of `rec`, an attack with `cfg` on `view`; `model` and `gradient` name
+    /// where they came from (file paths, or "<memory>").
+    pub fn new(
+        view: &ServerView,
+        cfg: &AttackConfig,
+        rec: &Reconstruction,
+        (model, gradient): (String, String),
+        seconds: f64,
+    ) -> AttackReport {
+        let labels: Vec<Option<usize>> = rec.samples.iter().map(|s| s.label).collect();
+        let why = |i: usize| {
+            rec.certificate
+                .as_ref()
+                .and_then(|c| c.samples.get(i))
+                .map(|e| e.why.clone())
+        };
+        AttackReport {
+            gradleak_version: env!("CARGO_PKG_VERSION"),
+            model,
+            gradient,
+            dim: view.input_dim(),
+            width: view.width(),
+            depth: view.depth(),
+            outputs: view.outputs(),
+            activation: view.activation.to_string(),
+            dtype: view.dtype.to_string(),
+            method: cfg.method().to_string(),
+            batch_estimated: rec.batch_estimated,
+            recovered: rec.samples.len(),
+            missing: rec.missing(),
+            exact: rec.samples.iter().filter(|s| s.exact).count(),
+            certified: rec.certificate.as_ref().is_some_and(|c| c.certified),
+            closure_residual: rec.certificate.as_ref().and_then(|c| c.closure_residual),
+            labels: labels.iter().any(Option::is_some).then_some(labels),
+            samples: rec
+                .samples
+                .iter()
+                .enumerate()
+                .map(|(i, s)| AttackSample {
+                    index: i,
+                    residual: s.residual,
+                    exact: s.exact,
+                    stage: s.stage,
+                    label: s.label,
+                    why: why(i),
+                })
+                .collect(),
+            seconds,
+            attack: AttackSummary::from(rec),
+        }
+    }
 }

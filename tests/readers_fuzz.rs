@@ -1,7 +1,8 @@
 //! Every reader on arbitrary and mutated bytes (truncations, bit flips, lying header
-//! lengths, dtype and shape lies): an error value or a valid result, never a panic
-//! (a panic or an attempted huge allocation fails the test). Seeded, so a failure
-//! names a reproducible case; the command line gets the same treatment in `cli.rs`.
+//! lengths, dtype and shape lies): an error value or a valid result, never a panic and
+//! never an allocation out of proportion to the file (a counting allocator records the
+//! largest single request of each case). Seeded, so a failure names a reproducible
+//! case; the command line gets the same treatment in `cli.rs`.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,36 @@ use gradleak::io::safetensors::{TensorFile, read_batch, read_gradient, read_mode
 use gradleak::model::Activation;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// The system allocator, recording the largest single request on this thread.
+struct Counting;
+
+thread_local! {
+    static LARGEST: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = LARGEST.try_with(|c| c.set(c.get().max(layout.size())));
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        let _ = LARGEST.try_with(|c| c.set(c.get().max(new)));
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Largest allocation a reader may make for a file of `len` bytes: the file itself as
+/// f64 values (8x an f32 file) and its copy into a matrix, plus a fixed margin.
+fn allocation_cap(len: usize) -> usize {
+    16 * len + (1 << 20)
+}
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -82,8 +113,15 @@ fn each_case(src: &[u8], name: &str, mut check: impl FnMut(&Path)) {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let bytes = mutate(src, &mut rng);
         std::fs::write(&path, &bytes).unwrap();
+        LARGEST.with(|c| c.set(0));
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&path)));
         assert!(r.is_ok(), "{name}: case seed {seed} panicked");
+        let largest = LARGEST.with(|c| c.get());
+        assert!(
+            largest <= allocation_cap(src.len().max(bytes.len())),
+            "{name}: case seed {seed} allocated {largest} bytes at once for a {}-byte file",
+            bytes.len()
+        );
     }
 }
 

@@ -18,7 +18,7 @@ use gradleak::attack::{
     AttackConfig, AttackParams, Cancel, Flow, Observer, Reconstruction, Sample, ServerView, Stage,
 };
 use gradleak::model::{Activation, Dense, Gradient, Loss, Mlp};
-use gradleak::report::{AttackReport, AttackSample, AttackSummary};
+use gradleak::report::AttackReport;
 use gradleak::{Dtype, Error};
 
 create_exception!(
@@ -253,45 +253,13 @@ fn report(
     rec: &Reconstruction,
     seconds: f64,
 ) -> AttackReport {
-    let labels: Vec<Option<usize>> = rec.samples.iter().map(|s| s.label).collect();
-    AttackReport {
-        gradleak_version: env!("CARGO_PKG_VERSION"),
-        model: "<memory>".into(),
-        gradient: "<memory>".into(),
-        dim: view.input_dim(),
-        width: view.width(),
-        depth: view.depth(),
-        outputs: view.outputs(),
-        activation: view.activation.to_string(),
-        dtype: view.dtype.to_string(),
-        method: cfg.method().to_string(),
-        batch_estimated: rec.batch_estimated,
-        recovered: rec.samples.len(),
-        missing: rec.missing(),
-        exact: rec.samples.iter().filter(|s| s.exact).count(),
-        certified: rec.certificate.as_ref().is_some_and(|c| c.certified),
-        closure_residual: rec.certificate.as_ref().and_then(|c| c.closure_residual),
-        labels: labels.iter().any(Option::is_some).then(|| labels.clone()),
-        samples: rec
-            .samples
-            .iter()
-            .enumerate()
-            .map(|(i, s)| AttackSample {
-                index: i,
-                residual: s.residual,
-                exact: s.exact,
-                stage: s.stage,
-                label: s.label,
-                why: rec
-                    .certificate
-                    .as_ref()
-                    .and_then(|c| c.samples.get(i))
-                    .map(|e| e.why.clone()),
-            })
-            .collect(),
+    AttackReport::new(
+        view,
+        cfg,
+        rec,
+        ("<memory>".into(), "<memory>".into()),
         seconds,
-        attack: AttackSummary::from(rec),
-    }
+    )
 }
 
 /// Match a reconstruction to the truth and score it; returns the metrics as JSON.

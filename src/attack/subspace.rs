@@ -57,6 +57,16 @@ pub struct Subspace {
     pub rule: RankRule,
 }
 
+impl Subspace {
+    /// The projected gradient G~V = Q diag(sigma_1, ..., sigma_B) (m x B): neuron j's
+    /// gradient row in the coordinates of V. Every exact route starts from it.
+    pub fn projected_gradient(&self) -> Mat<f64> {
+        Mat::from_fn(self.q.nrows(), self.batch, |j, k| {
+            self.q[(j, k)] * self.singular_values[k]
+        })
+    }
+}
+
 /// Options of the subspace stage.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SubspaceOptions {

@@ -9,7 +9,7 @@ use faer::Mat;
 use gradleak::attack::{self, AttackParams, Method, ServerView};
 use gradleak::io::{npy, write_atomic};
 use gradleak::model::{Activation, Loss};
-use gradleak::report::{AttackReport, AttackSample, AttackSummary};
+use gradleak::report::AttackReport;
 
 #[derive(Args, Debug)]
 pub struct AttackArgs {
@@ -77,44 +77,16 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
     let n = rec.samples.len();
     let x = Mat::from_fn(n, d, |i, j| rec.samples[i].x[j]);
     let labels: Vec<Option<usize>> = rec.samples.iter().map(|s| s.label).collect();
-    let report = AttackReport {
-        gradleak_version: env!("CARGO_PKG_VERSION"),
-        model: a.model.display().to_string(),
-        gradient: a.gradient.display().to_string(),
-        dim: d,
-        width: view.width(),
-        depth: view.depth(),
-        outputs: view.outputs(),
-        activation: act.to_string(),
-        dtype: view.dtype.to_string(),
-        method: cfg.method().to_string(),
-        batch_estimated: rec.batch_estimated,
-        recovered: n,
-        missing: rec.missing(),
-        exact: rec.samples.iter().filter(|s| s.exact).count(),
-        certified: rec.certificate.as_ref().is_some_and(|c| c.certified),
-        closure_residual: rec.certificate.as_ref().and_then(|c| c.closure_residual),
-        labels: labels.iter().any(Option::is_some).then(|| labels.clone()),
-        samples: rec
-            .samples
-            .iter()
-            .enumerate()
-            .map(|(i, s)| AttackSample {
-                index: i,
-                residual: s.residual,
-                exact: s.exact,
-                stage: s.stage,
-                label: s.label,
-                why: rec
-                    .certificate
-                    .as_ref()
-                    .and_then(|c| c.samples.get(i))
-                    .map(|e| e.why.clone()),
-            })
-            .collect(),
-        seconds: t0.elapsed().as_secs_f64(),
-        attack: AttackSummary::from(&rec),
-    };
+    let report = AttackReport::new(
+        &view,
+        &cfg,
+        &rec,
+        (
+            a.model.display().to_string(),
+            a.gradient.display().to_string(),
+        ),
+        t0.elapsed().as_secs_f64(),
+    );
     npy::write_matrix(&a.out, &x)?;
     if let Some(r) = &a.report {
         write_atomic(r, &serde_json::to_vec_pretty(&report)?)?;

@@ -49,8 +49,6 @@ const STALL_PATIENCE: usize = 4;
 #[derive(Clone, Debug)]
 pub struct LmResult {
     pub u: Col<f64>,
-    /// ||e(u)||.
-    pub norm: f64,
     pub iterations: usize,
 }
 
@@ -116,11 +114,7 @@ pub fn solve<P: Problem>(p: &P, u0: Col<f64>, opts: &LmOptions) -> Option<LmResu
             None => break,
         }
     }
-    Some(LmResult {
-        u,
-        norm,
-        iterations: it,
-    })
+    Some(LmResult { u, iterations: it })
 }
 
 #[cfg(test)]

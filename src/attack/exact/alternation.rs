@@ -9,6 +9,7 @@
 use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
 
+use super::certificate::RoundingScale;
 use super::signal::{Neurons, SignalModel};
 use super::zero::{Zero, best_residual_of};
 use crate::attack::evidence::SearchStats;
@@ -90,6 +91,10 @@ pub(crate) struct Alternation<'a> {
     pub floor: f64,
     pub floor_small: f64,
     pub model: &'a SignalModel,
+    /// Per-sample rounding floors (docs/DESIGN.md, "Certificate"): a pattern is kept only
+    /// under its own floor, so a wrong pattern under the global floor takes no slot.
+    pub scale: &'a RoundingScale,
+    pub sub: &'a Subspace,
 }
 
 impl Alternation<'_> {
@@ -129,6 +134,17 @@ impl Alternation<'_> {
             .collect();
         let res = alternate(a, self.all, pat_full, self.slopes, self.floor, &mut stats);
         (res, stats.lm_iterations)
+    }
+
+    /// F of a found pattern is under its own rounding floor SAMPLE_FACTOR u (1 + amp).
+    pub(crate) fn own_floor(&self, pat: &[bool], r: &Col<f64>, f: f64) -> bool {
+        let s = self.signal(pat, r);
+        let ns = s.norm_l2();
+        if !(ns > 0.0) {
+            return false;
+        }
+        let amp = self.scale.amplification(self.sub, &(s * (1.0 / ns)));
+        f <= self.scale.floor(amp)
     }
 
     /// A pattern with no active neuron (or, for ReLU, fewer than B) carries no sample.

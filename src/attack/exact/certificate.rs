@@ -37,23 +37,6 @@ pub const CLOSURE_FACTOR: f64 = 20.0;
 /// Multiple of u (1 + amp_i)(1 + amp_k) under which an off-diagonal entry of the
 /// split test C_f^T Sigma^-1 A_f (normalised by its diagonal) counts as zero.
 pub const PARTIAL_FACTOR: f64 = 30.0;
-/// Share of the neurons held back from the search (never iterated on, never polished on)
-/// for the per-sample check; none when fewer than `MIN_HELD_OUT` would be left.
-pub const HELD_OUT_SHARE: f64 = 0.25;
-pub const MIN_HELD_OUT: usize = 64;
-
-/// The neurons held back from the search: a quarter of them, from the search's own
-/// permutation (its first `used` entries are the iteration subsample).
-pub fn held_out(perm: &[usize], used: usize) -> Vec<usize> {
-    let m = perm.len();
-    let h = ((m as f64 * HELD_OUT_SHARE) as usize).min(m.saturating_sub(used));
-    if h < MIN_HELD_OUT {
-        return Vec::new();
-    }
-    let mut rows = perm[m - h..].to_vec();
-    rows.sort_unstable();
-    rows
-}
 
 /// Per-column squared norms of G~ (d+1), for the rounding amplification.
 pub struct RoundingScale {

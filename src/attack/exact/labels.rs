@@ -26,10 +26,7 @@ pub fn output_residuals(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> 
         return Vec::new();
     }
     let all = Neurons::all(&sub.q);
-    let b = sub.batch;
-    let gv = Mat::from_fn(sub.q.nrows(), b, |j, k| {
-        sub.q[(j, k)] * sub.singular_values[k]
-    });
+    let gv = sub.projected_gradient();
     let s: Vec<Col<f64>> = zeros
         .iter()
         .map(|z| model.signal_matrix(&z.c, &all.rows) * &z.r)

@@ -10,9 +10,10 @@
 //! is stable. Starts are the patterns of the gradient's row points. Once all B
 //! signals S are known, the inputs follow linearly from G~ V = S diag(alpha) C^T.
 
-use faer::{Col, Mat};
+use faer::Col;
 
 use super::alternation::{Alternation, Found, deflate, slopes};
+use super::certificate::RoundingScale;
 use super::floor::exact_floor;
 use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};
@@ -69,7 +70,7 @@ pub fn search(
     // F on the subsample is computed against a re-orthonormalised basis: the same
     // rounding floor applies (it depends on the conditioning of G~, not on m)
     let floor_small = floor;
-    let gv = Mat::from_fn(m, b, |j, k| sub.q[(j, k)] * sub.singular_values[k]);
+    let gv = sub.projected_gradient();
     let mut stats = SearchStats {
         exact_floor: floor,
         ..Default::default()
@@ -84,6 +85,8 @@ pub fn search(
         floor,
         floor_small,
         model: &model,
+        scale: &RoundingScale::new(view)?,
+        sub,
     };
     let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
     let opts = &cfg.search;
@@ -117,7 +120,7 @@ pub fn search(
         let (res, iters) = alt.run_from(&c);
         stats.lm_iterations += iters;
         let Some((pat, r, f)) = res else { continue };
-        if alt.degenerate(&pat) {
+        if alt.degenerate(&pat) || !alt.own_floor(&pat, &r, f) {
             stats.degenerate += 1;
             continue;
         }

@@ -64,7 +64,7 @@ pub(crate) fn rounds(
         for (res, iters) in from_seeds(alt, &seeds, threads) {
             stats.lm_iterations += iters;
             let Some((pat, r, f)) = res else { continue };
-            if alt.degenerate(&pat) {
+            if alt.degenerate(&pat) || !alt.own_floor(&pat, &r, f) {
                 stats.degenerate += 1;
             } else if alt.duplicate(found, &pat) {
                 stats.duplicates += 1;

@@ -9,8 +9,9 @@
 
 use std::time::Instant;
 
-use faer::{Col, Mat};
+use faer::Col;
 
+use super::accept::{Acceptance, Verdict};
 use super::floor::{exact_floor, noise_floor};
 use super::problem::SpanProblem;
 use super::search::{self, MIN_NEURONS, SCREEN_NEURONS};
@@ -48,12 +49,12 @@ struct Polisher<'a> {
     model: &'a SignalModel,
     sub_neurons: &'a Neurons,
     screen: &'a Neurons,
-    all: &'a Neurons,
+    /// Own floors, held-back check, and the neurons zeros are polished on.
+    acc: &'a Acceptance<'a>,
     bound: Option<(f64, f64)>,
     rho: f64,
     found_t: Vec<Col<f64>>,
     promising: f64,
-    accept: f64,
     lm_opts: LmOptions,
     polish_opts: LmOptions,
 }
@@ -84,7 +85,7 @@ impl Polisher<'_> {
         }
         let full = SpanProblem {
             model,
-            neurons: self.all,
+            neurons: &self.acc.kept,
             found: Vec::new(),
             rho: self.rho,
             bound: self.bound,
@@ -100,15 +101,17 @@ impl Polisher<'_> {
         if search::degenerate(model, &cz) {
             return (Outcome::Degenerate, iters);
         }
-        if f > self.accept {
-            return (Outcome::Failed, iters);
-        }
+        // the sample's own floor, here and on the held-back neurons (docs/DESIGN.md, "Certificate")
+        let exact = match self.acc.judge(&cz, &rv, f) {
+            Verdict::Rejected => return (Outcome::Failed, iters),
+            v => v == Verdict::Exact,
+        };
         (
             Outcome::Zero(Zero {
                 c: cz,
                 r: rv,
                 residual: f,
-                exact: false,
+                exact,
             }),
             iters,
         )
@@ -152,12 +155,12 @@ pub fn search(
         b - 1 + k,
         m,
     );
-    let sub_neurons = Neurons::new(&sub.q, order.first(n));
-    let screen = Neurons::new(&sub.q, order.first(SCREEN_NEURONS.max(4 * (b + k))));
-    let all = Neurons::all(&sub.q);
+    let sub_neurons = Neurons::new(&sub.q, order.first_kept(n));
+    let screen = Neurons::new(&sub.q, order.first_kept(SCREEN_NEURONS.max(4 * (b + k))));
     let floor = exact_floor(view, sub);
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
-    let gv0 = Mat::from_fn(m, b, |j, kk| sub.q[(j, kk)] * sub.singular_values[kk]);
+    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
+    let gv0 = sub.projected_gradient();
     let prior = search::effective_prior(cfg, &model, &row_points(sub, &gv0));
     let bound = Some((prior.mean, search::PRIOR_RADIUS * prior.std.max(1e-12)));
     let vl = Col::from_fn(b, |q| sub.v[(sub.v.nrows() - 1, q)]);
@@ -190,12 +193,11 @@ pub fn search(
             model: &model,
             sub_neurons: &sub_neurons,
             screen: &screen,
-            all: &all,
+            acc: &acc,
             bound,
             rho,
             found_t: zeros.iter().map(|z| model.coords.t_of_c(&z.c)).collect(),
             promising: search::PROMISING.max(2.0 * accept),
-            accept,
             lm_opts: LmOptions {
                 max_iterations: SEED_LM_ITERATIONS,
                 target: floor * 1e-3,
@@ -207,7 +209,7 @@ pub fn search(
         for (outcome, iters) in polish_all(&polisher, &seeds, opts.threads) {
             stats.lm_iterations += iters;
             match outcome {
-                Outcome::Zero(mut z) => {
+                Outcome::Zero(z) => {
                     let x = model.coords.x_of_c(&z.c);
                     if found_x
                         .iter()
@@ -219,7 +221,6 @@ pub fn search(
                     if zeros.len() >= b {
                         continue;
                     }
-                    z.exact = z.residual <= floor;
                     found_x.push(x);
                     zeros.push(z);
                 }

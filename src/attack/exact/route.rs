@@ -5,6 +5,7 @@
 use super::labels;
 use super::search::search;
 use super::signal::SignalModel;
+use super::subsample::Subsample;
 use super::zero::Zero;
 use super::{alternation, pattern};
 use crate::attack::evidence::SearchStats;
@@ -12,6 +13,7 @@ use crate::attack::params::{AttackConfig, Method};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::{self, Subspace};
 use crate::attack::view::ServerView;
+use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
 /// Turn zeros into samples: output residuals with their absolute scale and sign, labels.
@@ -51,6 +53,11 @@ pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
     }
 }
 
+/// The neurons the span searches (random starts and seeding rounds) hold back for seed `seed`.
+pub fn held_back(view: &ServerView, seed: u64) -> Vec<usize> {
+    Subsample::new(view.width(), &mut salted(seed, Salt::SearchNeurons)).held_back()
+}
+
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
     attack_on(view, cfg, &sub)
@@ -74,11 +81,13 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
         return Ok(rec);
     }
     if alternation::slopes(view.activation).is_some() && view.depth() > 1 {
-        rec.notes.push(format!(
-            "{} with {} hidden layers: the pattern search handles one hidden layer only; no sample returned",
-            view.activation,
-            view.depth()
-        ));
+        let (samples, stats, batch) = super::deep_pattern::search(view, &sub, cfg)?;
+        let found = samples.len();
+        rec.batch_estimated = batch;
+        rec.samples = samples;
+        record(&mut rec, &stats, found);
+        let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+        super::certificate::apply(&mut rec, cert);
         return Ok(rec);
     }
     let (zeros, stats, model, stage) = if alternation::slopes(view.activation).is_some() {
@@ -102,7 +111,13 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     };
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);
     record(&mut rec, &stats, zeros.len());
-    let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+    // the span searches never touched their held-back neurons; the pattern search
+    // fits a pattern on every neuron, so none is held back there
+    let held = match stage {
+        Stage::Span => held_back(view, cfg.seed),
+        _ => Vec::new(),
+    };
+    let cert = super::certificate::certify(view, &sub, &rec.samples, &held, cfg.loss)?;
     super::certificate::apply(&mut rec, cert);
     Ok(rec)
 }

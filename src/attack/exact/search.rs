@@ -12,6 +12,7 @@ use std::time::Instant;
 use faer::{Col, Mat};
 use rand_distr::{Distribution, StandardNormal};
 
+use super::accept::{Acceptance, Verdict};
 use super::floor::{exact_floor, noise_floor};
 use super::problem::SpanProblem;
 use super::signal::{Neurons, SignalModel};
@@ -111,10 +112,7 @@ pub const LAST_FEW: usize = 2;
 /// onto the complement of the found signals, (I - S_f S_f^+) GV = (I - S_f S_f^+) S_m C_m^T.
 /// Its rows are combinations of the missing samples only (no scale needs fitting).
 pub(crate) fn residual_gradient(sub: &Subspace, model: &SignalModel, zeros: &[Zero]) -> Mat<f64> {
-    let b = sub.batch;
-    let gv = Mat::from_fn(sub.q.nrows(), b, |j, k| {
-        sub.q[(j, k)] * sub.singular_values[k]
-    });
+    let gv = sub.projected_gradient();
     if zeros.is_empty() {
         return gv;
     }
@@ -171,17 +169,18 @@ pub fn search_with(
     let (m, b, k) = (model.width(), model.batch(), model.k);
     let order = Subsample::new(m, &mut salted(cfg.seed, Salt::SearchNeurons));
     let n = subsample::size(opts.neurons, NEURONS_PER_UNKNOWN, MIN_NEURONS, b - 1 + k, m);
-    let neurons = Neurons::new(&sub.q, order.first(n));
-    let screen = Neurons::new(&sub.q, order.first(SCREEN_NEURONS.max(4 * (b + k))));
-    let all = Neurons::all(&sub.q);
-    let scale = super::certificate::RoundingScale::new(view)?;
+    let neurons = Neurons::new(&sub.q, order.first_kept(n));
+    let screen = Neurons::new(&sub.q, order.first_kept(SCREEN_NEURONS.max(4 * (b + k))));
     let floor = exact_floor(view, sub);
     // Under known noise, zeros are least-squares fits: accept F up to the noise floor
     // (such samples are never called exact).
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
+    // zeros are polished and judged on every neuron but the held-back ones
+    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
+    let all = &acc.kept;
     let promising = PROMISING.max(2.0 * accept);
 
-    let gv0 = Mat::from_fn(m, b, |j, kk| sub.q[(j, kk)] * sub.singular_values[kk]);
+    let gv0 = sub.projected_gradient();
     let first_rows = row_points(sub, &gv0);
     let prior = effective_prior(cfg, &model, &first_rows);
     let d = model.coords.input_dim();
@@ -300,7 +299,7 @@ pub fn search_with(
             // polish and check on every neuron, without deflation
             let full = SpanProblem {
                 model: &model,
-                neurons: &all,
+                neurons: all,
                 found: Vec::new(),
                 rho,
                 bound,
@@ -323,20 +322,17 @@ pub fn search_with(
                 stats.duplicates += 1;
                 continue;
             }
-            // the sample's own rounding floor (docs/DESIGN.md, "Certificate"), never above
-            // the global one: a wrong zero inside the global floor does not take a slot
-            let own = {
-                let sv = model.signal_matrix(&cz, &all.rows) * &rv;
-                let shat = &sv * (1.0 / sv.norm_l2().max(f64::MIN_POSITIVE));
-                scale.floor(scale.amplification(sub, &shat)).min(floor)
-            };
-            if f <= own || (accept > floor && f <= accept) {
+            // under the sample's own rounding floor, here and on the held-back neurons
+            // (docs/DESIGN.md, "Certificate"): a wrong zero inside the global floor, or one
+            // fitted to the search's neurons alone, does not take a slot
+            let verdict = acc.judge(&cz, &rv, f);
+            if verdict != Verdict::Rejected {
                 found_x.push(x);
                 zeros.push(Zero {
                     c: cz,
                     r: rv,
                     residual: f,
-                    exact: f <= own,
+                    exact: verdict == Verdict::Exact,
                 });
                 failures = 0;
             }

@@ -188,7 +188,7 @@ impl SignalModel {
             }
             Upper::Deep { model } => {
                 let full = self.deep_signals(model, c);
-                Mat::from_fn(rows.len(), self.k, |i, k| full[(k, rows[i])])
+                Mat::from_fn(rows.len(), self.k, |i, k| full[(rows[i], k)])
             }
         }
     }
@@ -209,16 +209,17 @@ impl SignalModel {
         z
     }
 
-    /// K x m signals of every output unit for a deep model: the backward pass from
-    /// dL/df = I_K, deltas only (no weight gradients are formed).
+    /// m x K signals of every output unit for a deep model: the backward pass from
+    /// dL/df = I_K, deltas only (no weight gradients are formed). Kept as n_l x K
+    /// columns, so with few outputs each step is a product of W_l^T with K vectors.
     fn deep_signals(&self, model: &Mlp<f64>, c: &Col<f64>) -> Mat<f64> {
         let k = self.k;
         let z = self.deep_forward(model, c);
         let mut delta = Mat::<f64>::identity(k, k);
         for l in (1..model.layers.len()).rev() {
-            let back = &delta * &model.layers[l].weight;
-            let zl = &z[l - 1];
-            delta = Mat::from_fn(k, back.ncols(), |i, j| back[(i, j)] * self.act.d1(zl[j]));
+            let back = model.layers[l].weight.transpose() * &delta;
+            let d1: Vec<f64> = z[l - 1].iter().map(|&v| self.act.d1(v)).collect();
+            delta = Mat::from_fn(back.nrows(), k, |j, i| back[(j, i)] * d1[j]);
         }
         delta
     }
@@ -269,13 +270,21 @@ impl SignalModel {
         let act = self.act;
         let nl = model.layers.len();
         let zs = self.deep_forward(model, c);
-        let z = |l: usize| &zs[l];
+        // act' and act'' of every hidden layer, once (not per tangent column)
+        let d1: Vec<Vec<f64>> = zs
+            .iter()
+            .map(|z| z.iter().map(|&v| act.d1(v)).collect())
+            .collect();
+        let d2: Vec<Vec<f64>> = zs
+            .iter()
+            .map(|z| z.iter().map(|&v| act.d2(v)).collect())
+            .collect();
         // forward tangents of the hidden pre-activations
         let mut dz: Vec<Mat<f64>> = vec![self.pn.clone()];
         for l in 1..nl - 1 {
-            let zl = z(l - 1);
+            let g = &d1[l - 1];
             let prev = &dz[l - 1];
-            let dh = Mat::from_fn(prev.nrows(), nb, |j, k| act.d1(zl[j]) * prev[(j, k)]);
+            let dh = Mat::from_fn(prev.nrows(), nb, |j, k| g[j] * prev[(j, k)]);
             dz.push(&model.layers[l].weight * &dh);
         }
         // backward pass and its tangent
@@ -285,12 +294,12 @@ impl SignalModel {
             let w = &model.layers[l].weight;
             let e = w.transpose() * &delta;
             let de = w.transpose() * &ddelta;
-            let zl = z(l - 1);
+            let (g, h) = (&d1[l - 1], &d2[l - 1]);
             let dzl = &dz[l - 1];
             ddelta = Mat::from_fn(e.nrows(), nb, |j, k| {
-                de[(j, k)] * act.d1(zl[j]) + e[j] * act.d2(zl[j]) * dzl[(j, k)]
+                de[(j, k)] * g[j] + e[j] * h[j] * dzl[(j, k)]
             });
-            delta = Col::from_fn(e.nrows(), |j| e[j] * act.d1(zl[j]));
+            delta = Col::from_fn(e.nrows(), |j| e[j] * g[j]);
         }
         Mat::from_fn(rows.len(), nb, |i, k| ddelta[(rows[i], k)])
     }

@@ -2,17 +2,17 @@
 //! first-layer gradient (Stein's lemma) form a rank-B tensor whose CP factors are the
 //! inputs (docs/DESIGN.md).
 //!
-//! Pipeline: [`subspace`] (V, B) -> [`moments::project`] (m x B rows) -> law of the
-//! projected weights (estimated, or the server's own) -> [`moments::whiten`] ->
-//! [`hermite::choose_order`] -> [`moments::moment_tensor`] -> [`decompose`] ->
+//! Pipeline: [`subspace`] (V, B) -> `moments::project` (m x B rows) -> law of the
+//! projected weights (estimated, or the server's own) -> `moments::whiten` ->
+//! [`hermite::choose_order`] -> `moments::moment_tensor` -> `decompose` ->
 //! un-whiten, x~_i = V c_i, scale by the bias coordinate.
 
 use faer::linalg::solvers::Solve;
 use faer::{Col, Mat};
 
-pub mod decompose;
+pub(crate) mod decompose;
 pub mod hermite;
-pub mod moments;
+pub(crate) mod moments;
 
 use crate::attack::law::{Law, LawSource};
 use crate::attack::params::{AttackConfig, Method, TensorOptions};
