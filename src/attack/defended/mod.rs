@@ -18,6 +18,7 @@ pub mod complete;
 pub mod gauss_newton;
 pub mod likelihood;
 pub mod quantized;
+pub mod split;
 
 use super::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::Result;
@@ -90,7 +91,7 @@ fn joint_fit(
                 // two close samples can share one zero of the span residual (a mixture
                 // of both): also try splitting each found sample in two, and keep the
                 // start that a few Gauss-Newton steps take lowest
-                x0 = gauss_newton::best_split(tl, x0, filled == 1, cfg.seed)?;
+                x0 = split::best_split(tl, x0, filled == 1, cfg.seed)?;
             }
             let start = tl.fit(&x0, 0, 0.0)?.objective;
             let fit = if hold_found && filled > 0 {
