@@ -6,7 +6,9 @@
 //! * [`complete`]: pruned / sparsified entries are unknowns; the rank-B first layer is
 //!   completed from the rest, then the exact route runs on it.
 //! * [`likelihood`]: under known noise or quantisation, the exact route's estimates
-//!   refined jointly by maximum likelihood on every layer.
+//!   refined jointly by maximum likelihood on every layer ([`gauss_newton`] for two
+//!   layers, L-BFGS deeper).
+//! * [`quantized`]: the rounding error of `quantize:BITS` as the exact route's noise level.
 
 // `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
@@ -16,6 +18,7 @@ pub mod complete;
 pub mod gauss_newton;
 pub mod likelihood;
 pub mod quantized;
+pub mod split;
 
 use super::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::Result;
@@ -83,7 +86,13 @@ fn joint_fit(
                     .chain(extra)
                     .collect();
             }
-            let x0 = faer::Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
+            let mut x0 = faer::Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
+            if !hold_found && missing == 1 && xs.len() >= 2 {
+                // two close samples can share one zero of the span residual (a mixture
+                // of both): also try splitting each found sample in two, and keep the
+                // start that a few Gauss-Newton steps take lowest
+                x0 = split::best_split(tl, x0, filled == 1, cfg.seed)?;
+            }
             let start = tl.fit(&x0, 0, 0.0)?.objective;
             let fit = if hold_found && filled > 0 {
                 // the found samples are exact: fit only the seeded ones around them
