@@ -149,7 +149,7 @@ pub struct AttackReport {
 
 impl AttackReport {
     /// The report of `rec`, an attack with `cfg` on `view`; `model` and `gradient` name
-    /// where they came from (file paths, or "<memory>").
+    /// where they came from (file paths, or `"<memory>"`).
     pub fn new(
         view: &ServerView,
         cfg: &AttackConfig,
