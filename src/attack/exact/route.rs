@@ -128,14 +128,17 @@ mod tests {
     use super::*;
     use crate::model::Activation;
 
-    /// The whole search on a small simulated case (smooth, deep, and ReLU):
-    /// every sample exact, labels right.
+    /// The whole route on a small simulated case (smooth, deep smooth, ReLU, and deep
+    /// piecewise-linear through `deep_pattern`): every sample to 1e-8, labels right.
     #[test]
     fn recovers_a_small_simulated_batch() {
         for (act, depth) in [
             (Activation::Tanh, 1),
             (Activation::Gelu, 2),
             (Activation::Relu, 1),
+            (Activation::Relu, 2),
+            (Activation::Relu, 3),
+            (Activation::LeakyRelu, 2),
         ] {
             let (view, x, y) = case(act, depth, 3, 11);
             let mut cfg = AttackConfig::new(Method::Span, 3);
