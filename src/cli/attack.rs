@@ -110,14 +110,7 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         report.seconds
     );
     if let Some(c) = &rec.certificate {
-        println!(
-            "certified: {} | closure residual {} (tolerance {:.1e}) | {}",
-            if c.certified { "yes" } else { "no" },
-            c.closure_residual
-                .map_or("-".into(), |r| format!("{r:.2e}")),
-            c.closure_tolerance,
-            c.why
-        );
+        println!("{}", super::table::certificate_line(c));
     }
     for (i, s) in report.samples.iter().enumerate() {
         println!(

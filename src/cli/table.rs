@@ -75,14 +75,7 @@ pub fn print_simulation(out: &SimOutput) {
         r.seconds.total
     );
     if let Some(c) = &r.attack.certificate {
-        println!(
-            "certified: {} | closure residual {} (tolerance {:.1e}) | {}",
-            if c.certified { "yes" } else { "no" },
-            c.closure_residual
-                .map_or("-".into(), |r| format!("{r:.2e}")),
-            c.closure_tolerance,
-            c.why
-        );
+        println!("{}", certificate_line(c));
         for p in &r.per_sample {
             if let Some(w) = &p.why {
                 println!("  sample {}: {w}", p.metrics.truth);
@@ -92,4 +85,16 @@ pub fn print_simulation(out: &SimOutput) {
     for n in &r.attack.notes {
         println!("note: {n}");
     }
+}
+
+/// The certificate in one line: certified or not, the batch closure and why.
+pub fn certificate_line(c: &gradleak::attack::evidence::Certificate) -> String {
+    format!(
+        "certified: {} | closure residual {} (tolerance {:.1e}) | {}",
+        if c.certified { "yes" } else { "no" },
+        c.closure_residual
+            .map_or("-".into(), |r| format!("{r:.2e}")),
+        c.closure_tolerance,
+        c.why
+    )
 }

@@ -370,40 +370,23 @@ pub fn completed_view(view: &ServerView, c: &Completion) -> Result<ServerView> {
     let w = view.first.weight.to_mat()?;
     let pick = |m: &Mat<f64>| Mat::from_fn(c.rows.len(), m.ncols(), |a, k| m[(c.rows[a], k)]);
     let pick_col = |b: &faer::Col<f64>| faer::Col::from_fn(c.rows.len(), |a| b[c.rows[a]]);
-    let upper: Vec<Dense<f64>> = view
-        .upper
-        .iter()
-        .enumerate()
-        .map(|(l, layer)| {
-            if l == 0 {
-                Dense {
+    // the second layer keeps only the completed neurons' columns
+    let keep = |layers: &[Dense<f64>]| -> Vec<Dense<f64>> {
+        layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| match l {
+                0 => Dense {
                     weight: Mat::from_fn(layer.weight.nrows(), c.rows.len(), |o, a| {
                         layer.weight[(o, c.rows[a])]
                     }),
                     bias: layer.bias.clone(),
-                }
-            } else {
-                layer.clone()
-            }
-        })
-        .collect();
-    let upper_grad: Vec<Dense<f64>> = view
-        .upper_grad
-        .iter()
-        .enumerate()
-        .map(|(l, layer)| {
-            if l == 0 {
-                Dense {
-                    weight: Mat::from_fn(layer.weight.nrows(), c.rows.len(), |o, a| {
-                        layer.weight[(o, c.rows[a])]
-                    }),
-                    bias: layer.bias.clone(),
-                }
-            } else {
-                layer.clone()
-            }
-        })
-        .collect();
+                },
+                _ => layer.clone(),
+            })
+            .collect()
+    };
+    let (upper, upper_grad) = (keep(&view.upper), keep(&view.upper_grad));
     Ok(ServerView {
         activation: view.activation,
         dtype: view.dtype,
