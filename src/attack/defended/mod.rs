@@ -17,8 +17,10 @@ pub mod alternating;
 pub mod complete;
 pub mod gauss_newton;
 pub mod likelihood;
+pub mod local_steps;
 pub mod quantized;
 pub mod split;
+pub mod unrolled;
 
 use super::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::Result;
