@@ -120,7 +120,7 @@ pub fn attack(
         (Loss::Ce, None) => 1.0 / k as f64,
         _ => 0.0,
     });
-    let fit = LocalFit::new(view, steps, lr, loss, b)?.fit(&x0, &y0, STEPS)?;
+    let fit = LocalFit::new(view, steps, lr, loss, b)?.fit(&x0, &y0, &[], STEPS)?;
     let found = rec.samples.len();
     rec.samples = (0..b)
         .map(|i| Sample {

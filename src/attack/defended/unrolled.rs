@@ -231,14 +231,18 @@ impl Unrolled {
     }
 }
 
-/// The joint fit: unknowns c_i (x_i = U c_i, U an orthonormal basis of O_W's row
-/// space) and y_i (targets, free reals), residual sqrt(weight) (model - O) per tensor.
+/// The joint fit: unknowns x_i in x0_i + span U (U d x nb orthonormal: O_W's row space
+/// for local steps, all of R^d under pruning) for the samples not held, and y_i
+/// (targets, free reals) for all; residual sqrt(weight) (model - O) per tensor, on the
+/// observed entries only when a mask is set.
 pub struct LocalFit {
     pub(super) model: Unrolled,
     pub(super) obs: Params,
     u: Mat<f64>,
     /// sqrt of the weight of (W, b, A, c): 1 / RMS of the observed layer.
     sw: [f64; 4],
+    /// Flattened indices of the observed entries (None: all).
+    kept: Option<Vec<usize>>,
 }
 
 /// Outcome of [`LocalFit::fit`].
@@ -246,7 +250,7 @@ pub struct Fitted {
     pub x: Mat<f64>,
     pub y: Mat<f64>,
     pub iterations: usize,
-    /// Weighted squared residual per entry at the start and at the end.
+    /// Weighted squared residual per observed entry at the start and at the end.
     pub start: f64,
     pub objective: f64,
     /// Output residuals of the first step (labels).
@@ -254,8 +258,21 @@ pub struct Fitted {
 }
 
 impl LocalFit {
-    /// From the view, E, LR, the loss and the batch size B.
+    /// From the view, E, LR and the loss; the inputs move in O_W's top-`batch` row space.
     pub fn new(view: &ServerView, steps: usize, lr: f64, loss: Loss, batch: usize) -> Result<Self> {
+        let g = view.first.grad_weight.to_mat()?;
+        let u = row_space(&g, batch)?;
+        Self::with_basis(view, steps, lr, loss, u)
+    }
+
+    /// As [`Self::new`] with the inputs' directions `u` (d x nb, orthonormal columns).
+    pub fn with_basis(
+        view: &ServerView,
+        steps: usize,
+        lr: f64,
+        loss: Loss,
+        u: Mat<f64>,
+    ) -> Result<Self> {
         if view.depth() != 1 {
             return Err(Error::Invalid(
                 "the E-step model needs one hidden layer".into(),
@@ -282,9 +299,8 @@ impl LocalFit {
         let rms2 =
             ((obs.a.squared_norm_l2() + obs.c.squared_norm_l2()) / (k * (m + 1)) as f64).sqrt();
         if !(rms1 > 0.0 && rms2 > 0.0) {
-            return Err(Error::Invalid("the local-steps update is zero".into()));
+            return Err(Error::Invalid("the observed update is zero".into()));
         }
-        let u = row_space(&obs.w, batch)?;
         Ok(LocalFit {
             model: Unrolled {
                 act: view.activation,
@@ -296,17 +312,34 @@ impl LocalFit {
             obs,
             u,
             sw: [1.0 / rms1, 1.0 / rms1, 1.0 / rms2, 1.0 / rms2],
+            kept: None,
         })
     }
 
-    fn entries(&self) -> usize {
+    /// Fit only the entries that are not exactly zero (pruned / sparsified entries are
+    /// unknowns, not zeros).
+    pub fn masked(mut self) -> Self {
+        let mut all = vec![0.0; self.full_entries()];
+        let sw = self.sw;
+        self.sw = [1.0; 4];
+        self.flatten_all(&self.obs, &mut all);
+        self.sw = sw;
+        self.kept = Some((0..all.len()).filter(|&p| all[p] != 0.0).collect());
+        self
+    }
+
+    fn full_entries(&self) -> usize {
         let (m, d) = self.obs.w.shape();
         let k = self.obs.a.nrows();
         m * (d + 1) + k * (m + 1)
     }
 
+    fn entries(&self) -> usize {
+        self.kept.as_ref().map_or(self.full_entries(), Vec::len)
+    }
+
     /// Flattened weighted tensor: W column-major, b, A column-major, c.
-    fn flatten(&self, g: &Params, out: &mut [f64]) {
+    fn flatten_all(&self, g: &Params, out: &mut [f64]) {
         let mut n = 0;
         let [s0, s1, s2, s3] = self.sw;
         for j in 0..g.w.ncols() {
@@ -331,59 +364,88 @@ impl LocalFit {
         }
     }
 
+    /// The observed entries of the flattened weighted tensor into `out`.
+    fn flatten(&self, g: &Params, buf: &mut [f64], out: &mut [f64]) {
+        self.flatten_all(g, buf);
+        match &self.kept {
+            None => out.copy_from_slice(buf),
+            Some(kept) => {
+                for (o, &p) in out.iter_mut().zip(kept) {
+                    *o = buf[p];
+                }
+            }
+        }
+    }
+
     fn residual(&self, x: &Mat<f64>, y: &Mat<f64>) -> (Col<f64>, Vec<Step>) {
         let (mut g, steps) = self.model.forward(x, y);
         g.axpy(-1.0, &self.obs);
+        let mut buf = vec![0.0; self.full_entries()];
         let mut r = vec![0.0; self.entries()];
-        self.flatten(&g, &mut r);
+        self.flatten(&g, &mut buf, &mut r);
         (Col::from_fn(r.len(), |i| r[i]), steps)
     }
 
-    /// Inputs from row-space coordinates (B x B).
-    fn inputs(&self, c: &Mat<f64>) -> Mat<f64> {
-        c * self.u.transpose()
-    }
-
-    /// The Jacobian (entries x (B^2 + B K)) of the weighted residual in (c, y).
-    fn jacobian(&self, steps: &[Step], x: &Mat<f64>) -> Mat<f64> {
+    /// The Jacobian (observed entries x (free samples x nb + B K)) of the weighted
+    /// residual in (the free inputs' coordinates along U, y).
+    fn jacobian(&self, steps: &[Step], x: &Mat<f64>, free: &[usize]) -> Mat<f64> {
         let (bsz, d) = x.shape();
         let nb = self.u.ncols();
         let k = self.obs.a.nrows();
-        let n = bsz * nb + bsz * k;
+        let nx = free.len() * nb;
+        let n = nx + bsz * k;
         let mut jac = Mat::zeros(self.entries(), n);
-        let mut buf = vec![0.0; self.entries()];
+        let mut buf = vec![0.0; self.full_entries()];
+        let mut col = vec![0.0; self.entries()];
         for q in 0..n {
             let mut dx = Mat::zeros(bsz, d);
             let mut dy = Mat::zeros(bsz, k);
-            if q < bsz * nb {
-                let (i, c) = (q / nb, q % nb);
+            if q < nx {
+                let (i, c) = (free[q / nb], q % nb);
                 for l in 0..d {
                     dx[(i, l)] = self.u[(l, c)];
                 }
             } else {
-                let q2 = q - bsz * nb;
+                let q2 = q - nx;
                 dy[(q2 / k, q2 % k)] = 1.0;
             }
             let g = self.model.tangent(steps, x, &dx, &dy);
-            self.flatten(&g, &mut buf);
-            for (p, v) in buf.iter().enumerate() {
+            self.flatten(&g, &mut buf, &mut col);
+            for (p, v) in col.iter().enumerate() {
                 jac[(p, q)] = *v;
             }
         }
         jac
     }
 
-    /// Levenberg-Marquardt from inputs `x0` (B x d) and targets `y0` (B x K).
-    pub fn fit(&self, x0: &Mat<f64>, y0: &Mat<f64>, iterations: usize) -> Result<Fitted> {
-        let (bsz, _) = x0.shape();
+    /// Levenberg-Marquardt from inputs `x0` (B x d) and targets `y0` (B x K); the
+    /// inputs of the samples flagged in `held` stay as given, the others start at their
+    /// projection on span U.
+    pub fn fit(
+        &self,
+        x0: &Mat<f64>,
+        y0: &Mat<f64>,
+        held: &[bool],
+        iterations: usize,
+    ) -> Result<Fitted> {
+        let (bsz, d) = x0.shape();
         let nb = self.u.ncols();
         let k = y0.ncols();
-        let nx = bsz * nb;
+        let free: Vec<usize> = (0..bsz)
+            .filter(|&i| !held.get(i).copied().unwrap_or(false))
+            .collect();
+        let nx = free.len() * nb;
         let n = nx + bsz * k;
         let entries = self.entries() as f64;
-        let mut c = x0 * &self.u;
+        let proj = x0 * &self.u * self.u.transpose();
+        let mut x = Mat::from_fn(bsz, d, |i, l| {
+            if free.contains(&i) {
+                proj[(i, l)]
+            } else {
+                x0[(i, l)]
+            }
+        });
         let mut y = y0.clone();
-        let mut x = self.inputs(&c);
         let (mut res, mut steps) = self.residual(&x, &y);
         let mut f = res.squared_norm_l2();
         let start = f / entries;
@@ -391,7 +453,7 @@ impl LocalFit {
         let mut it = 0;
         while it < iterations && f / entries > FLOOR {
             it += 1;
-            let jac = self.jacobian(&steps, &x);
+            let jac = self.jacobian(&steps, &x, &free);
             let jtj = jac.transpose() * &jac;
             let grad = jac.transpose() * &res;
             drop(jac);
@@ -409,9 +471,16 @@ impl LocalFit {
                     lambda *= 8.0;
                     continue;
                 }
-                let cc = Mat::from_fn(bsz, nb, |i, l| c[(i, l)] - sol[i * nb + l]);
+                let mut xc = x.clone();
+                for (a, &i) in free.iter().enumerate() {
+                    for l in 0..nb {
+                        let s = sol[a * nb + l];
+                        for c in 0..d {
+                            xc[(i, c)] -= s * self.u[(c, l)];
+                        }
+                    }
+                }
                 let yc = Mat::from_fn(bsz, k, |i, l| y[(i, l)] - sol[nx + i * k + l]);
-                let xc = self.inputs(&cc);
                 let (rc, sc) = self.residual(&xc, &yc);
                 let fc = rc.squared_norm_l2();
                 if std::env::var("GL_DEBUG").is_ok() {
@@ -423,7 +492,7 @@ impl LocalFit {
                 }
                 if fc.is_finite() && fc < f {
                     let gain = (f - fc) / f;
-                    (c, y, x, res, steps, f) = (cc, yc, xc, rc, sc, fc);
+                    (y, x, res, steps, f) = (yc, xc, rc, sc, fc);
                     lambda = (lambda / 5.0).max(1e-15);
                     accepted = gain > 1e-12;
                     break;
