@@ -243,6 +243,9 @@ pub struct LocalFit {
     sw: [f64; 4],
     /// Flattened indices of the observed entries (None: all).
     kept: Option<Vec<usize>>,
+    /// Half-widths of the rounding bins of (W, b, A, c): the residual of an entry is
+    /// its distance to the bin around the observed value (None: plain residual).
+    bins: Option<[f64; 4]>,
 }
 
 /// Outcome of [`LocalFit::fit`].
@@ -313,6 +316,7 @@ impl LocalFit {
             u,
             sw: [1.0 / rms1, 1.0 / rms1, 1.0 / rms2, 1.0 / rms2],
             kept: None,
+            bins: None,
         })
     }
 
@@ -326,6 +330,21 @@ impl LocalFit {
         self.sw = sw;
         self.kept = Some((0..all.len()).filter(|&p| all[p] != 0.0).collect());
         self
+    }
+
+    /// Residuals are distances to the rounding bins of half-width `half` per tensor
+    /// (W, b, A, c): a consistent estimate (every entry rounds to what was received).
+    pub fn binned(mut self, half: [f64; 4]) -> Self {
+        self.bins = Some(half);
+        self
+    }
+
+    /// The tensor (0..4) of flattened entry `p`.
+    fn tensor_of(&self, p: usize) -> usize {
+        let (m, d) = self.obs.w.shape();
+        let k = self.obs.a.nrows();
+        let ends = [m * d, m * (d + 1), m * (d + 1) + k * m];
+        ends.iter().position(|&e| p < e).unwrap_or(3)
     }
 
     fn full_entries(&self) -> usize {
@@ -383,18 +402,33 @@ impl LocalFit {
         let mut buf = vec![0.0; self.full_entries()];
         let mut r = vec![0.0; self.entries()];
         self.flatten(&g, &mut buf, &mut r);
+        if let Some(half) = self.bins {
+            for (a, v) in r.iter_mut().enumerate() {
+                let p = self.kept.as_ref().map_or(a, |k| k[a]);
+                let t = self.tensor_of(p);
+                let h = self.sw[t] * half[t];
+                *v = v.signum() * (v.abs() - h).max(0.0);
+            }
+        }
         (Col::from_fn(r.len(), |i| r[i]), steps)
+    }
+
+    /// Rows of the Jacobian that count: all, or with bins those outside their bin.
+    fn active(&self, res: &Col<f64>) -> Vec<usize> {
+        (0..res.nrows())
+            .filter(|&p| self.bins.is_none() || res[p] != 0.0)
+            .collect()
     }
 
     /// The Jacobian (observed entries x (free samples x nb + B K)) of the weighted
     /// residual in (the free inputs' coordinates along U, y).
-    fn jacobian(&self, steps: &[Step], x: &Mat<f64>, free: &[usize]) -> Mat<f64> {
+    fn jacobian(&self, steps: &[Step], x: &Mat<f64>, free: &[usize], rows: &[usize]) -> Mat<f64> {
         let (bsz, d) = x.shape();
         let nb = self.u.ncols();
         let k = self.obs.a.nrows();
         let nx = free.len() * nb;
         let n = nx + bsz * k;
-        let mut jac = Mat::zeros(self.entries(), n);
+        let mut jac = Mat::zeros(rows.len(), n);
         let mut buf = vec![0.0; self.full_entries()];
         let mut col = vec![0.0; self.entries()];
         for q in 0..n {
@@ -411,8 +445,8 @@ impl LocalFit {
             }
             let g = self.model.tangent(steps, x, &dx, &dy);
             self.flatten(&g, &mut buf, &mut col);
-            for (p, v) in col.iter().enumerate() {
-                jac[(p, q)] = *v;
+            for (a, &p) in rows.iter().enumerate() {
+                jac[(a, q)] = col[p];
             }
         }
         jac
@@ -453,9 +487,11 @@ impl LocalFit {
         let mut it = 0;
         while it < iterations && f / entries > FLOOR {
             it += 1;
-            let jac = self.jacobian(&steps, &x, &free);
+            let rows = self.active(&res);
+            let jac = self.jacobian(&steps, &x, &free, &rows);
             let jtj = jac.transpose() * &jac;
-            let grad = jac.transpose() * &res;
+            let ra = Col::from_fn(rows.len(), |a| res[rows[a]]);
+            let grad = jac.transpose() * &ra;
             drop(jac);
             let mut accepted = false;
             for _ in 0..10 {
