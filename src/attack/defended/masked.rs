@@ -15,11 +15,14 @@ use crate::model::Loss;
 pub const MAX_UNKNOWNS: usize = 1024;
 
 /// Refit the samples of `rec` not marked exact on the observed entries of `view`
-/// (one hidden layer). Unchanged when nothing is to refit, or the fit is too large.
+/// (one hidden layer), in all d coordinates, or when that exceeds `MAX_UNKNOWNS`, in
+/// the row space of the completed first layer `completed` (its first d columns).
+/// Unchanged when nothing is to refit.
 pub fn refine(
     view: &ServerView,
     cfg: &AttackConfig,
     mut rec: Reconstruction,
+    completed: &Mat<f64>,
 ) -> Result<Reconstruction> {
     let b = rec.samples.len();
     let held: Vec<bool> = rec.samples.iter().map(|s| s.exact).collect();
@@ -29,12 +32,11 @@ pub fn refine(
     if free == 0 || view.depth() != 1 || view.first.bias.is_none() {
         return Ok(rec);
     }
-    if free * d > MAX_UNKNOWNS {
-        rec.notes.push(format!(
-            "masked refit skipped: {free} samples x {d} inputs exceed {MAX_UNKNOWNS} unknowns"
-        ));
-        return Ok(rec);
-    }
+    let basis = if free * d <= MAX_UNKNOWNS {
+        Mat::from_fn(d, d, |i, j| f64::from(i == j))
+    } else {
+        super::unrolled::row_space(&completed.subcols(0, d).to_owned(), rec.batch_estimated)?
+    };
     let t0 = std::time::Instant::now();
     let loss = cfg.loss.unwrap_or(Loss::Ce);
     let x0 = Mat::from_fn(b, d, |i, j| rec.samples[i].x[j]);
@@ -43,8 +45,8 @@ pub fn refine(
         (Loss::Ce, None) => 1.0 / k as f64,
         _ => 0.0,
     });
-    let eye = Mat::from_fn(d, d, |i, j| f64::from(i == j));
-    let fit = LocalFit::with_basis(view, 1, 0.0, loss, eye)?
+    let nb = basis.ncols();
+    let fit = LocalFit::with_basis(view, 1, 0.0, loss, basis)?
         .masked()
         .fit(&x0, &y0, &held, STEPS)?;
     if !(fit.objective < fit.start) {
@@ -67,8 +69,8 @@ pub fn refine(
     dg.insert("masked_objective".into(), fit.objective.into());
     dg.insert("masked_seconds".into(), t0.elapsed().as_secs_f64().into());
     rec.notes.push(format!(
-        "refitted {free} samples on the observed entries of every layer, {} held \
-         (weighted residual per entry {:.3e} -> {:.3e}, {} iterations)",
+        "refitted {free} samples on the observed entries of every layer ({nb} directions \
+         each), {} held (weighted residual per entry {:.3e} -> {:.3e}, {} iterations)",
         b - free,
         fit.start,
         fit.objective,

@@ -15,6 +15,7 @@
 
 pub mod alternating;
 pub mod complete;
+pub mod consistent;
 pub mod gauss_newton;
 pub mod likelihood;
 pub mod local_steps;
@@ -47,7 +48,8 @@ pub fn refine_found(
     let Some(errors) = likelihood::ErrorModel::of(view, &observed) else {
         return Ok(rec);
     };
-    joint_fit(view, cfg, rec, &errors, false)
+    let rec = joint_fit(view, cfg, rec, &errors, false)?;
+    consistent::refine(view, cfg, rec)
 }
 
 /// Refine `rec`'s samples jointly on the weighted gradient equations (two layers: by
@@ -241,7 +243,7 @@ pub fn complete_then_attack(view: &ServerView, cfg: &AttackConfig) -> Result<Rec
     }
     if rec.samples.len() == rec.batch_estimated && rec.samples.iter().any(|s| !s.exact) {
         // the completion need not be the gradient off the mask: refit on what was received
-        rec = masked::refine(view, cfg, rec)?;
+        rec = masked::refine(view, cfg, rec, &c.g)?;
     }
     let d = &mut rec.diagnostics.defended;
     d.insert("completion_rank".into(), c.rank.into());

@@ -552,7 +552,7 @@ impl LocalFit {
 
 /// An orthonormal basis (d x B) of the row space of `g` (m x d, rank B): randomized
 /// range finder with oversampling and two power iterations (exact for rank B).
-fn row_space(g: &Mat<f64>, batch: usize) -> Result<Mat<f64>> {
+pub(super) fn row_space(g: &Mat<f64>, batch: usize) -> Result<Mat<f64>> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     let d = g.ncols();
