@@ -6,6 +6,7 @@
 
 use faer::{Col, Mat};
 
+use super::labels;
 use super::signal::{Neurons, SignalModel};
 use super::zero::Zero;
 use crate::Result;
@@ -79,42 +80,42 @@ pub fn input_rank(view: &ServerView, sub: &Subspace) -> Result<InputRank> {
     Ok(rank)
 }
 
+/// The absolute output residual of an exactly found sample from its dual vector,
+/// exact whatever the other samples are (the least squares of `labels` over the found
+/// samples alone is biased, even in sign, when others are missing): with s = M(c) r in
+/// the column space, w = V Sigma^-1 Q^T s gives G~ w = s = Delta^T X~ w, so
+/// X~ w = beta e_i with beta = c . Sigma^-1 Q^T s, and the true signal is s / beta.
+pub fn absolute_residual(sub: &Subspace, model: &SignalModel, z: &Zero) -> Col<f64> {
+    let all = Neurons::all(&sub.q);
+    let s = model.signal_matrix(&z.c, &all.rows) * &z.r;
+    let qs = sub.q.transpose() * &s;
+    let beta: f64 = (0..sub.batch)
+        .map(|a| z.c[a] * qs[a] / sub.singular_values[a])
+        .sum();
+    Col::from_fn(z.r.nrows(), |j| z.r[j] / beta)
+}
+
 /// B read off the exactly found samples' output residuals under cross-entropy,
-/// B r_i = softmax(f(x_i)) - e_{y_i}. The absolute r_i of a found sample i comes from
-/// its dual vector, exact whatever the others are: with s_i = M(c_i) r_i in the column
-/// space, w = V Sigma^-1 Q^T s_i gives G~ w = s_i = Delta^T X~ w, so X~ w = beta e_i
-/// with beta = c_i . Sigma^-1 Q^T s_i and the true signal is s_i / beta.
+/// B r_i = softmax(f(x_i)) - e_{y_i}, with the absolute r_i of [`absolute_residual`].
 /// `None` without a cross-entropy loss, without an exact sample, or when the samples
 /// disagree.
 pub fn batch_from_residuals(
     view: &ServerView,
-    sub: &Subspace,
     model: &SignalModel,
-    zeros: &[Zero],
+    found: &[(Col<f64>, Col<f64>)],
     cfg: &AttackConfig,
 ) -> Result<Option<usize>> {
-    if !matches!(cfg.loss, Some(Loss::Ce) | None) || view.outputs() < 2 {
+    if !matches!(cfg.loss, Some(Loss::Ce) | None) || view.outputs() < 2 || found.is_empty() {
         return Ok(None);
     }
-    let found: Vec<&Zero> = zeros.iter().filter(|z| z.exact).collect();
-    if found.is_empty() {
-        return Ok(None);
-    }
-    let all = Neurons::all(&sub.q);
     let d = view.input_dim();
-    let x = Mat::from_fn(found.len(), d, |i, j| model.coords.x_of_c(&found[i].c)[j]);
+    let x = Mat::from_fn(found.len(), d, |i, j| model.coords.x_of_c(&found[i].0)[j]);
     let net = view.model()?;
     let fw = net.forward(x.as_ref())?;
     let out = fw.output();
     let k = view.outputs();
     let mut sizes = Vec::with_capacity(found.len());
-    for (i, z) in found.iter().enumerate() {
-        let s = model.signal_matrix(&z.c, &all.rows) * &z.r;
-        let qs = sub.q.transpose() * &s;
-        let beta: f64 = (0..sub.batch)
-            .map(|a| z.c[a] * qs[a] / sub.singular_values[a])
-            .sum();
-        let r = Col::from_fn(k, |j| z.r[j] / beta);
+    for (i, (_, r)) in found.iter().enumerate() {
         let y = (0..k).min_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap_or(0);
         let mx = (0..k)
             .map(|j| out[(i, j)])
@@ -177,7 +178,17 @@ pub fn apply(
     if forced.is_none() && !rank.limits(sub) {
         return Ok(());
     }
-    let from_residuals = batch_from_residuals(view, sub, model, zeros, cfg)?;
+    // the exact samples' absolute residuals and labels from their dual vectors
+    let mut found = Vec::new();
+    for (z, smp) in zeros.iter().zip(rec.samples.iter_mut()) {
+        if z.exact {
+            let r = absolute_residual(sub, model, z);
+            smp.output_residual = Some(r.iter().copied().collect());
+            smp.label = labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];
+            found.push((z.c.clone(), r));
+        }
+    }
+    let from_residuals = batch_from_residuals(view, model, &found, cfg)?;
     let batch = forced.or(from_residuals).filter(|&b| b > sub.batch);
     let found = rec.samples.len();
     let d = view.input_dim();
