@@ -41,10 +41,12 @@
 //! The pipeline, one module per stage (docs/DESIGN.md, "Where things are"):
 //! [`data`] -> [`model`] (the client and its gradient) -> [`defense`] ->
 //! [`attack`] (subspace, then a method) -> [`metrics`] -> [`report`].
-//! [`simulate`] runs it end to end; [`io`] reads and writes the files users hold.
+//! [`simulate`] runs it end to end, [`sweep`] over a grid, [`audit`] to the weakest
+//! defence that stops every attack; [`io`] reads and writes the files users hold.
 //! The mathematics is in docs/DESIGN.md, with the notation used here.
 
 pub mod attack;
+pub mod audit;
 pub mod data;
 pub mod defense;
 mod error;

@@ -14,6 +14,12 @@ pub const DEFAULT_TOL: f64 = 1e-3;
 /// Relative error a missing sample counts as in the summary (the error of guessing zero).
 pub const MISSING_ERROR: f64 = 1.0;
 
+/// PSNR in dB at or above which a reconstructed image counts as leaked (recognisable).
+pub const LEAK_PSNR_DB: f64 = 20.0;
+
+/// Relative error at or below which a reconstructed non-image sample counts as leaked.
+pub const LEAK_REL_ERROR: f64 = 0.1;
+
 /// Scale from relative error to the integer costs of the assignment solver; errors
 /// below 1/COST_SCALE tie, which cannot change which samples count as recovered.
 const COST_SCALE: f64 = 1e12;
@@ -49,6 +55,26 @@ pub struct Metrics {
     pub unmatched: usize,
     pub label_accuracy: Option<f64>,
     pub mean_psnr: Option<f64>,
+}
+
+impl Metrics {
+    /// Share of true samples an attacker got recognisably: PSNR >= [`LEAK_PSNR_DB`]
+    /// for images, relative error <= [`LEAK_REL_ERROR`] otherwise. Missing samples
+    /// did not leak. This is the audit's "recovers a sample", independent of `tol`.
+    pub fn leaked_fraction(&self, image: bool) -> f64 {
+        let leaked = self
+            .per_sample
+            .iter()
+            .filter(|s| {
+                if image {
+                    s.psnr.is_some_and(|p| p >= LEAK_PSNR_DB)
+                } else {
+                    s.rel_error.is_some_and(|e| e <= LEAK_REL_ERROR)
+                }
+            })
+            .count();
+        leaked as f64 / self.per_sample.len().max(1) as f64
+    }
 }
 
 fn rel_error(truth: &[f64], rec: &[f64]) -> f64 {

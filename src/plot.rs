@@ -63,6 +63,20 @@ pub fn numeric(v: &str) -> Option<f64> {
         .or_else(|| v.rsplit([':', '+']).next().and_then(|t| t.parse().ok()))
 }
 
+/// A tick label: plain decimals between 0.01 and 10^4, else short scientific
+/// notation (`1e-6`, `2.5e-3`).
+fn tick(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 || (1e-2..1e4).contains(&a) {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        let s = format!("{v:.2e}");
+        let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+        format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.'))
+    }
+}
+
 /// Series from a sweep CSV: x = a setting, y = a metric, one series per value of
 /// `series` (or one in all), aggregated over the remaining rows (seeds) by median
 /// and min-max. `filters` keep only rows with key == value.
@@ -201,12 +215,9 @@ pub fn line_plot(path: impl AsRef<Path>, spec: &PlotSpec, series: &[Series]) -> 
                     String::new()
                 }
             }
-            None => format!("{v:.3}")
-                .trim_end_matches('0')
-                .trim_end_matches('.')
-                .to_string(),
+            None => tick(*v),
         };
-        let yfmt = |v: &f64| format!("{v:.1e}");
+        let yfmt = |v: &f64| tick(*v);
         macro_rules! draw {
             ($chart:expr) => {{
                 let mut chart = $chart;
@@ -290,4 +301,18 @@ pub fn line_plot(path: impl AsRef<Path>, spec: &PlotSpec, series: &[Series]) -> 
     img.write_to(&mut png, image::ImageFormat::Png)
         .map_err(plot_err)?;
     crate::io::write_atomic(path.as_ref(), png.get_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tick_labels_are_short_and_keep_small_values() {
+        let t = super::tick;
+        assert_eq!(t(1e-6), "1e-6");
+        assert_eq!(t(2.5e-3), "2.5e-3");
+        assert_eq!(t(0.5), "0.5");
+        assert_eq!(t(0.0), "0");
+        assert_eq!(t(-0.75), "-0.75");
+        assert_eq!(t(12345.0), "1.23e4");
+    }
 }

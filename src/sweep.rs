@@ -1,7 +1,7 @@
 //! Grids of simulated rounds: one CSV row per run, resumable (rows already in the
 //! CSV are skipped), each row the full setting plus its metrics.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -22,6 +22,7 @@ pub const METRICS: &[&str] = &[
     "label_accuracy",
     "mean_psnr",
     "min_psnr",
+    "leaked_fraction",
     "gradient_relative_change",
     "epsilon",
     "seconds_attack",
@@ -234,6 +235,7 @@ fn metric_row(out: &Result<simulate::SimOutput>) -> Vec<String> {
                 f(r.label_accuracy),
                 f(r.mean_psnr),
                 f(min_psnr),
+                f(Some(o.metrics.leaked_fraction(o.image.is_some()))),
                 f(r.defense.as_ref().map(|d| d.relative_change)),
                 f(r.defense.as_ref().and_then(|d| d.epsilon)),
                 format!("{:.3}", r.seconds.attack),
@@ -264,6 +266,65 @@ pub fn csv_line(row: &[String]) -> String {
         .join(",")
 }
 
+/// A sweep CSV open for appending: the rows already in it, by setting, and the file.
+/// Interrupted sweeps and audits resume from it.
+pub struct Ledger {
+    path: std::path::PathBuf,
+    rows: HashMap<Vec<String>, Vec<String>>,
+    file: std::fs::File,
+}
+
+impl Ledger {
+    /// Open `csv`, creating it with the header when it does not exist; an existing
+    /// file must have this version's header.
+    pub fn open(csv: &Path) -> Result<Self> {
+        let head = header();
+        let mut rows = HashMap::new();
+        if csv.exists() {
+            let (h, old) = read_csv(csv)?;
+            if h != head {
+                return Err(Error::format(
+                    csv,
+                    "existing CSV has different columns (another grid or version); write to a new file",
+                ));
+            }
+            rows.extend(old.into_iter().map(|r| (r[..KEYS.len()].to_vec(), r)));
+        } else {
+            crate::io::write_atomic(csv, format!("{}\n", head.join(",")).as_bytes())?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(csv)
+            .map_err(|e| Error::io(csv, e))?;
+        Ok(Ledger {
+            path: csv.to_path_buf(),
+            rows,
+            file,
+        })
+    }
+
+    /// Whether the CSV already has a row for this setting.
+    pub fn contains(&self, c: &SimConfig) -> bool {
+        self.rows.contains_key(&setting(c))
+    }
+
+    /// The row of `c` (setting, then metrics): read from the CSV when it is there,
+    /// else simulated and appended (flushed before returning). The flag says whether
+    /// it ran.
+    pub fn row(&mut self, c: &SimConfig) -> Result<(Vec<String>, bool)> {
+        let key = setting(c);
+        if let Some(r) = self.rows.get(&key) {
+            return Ok((r.clone(), false));
+        }
+        let row = run_row(c);
+        writeln!(self.file, "{}", csv_line(&row))
+            .and_then(|_| self.file.flush())
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.rows.insert(key, row.clone());
+        Ok((row, true))
+    }
+}
+
 /// Run every configuration not yet in `csv`, appending one row per run.
 /// `on_row` is called after each run (progress).
 pub fn run(
@@ -271,35 +332,11 @@ pub fn run(
     csv: &Path,
     mut on_row: impl FnMut(usize, usize, &[String]),
 ) -> Result<usize> {
-    let head = header();
-    let mut done: HashSet<Vec<String>> = HashSet::new();
-    if csv.exists() {
-        let (h, rows) = read_csv(csv)?;
-        if h != head {
-            return Err(Error::format(
-                csv,
-                "existing CSV has different columns (another grid or version); write to a new file",
-            ));
-        }
-        done.extend(rows.into_iter().map(|r| r[..KEYS.len()].to_vec()));
-    } else {
-        crate::io::write_atomic(csv, format!("{}\n", head.join(",")).as_bytes())?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(csv)
-        .map_err(|e| Error::io(csv, e))?;
-    let todo: Vec<&SimConfig> = configs
-        .iter()
-        .filter(|c| !done.contains(&setting(c)))
-        .collect();
+    let mut ledger = Ledger::open(csv)?;
+    let todo: Vec<&SimConfig> = configs.iter().filter(|c| !ledger.contains(c)).collect();
     let total = todo.len();
     for (i, c) in todo.into_iter().enumerate() {
-        let row = run_row(c);
-        let line = csv_line(&row);
-        writeln!(file, "{line}")
-            .and_then(|_| file.flush())
-            .map_err(|e| Error::io(csv, e))?;
+        let (row, _) = ledger.row(c)?;
         on_row(i + 1, total, &row);
     }
     Ok(total)

@@ -2,6 +2,7 @@
 
 mod activations;
 mod attack;
+mod audit;
 mod bench;
 mod client;
 mod demo;
@@ -33,6 +34,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a grid of simulations and write one CSV row per run (resumable), plus plots.
     Sweep(sweep::SweepArgs),
+    /// The weakest strength of a defence at which no attack recovers a sample.
+    Audit(audit::AuditArgs),
     /// Time the pipeline's stages on fixed cases (prints the machine and the command).
     Bench(bench::BenchArgs),
     /// Hermite coefficients E[act^(k+1)(z)] of every activation and the tensor order used.
@@ -46,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(a) => simulate::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Audit(a) => audit::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Activations(a) => activations::run(a),
     }

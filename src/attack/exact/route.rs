@@ -47,7 +47,7 @@ pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
     rec.diagnostics.found = Some(found);
     if found < rec.batch_estimated {
         rec.notes.push(format!(
-            "span search found {found} of {} samples within its budget ({} starts, {:.1} s); the rest are missing",
+            "span search found {found} of {} samples ({} starts, {:.1} s); the rest are missing",
             rec.batch_estimated, stats.starts, stats.seconds
         ));
     }
