@@ -12,10 +12,15 @@ pub const PROBE_STEPS: usize = 4;
 /// Relative size of the perturbation that splits a found sample in two.
 pub const SPLIT: f64 = 0.05;
 
+/// A weighted residual per entry this low is what the noise itself leaves (1 at the
+/// truth, by the error model's weights): a start that reaches it is taken at once.
+pub const AT_THE_NOISE: f64 = 1.05;
+
 /// `x0` holds B samples, the last of them a seed for a missing one when `seeded`.
 /// Candidates: `x0` itself, and for every found sample i, x0 with sample i replaced by
 /// x_i + e and the last row by x_i - e (e a seeded random direction of size SPLIT
-/// ||x_i||). Each gets PROBE_STEPS steps; the lowest objective's start is returned.
+/// ||x_i||). Each gets PROBE_STEPS steps; the first to reach AT_THE_NOISE, else the
+/// lowest objective's start, is returned.
 pub fn best_split(tl: &TwoLayer, x0: Mat<f64>, seeded: bool, seed: u64) -> Result<Mat<f64>> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
@@ -23,7 +28,7 @@ pub fn best_split(tl: &TwoLayer, x0: Mat<f64>, seeded: bool, seed: u64) -> Resul
     let found = if seeded { b - 1 } else { b };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5911_7000);
     let score = |x: &Mat<f64>| -> Result<f64> { Ok(tl.refine(x, PROBE_STEPS)?.objective) };
-    let mut best = (score(&x0)?, x0.clone());
+    let mut best: Option<(f64, Mat<f64>)> = None;
     for i in 0..found {
         let e: Vec<f64> = (0..d).map(|_| StandardNormal.sample(&mut rng)).collect();
         let en = e
@@ -49,9 +54,17 @@ pub fn best_split(tl: &TwoLayer, x0: Mat<f64>, seeded: bool, seed: u64) -> Resul
             continue;
         }
         let f = score(&cand)?;
-        if f < best.0 {
-            best = (f, cand);
+        if f <= AT_THE_NOISE {
+            return Ok(cand);
+        }
+        if best.as_ref().is_none_or(|b| f < b.0) {
+            best = Some((f, cand));
         }
     }
-    Ok(best.1)
+    // x0 itself last: scored only when no split reached the noise
+    let f0 = score(&x0)?;
+    Ok(match best {
+        Some((f, cand)) if f < f0 => cand,
+        _ => x0,
+    })
 }

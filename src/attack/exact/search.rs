@@ -107,6 +107,11 @@ pub const ROUND_PATIENCE: usize = 2;
 /// With this few samples missing, a new round starts at once: the projected
 /// gradient then has rank <= LAST_FEW and its row points are (nearly) the samples.
 pub const LAST_FEW: usize = 2;
+/// Under known noise, consecutive failed starts (times B) after which the search
+/// stops when nothing was found since the last round: the samples still missing are
+/// then pairs whose zeros merged in the noise, which the defended refinement splits
+/// (docs/DESIGN.md, "Noise"); more starts only find the same fits again.
+pub const NOISY_PATIENCE: usize = 8;
 
 /// The projected gradient with the found samples removed exactly: GV projected
 /// onto the complement of the found signals, (I - S_f S_f^+) GV = (I - S_f S_f^+) S_m C_m^T.
@@ -257,6 +262,9 @@ pub fn search_with(
                 break;
             }
             progress.advance(zeros.len() as u64, None)?;
+            if accept > floor && failures >= NOISY_PATIENCE * b && zeros.len() == found_at_round {
+                break;
+            }
             if (failures >= patience || b - zeros.len() <= LAST_FEW)
                 && zeros.len() > found_at_round
                 && round < MAX_ROUNDS
@@ -277,6 +285,7 @@ pub fn search_with(
                 found: zeros.iter().map(|z| model.coords.t_of_c(&z.c)).collect(),
                 rho,
                 bound,
+                signals: None,
             };
             let Some(res) = lm::solve(&prob, u0, &lm_opts) else {
                 continue;
@@ -303,6 +312,7 @@ pub fn search_with(
                 found: Vec::new(),
                 rho,
                 bound,
+                signals: None,
             };
             let polish = polish_options(accept > floor);
             let polished = lm::solve(&full, res.u.clone(), &polish)
