@@ -19,6 +19,10 @@ pub struct SpanProblem<'a> {
     pub rho: f64,
     /// Plausible region: ||x - mean|| / sqrt(d) <= radius.
     pub bound: Option<(f64, f64)>,
+    /// Orthonormal basis U_f (on `neurons`' rows) of the found samples' signals: the
+    /// residual is then P_perp s / ||(I - U_f U_f^T) s||, which is zero at the missing
+    /// samples only (docs/DESIGN.md, "Seeding by demixing": deflation in signal space).
+    pub signals: Option<Mat<f64>>,
 }
 
 impl SpanProblem<'_> {
@@ -54,6 +58,17 @@ impl SpanProblem<'_> {
         (mu, g * mu)
     }
 
+    /// The part of s off the found signals (s itself without them).
+    fn off_found(&self, s: &Col<f64>) -> Col<f64> {
+        match &self.signals {
+            None => s.clone(),
+            Some(uf) => {
+                let a = uf.transpose() * s;
+                s - uf * &a
+            }
+        }
+    }
+
     /// F without deflation.
     pub fn span_residual(&self, u: &Col<f64>) -> Option<f64> {
         let (t, r) = self.split(u);
@@ -72,7 +87,7 @@ impl Problem for SpanProblem<'_> {
             return None;
         }
         let s = self.model.signal_matrix(&c, &self.neurons.rows) * &r;
-        let ns = s.norm_l2();
+        let ns = self.off_found(&s).norm_l2();
         if !(ns > 0.0 && ns.is_finite()) {
             return None;
         }
@@ -87,7 +102,8 @@ impl Problem for SpanProblem<'_> {
             return None;
         }
         let (s, dt, m) = self.model.signal_and_dt(&c, &r, &self.neurons.rows);
-        let ns = s.norm_l2();
+        let p = self.off_found(&s);
+        let ns = p.norm_l2();
         if !(ns > 0.0 && ns.is_finite()) {
             return None;
         }
@@ -99,9 +115,10 @@ impl Problem for SpanProblem<'_> {
             nu,
             |i, k| if k < nb { dt[(i, k)] } else { m[(i, k - nb)] },
         );
-        let shat = &s * (1.0 / ns);
-        let e0 = self.neurons.perp(&shat);
-        let sj = shat.transpose() * &js; // 1 x nu
+        // d||p|| = p^T J / ||p|| (p is already off the found signals)
+        let phat = &p * (1.0 / ns);
+        let e0 = self.neurons.perp(&s) * (1.0 / ns);
+        let sj = phat.transpose() * &js; // 1 x nu
         let pj = self.neurons.perp_mat(&js);
         let (mu, gmu) = self.deflation(&t);
         let j = Mat::from_fn(n, nu, |i, k| {
@@ -127,7 +144,7 @@ impl Problem for SpanProblem<'_> {
 #[cfg(test)]
 mod tests {
     use super::super::testing::case;
-    use super::super::zero::best_residual;
+    use super::super::zero::{best_residual, unpack};
     use super::*;
     use crate::attack::subspace;
     use crate::model::Activation;
@@ -141,11 +158,20 @@ mod tests {
         Col::from_fn(nb + model.k, |q| if q < nb { t[q] } else { r[q - nb] })
     }
 
-    /// The analytic Jacobian (with deflation) against central differences:
-    /// truncation O(h^2) ~ 1e-12 and rounding eps/h ~ 1e-10 relative to ||J||.
+    /// Orthonormal basis of sample i's true signal on all neurons.
+    fn signal_basis(model: &SignalModel, x: &Mat<f64>, i: usize, all: &Neurons) -> Mat<f64> {
+        let u = truth_u(model, x, i, all);
+        let (t, r) = unpack(model, u.as_ref());
+        let s = model.signal_matrix(&model.coords.c_of_t(&t), &all.rows) * &r;
+        let ns = s.norm_l2();
+        Mat::from_fn(s.nrows(), 1, |j, _| s[j] / ns)
+    }
+
+    /// The analytic Jacobian (with deflation in t and in signal space) against central
+    /// differences: truncation O(h^2) ~ 1e-12 and rounding eps/h ~ 1e-10 relative to ||J||.
     #[test]
     fn span_jacobian_matches_finite_differences() {
-        for depth in [1, 2] {
+        for (depth, with_signals) in [(1, false), (2, false), (1, true)] {
             let (view, x, _) = case(Activation::Tanh, depth, 3, 7);
             let sub = subspace::estimate(&view, &Default::default()).unwrap();
             let model = SignalModel::new(&view, &sub).unwrap();
@@ -161,6 +187,7 @@ mod tests {
                 found,
                 rho: 0.2,
                 bound: None,
+                signals: with_signals.then(|| signal_basis(&model, &x, 1, &all)),
             };
             let (_, j) = prob.jacobian(&u).unwrap();
             let h = 1e-6;
@@ -178,6 +205,48 @@ mod tests {
                     "depth {depth} column {q}: {err:e} vs ||J|| {scale:e}"
                 );
             }
+        }
+    }
+
+    /// Deflation in signal space: with sample 0's signal as found, F normalised by the
+    /// part of s off it is still at the rounding floor at the missing samples, but has
+    /// no zero at sample 0 itself: approaching it, P_perp s and (I - U_f U_f^T) s both
+    /// shrink like the step (J dt), so their ratio stays O(1) while the plain F -> 0.
+    /// (Deflation by a factor 1 + rho^2 / ||t - t_0||^2 in t instead leaves a ring of
+    /// local minima at ||t - t_0|| ~ rho, which caught most seeds of the later rounds.)
+    #[test]
+    fn signal_deflation_removes_the_found_zero_only() {
+        let (view, x, _) = case(Activation::Tanh, 1, 3, 7);
+        let sub = subspace::estimate(&view, &Default::default()).unwrap();
+        let model = SignalModel::new(&view, &sub).unwrap();
+        let all = Neurons::all(&sub.q);
+        let floor = super::super::floor::exact_floor(&view, &sub);
+        let prob = SpanProblem {
+            model: &model,
+            neurons: &all,
+            found: Vec::new(),
+            rho: 0.0,
+            bound: None,
+            signals: Some(signal_basis(&model, &x, 0, &all)),
+        };
+        let deflated = |u: &Col<f64>| prob.residual(u).unwrap().norm_l2();
+        for i in [1, 2] {
+            let f = deflated(&truth_u(&model, &x, i, &all));
+            assert!(
+                f <= floor,
+                "missing sample {i}: deflated F {f:e} > {floor:e}"
+            );
+        }
+        let u0 = truth_u(&model, &x, 0, &all);
+        for h in [1e-2, 1e-4, 1e-6] {
+            let mut u = u0.clone();
+            for q in 0..model.dims() {
+                u[q] += h * ((q as f64) * 1.3 + 0.4).sin();
+            }
+            let plain = prob.span_residual(&u).unwrap();
+            let f = deflated(&u);
+            assert!(plain < 10.0 * h, "step {h:e}: plain F {plain:e}");
+            assert!(f > 1e-2, "step {h:e}: deflated F {f:e} (plain {plain:e})");
         }
     }
 }

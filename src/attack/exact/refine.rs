@@ -139,6 +139,7 @@ pub fn polish(
         found: Vec::new(),
         rho: 1.0,
         bound: None,
+        signals: None,
     };
     let check = |c: &Col<f64>, r: &Col<f64>| -> Zero {
         let f = full

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use faer::Col;
+use faer::{Col, Mat};
 
 use super::accept::{Acceptance, Verdict};
 use super::floor::{exact_floor, noise_floor};
@@ -52,8 +52,8 @@ struct Polisher<'a> {
     /// Own floors, held-back check, and the neurons zeros are polished on.
     acc: &'a Acceptance<'a>,
     bound: Option<(f64, f64)>,
-    rho: f64,
-    found_t: Vec<Col<f64>>,
+    /// Orthonormal basis of the found signals on `sub_neurons` (deflation in signal space).
+    signals: Option<Mat<f64>>,
     promising: f64,
     lm_opts: LmOptions,
     polish_opts: LmOptions,
@@ -71,9 +71,10 @@ impl Polisher<'_> {
         let prob = SpanProblem {
             model,
             neurons: self.sub_neurons,
-            found: self.found_t.clone(),
-            rho: self.rho,
+            found: Vec::new(),
+            rho: 0.0,
             bound: self.bound,
+            signals: self.signals.clone(),
         };
         let Some(res) = lm::solve(&prob, u0, &self.lm_opts) else {
             return (Outcome::Failed, 0);
@@ -87,8 +88,9 @@ impl Polisher<'_> {
             model,
             neurons: &self.acc.kept,
             found: Vec::new(),
-            rho: self.rho,
+            rho: 0.0,
             bound: self.bound,
+            signals: None,
         };
         let u = lm::solve(&full, res.u.clone(), &self.polish_opts)
             .map(|p| p.u)
@@ -171,7 +173,6 @@ pub fn search(
     };
     let mut zeros: Vec<Zero> = Vec::new();
     let mut found_x: Vec<Vec<f64>> = Vec::new();
-    let mut rho = 0.0;
     for round in 0..opts.seed_rounds {
         if zeros.len() >= b || out_of_time(opts.seconds, &t0) || cfg.cancel.is_cancelled() {
             break;
@@ -183,9 +184,6 @@ pub fn search(
             cfg.seed.wrapping_add(round as u64),
             opts.ica_iterations,
         );
-        if round == 0 {
-            rho = deflation_radius(&model, &seeds);
-        }
         stats.candidates += seeds.len();
         stats.starts += seeds.len();
         stats.rounds = round + 1;
@@ -195,8 +193,7 @@ pub fn search(
             screen: &screen,
             acc: &acc,
             bound,
-            rho,
-            found_t: zeros.iter().map(|z| model.coords.t_of_c(&z.c)).collect(),
+            signals: found_signals(&model, &sub_neurons, &zeros),
             promising: search::PROMISING.max(2.0 * accept),
             lm_opts: LmOptions {
                 max_iterations: SEED_LM_ITERATIONS,
@@ -254,25 +251,21 @@ pub fn search(
     Ok((zeros, stats, model))
 }
 
-fn out_of_time(seconds: Option<f64>, t0: &Instant) -> bool {
-    seconds.is_some_and(|s| t0.elapsed().as_secs_f64() > s)
+/// Orthonormal basis of the found samples' signals on `neurons` (None before any is found).
+fn found_signals(model: &SignalModel, neurons: &Neurons, zeros: &[Zero]) -> Option<Mat<f64>> {
+    if zeros.is_empty() {
+        return None;
+    }
+    let mut sf = Mat::<f64>::zeros(neurons.len(), zeros.len());
+    for (i, z) in zeros.iter().enumerate() {
+        let s = model.signal_matrix(&z.c, &neurons.rows) * &z.r;
+        sf.col_mut(i).copy_from(&s);
+    }
+    Some(sf.qr().compute_thin_Q())
 }
 
-/// Deflation radius: a tenth of the RMS spread of the seeds in t.
-fn deflation_radius(model: &SignalModel, seeds: &[Col<f64>]) -> f64 {
-    let ts: Vec<Col<f64>> = seeds.iter().map(|c| model.coords.t_of_c(c)).collect();
-    let nt = ts.len().max(1) as f64;
-    let mean = ts
-        .iter()
-        .fold(Col::<f64>::zeros(model.dims()), |a, t| a + t)
-        * (1.0 / nt);
-    (ts.iter()
-        .map(|t| (t - &mean).squared_norm_l2())
-        .sum::<f64>()
-        / nt)
-        .sqrt()
-        .max(1e-6)
-        * 0.1
+fn out_of_time(seconds: Option<f64>, t0: &Instant) -> bool {
+    seconds.is_some_and(|s| t0.elapsed().as_secs_f64() > s)
 }
 
 #[cfg(test)]

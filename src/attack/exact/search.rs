@@ -285,6 +285,7 @@ pub fn search_with(
                 found: zeros.iter().map(|z| model.coords.t_of_c(&z.c)).collect(),
                 rho,
                 bound,
+                signals: None,
             };
             let Some(res) = lm::solve(&prob, u0, &lm_opts) else {
                 continue;
@@ -311,6 +312,7 @@ pub fn search_with(
                 found: Vec::new(),
                 rho,
                 bound,
+                signals: None,
             };
             let polish = polish_options(accept > floor);
             let polished = lm::solve(&full, res.u.clone(), &polish)
