@@ -11,6 +11,10 @@ run $G attack --model $F/digits-tanh-ce/model.safetensors --gradient $F/digits-t
 run $G attack --model $F/diabetes-sigmoid-mse/model.safetensors --gradient $F/diabetes-sigmoid-mse/gradient.safetensors --activation sigmoid --loss mse --out $T/r2.npy
 run $G simulate --data images:../shared/data/images:32 --batch 16 --width 8192 --activation tanh --tol 1e-6
 run $G simulate --data gaussian:64 --batch 8 --width 100000 --activation tanh --method tensor --seed 1
-run $G simulate --init torch-default --data digits --batch 8 --width 4096 --defense noise-rel:0.001 --tol 0.05 --method dlg
-run $G simulate --init torch-default --data digits --batch 8 --width 4096 --defense noise-rel:0.001 --tol 0.05 --method span --search-seconds 15
+run() { echo "## $*"; /usr/bin/time -f "   wall %e s, CPU %U + %S s" "$@" 2>&1 | grep -v "^\s*$" | tail -${TAIL:-14}; }
+for m in auto dlg; do
+    run $G simulate --init torch-default --data digits --batch 8 --width 4096 --dtype f64 --defense noise-rel:0.001 --tol 0.05 --method $m
+done
+run $G simulate --init torch-default --data digits --batch 8 --width 4096 --dtype f64 --defense local-steps:5:0.1 --tol 1e-6
+run $G simulate --init torch-default --data digits --batch 8 --width 4096 --dtype f64 --defense prune:0.5 --tol 1e-6
 rm -rf $T
