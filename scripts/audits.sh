@@ -3,7 +3,7 @@
 # digits B = 8, m = 1024, tanh, CE, torch-default init, seed 1, methods auto, tensor, dlg.
 # Resumable: each audit's CSV keeps its probes. Usage: [GRID=5 BISECT=3] scripts/audits.sh [FAMILY...]
 # (the prune, quantize and local-steps rows of the table: GRID=4 BISECT=2; local-steps
-# also RANGE=1:8)
+# also RANGE=1:32)
 set -e
 BIN=${BIN:-target/release/gradleak}
 OUT=${OUT:-docs/data/audit}
