@@ -254,6 +254,8 @@ pub struct MethodVerdict {
 /// The audit's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditReport {
+    /// The family's spelling (`dp:1`, `noise-rel`, ...).
+    pub audited: String,
     pub family: Family,
     pub parameter: &'static str,
     pub range: (f64, f64),
@@ -309,6 +311,7 @@ pub fn run(
         None
     };
     Ok(AuditReport {
+        audited: cfg.family.spelling(),
         family: cfg.family,
         parameter: cfg.family.parameter(),
         range,

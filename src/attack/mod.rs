@@ -60,6 +60,11 @@ fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         rec.method = Method::Auto;
         return Ok(rec);
     }
+    if let Some((e, lr)) = defended::local_steps::applies(view) {
+        let mut rec = defended::local_steps::attack(view, cfg, e, lr)?;
+        rec.method = Method::Auto;
+        return Ok(rec);
+    }
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
     let mut rec = if sub.batch == 1 && view.first.grad_bias.is_some() {
         let mut rec = exact::analytic::attack_on(view, cfg, &sub)?;

@@ -76,6 +76,16 @@ pub struct Diagnostics {
     /// Relative difference between the recovered batch's gradient and the observed one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub closure_residual: Option<f64>,
+    /// Input coordinates zero in every sample (zero columns of G~), when there are any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_input_coordinates: Option<usize>,
+    /// The largest rank the inputs allow: d + 1 minus the zero coordinates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_rank_limit: Option<usize>,
+    /// B read off the found samples' cross-entropy residuals when the first-layer rank
+    /// sits at that limit (docs/DESIGN.md, "Rank-deficient inputs").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_from_residuals: Option<usize>,
 }
 
 /// What the tensor method did.

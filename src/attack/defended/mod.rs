@@ -15,10 +15,14 @@
 
 pub mod alternating;
 pub mod complete;
+pub mod consistent;
 pub mod gauss_newton;
 pub mod likelihood;
+pub mod local_steps;
+pub mod masked;
 pub mod quantized;
 pub mod split;
+pub mod unrolled;
 
 use super::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::Result;
@@ -44,7 +48,8 @@ pub fn refine_found(
     let Some(errors) = likelihood::ErrorModel::of(view, &observed) else {
         return Ok(rec);
     };
-    joint_fit(view, cfg, rec, &errors, false)
+    let rec = joint_fit(view, cfg, rec, &errors, false)?;
+    consistent::refine(view, cfg, rec)
 }
 
 /// Refine `rec`'s samples jointly on the weighted gradient equations (two layers: by
@@ -235,6 +240,10 @@ pub fn complete_then_attack(view: &ServerView, cfg: &AttackConfig) -> Result<Rec
             variance: vec![(1.0, 1.0), (f64::INFINITY, f64::INFINITY)],
         };
         rec = joint_fit(&reduced, cfg, rec, &errors, true)?;
+    }
+    if rec.samples.len() == rec.batch_estimated && rec.samples.iter().any(|s| !s.exact) {
+        // the completion need not be the gradient off the mask: refit on what was received
+        rec = masked::refine(view, cfg, rec, &c.g)?;
     }
     let d = &mut rec.diagnostics.defended;
     d.insert("completion_rank".into(), c.rank.into());

@@ -4,10 +4,10 @@
 //! (`subsample`), one sample's problem (`problem`), the span search (`search`),
 //! the alternating-projection polish for piecewise-linear activations
 //! (`alternation`), their seeding rounds and pattern search (`pattern`), deep
-//! piecewise-linear nets layer by layer (`deep_pattern`), labels (`labels`), the
-//! choice between the searches (`route`), refinement from tensor starts (`refine`),
-//! the single-sample formula (`analytic`), and when a search keeps a zero (`accept`,
-//! after [`certificate`]'s rounding scale).
+//! piecewise-linear nets layer by layer (`deep_pattern`), labels (`labels`),
+//! rank-deficient inputs (`deficient`), the choice between the searches (`route`),
+//! refinement from tensor starts (`refine`), the single-sample formula (`analytic`),
+//! and when a search keeps a zero (`accept`, after [`certificate`]'s rounding scale).
 //! Each module imports only those listed before it.
 
 pub(crate) mod accept;
@@ -15,6 +15,7 @@ pub(crate) mod alternation;
 pub(crate) mod analytic;
 pub mod certificate;
 pub(crate) mod deep_pattern;
+pub(crate) mod deficient;
 pub mod floor;
 pub(crate) mod labels;
 pub(crate) mod pattern;

@@ -65,7 +65,10 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
 
 /// The search (or the pattern search) on an already computed subspace.
 pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Result<Reconstruction> {
-    let sub = sub.clone();
+    let mut sub = sub.clone();
+    // inputs zero in some coordinate cap the rank (docs/DESIGN.md, "Rank-deficient inputs")
+    let mut rank = super::deficient::input_rank(view, &sub)?;
+    super::deficient::cap(&mut sub, &mut rank);
     let mut rec = Reconstruction::from_subspace(Method::Span, &sub);
     if view.first.bias.is_none() {
         return Err(Error::NeedsFirstLayerBias {
@@ -119,6 +122,7 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     };
     let cert = super::certificate::certify(view, &sub, &rec.samples, &held, cfg.loss)?;
     super::certificate::apply(&mut rec, cert);
+    super::deficient::apply(view, &sub, &model, &zeros, cfg, &rank, &mut rec)?;
     Ok(rec)
 }
 
