@@ -132,7 +132,7 @@ fn data_name(d: &crate::data::DataSpec) -> String {
     match d {
         Digits => "digits".into(),
         Gaussian { dim } => format!("gaussian:{dim}"),
-        Images { dir, size } => format!("images:{}:{size}", dir.display()),
+        Images { dir, size, levels } => crate::data::image_name(dir, *size, *levels),
         Csv { path, label } => format!(
             "csv:{}{}",
             path.display(),

@@ -12,7 +12,7 @@ use gradleak::simulate::{self, SimConfig};
 /// The setting of a simulated round (shared by `simulate`, `demo` and `sweep`).
 #[derive(Args, Debug, Clone)]
 pub struct SimArgs {
-    /// Data: digits | gaussian:D | images:DIR[:S] | csv:FILE[:label=COL] | npy:FILE.
+    /// Data: digits | gaussian:D | images:DIR[:S[:L]] (L tiling levels, default 3) | csv:FILE[:label=COL] | npy:FILE.
     #[arg(long, default_value = "digits")]
     pub data: String,
     /// Batch size B.

@@ -1,7 +1,8 @@
-//! `images:DIR[:S]`: deterministic square crops of photos, resized to S x S RGB.
+//! `images:DIR[:S[:L]]`: deterministic square crops of photos, resized to S x S RGB.
 //!
-//! Each photo (sorted by file name) gives crops at three scales: the largest
-//! centred square, then non-overlapping tiles of half and of a quarter of that side.
+//! Each photo (sorted by file name) gives crops at L scales (default 3): the largest
+//! centred square, then non-overlapping tiles of half, a quarter, ... of that side
+//! (tiles smaller than S are not made).
 //! Values are in [0, 1]; grey photos are replicated to three channels.
 
 use std::path::Path;
@@ -13,7 +14,7 @@ use super::Dataset;
 use crate::io::png::ImageShape;
 use crate::{Error, Result};
 
-pub(super) fn load_crops(dir: &Path, size: usize) -> Result<Dataset> {
+pub(super) fn load_crops(dir: &Path, size: usize, levels: usize) -> Result<Dataset> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut files: Vec<_> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -37,7 +38,7 @@ pub(super) fn load_crops(dir: &Path, size: usize) -> Result<Dataset> {
             .to_rgb8();
         let (w, h) = (img.width() as usize, img.height() as usize);
         let side = w.min(h);
-        for level in 0..3 {
+        for level in 0..levels {
             let s = side >> level;
             if s < size {
                 break;
@@ -67,7 +68,7 @@ pub(super) fn load_crops(dir: &Path, size: usize) -> Result<Dataset> {
     }
     let d = size * size * 3;
     Ok(Dataset {
-        name: format!("images:{}:{size}", dir.display()),
+        name: image_name(dir, size, levels),
         x: Mat::from_fn(rows.len(), d, |i, j| rows[i][j]),
         labels: None,
         classes: None,
@@ -78,4 +79,13 @@ pub(super) fn load_crops(dir: &Path, size: usize) -> Result<Dataset> {
             channels: 3,
         }),
     })
+}
+
+/// The spec's name: `images:DIR:S`, with `:L` when L is not the default.
+pub(crate) fn image_name(dir: &Path, size: usize, levels: usize) -> String {
+    if levels == super::DEFAULT_IMAGE_LEVELS {
+        format!("images:{}:{size}", dir.display())
+    } else {
+        format!("images:{}:{size}:{levels}", dir.display())
+    }
 }

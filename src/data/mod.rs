@@ -4,11 +4,12 @@
 //! |---|---|
 //! | `digits` | UCI handwritten digits, 8x8, embedded in the binary, scaled to [0, 1] |
 //! | `gaussian:D` | i.i.d. N(0, 1/D) vectors of dimension D |
-//! | `images:DIR[:S]` | deterministic square crops of the photos in DIR, S x S RGB in [0, 1] |
+//! | `images:DIR[:S[:L]]` | deterministic square crops of the photos in DIR, S x S RGB in [0, 1]; L tiling levels (default 3) |
 //! | `csv:FILE[:label=COL]` | a numeric table, standardised per column |
 //! | `npy:FILE` | a 2-D float array, rows are samples |
 
 mod images;
+pub(crate) use images::image_name;
 mod table;
 
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub enum DataSpec {
     Images {
         dir: PathBuf,
         size: usize,
+        /// Tiling levels: the centred square, then tiles of 1/2, 1/4, ... of its side.
+        levels: usize,
     },
     Csv {
         path: PathBuf,
@@ -45,6 +48,10 @@ pub enum DataSpec {
 
 /// Default side of image crops.
 pub const DEFAULT_IMAGE_SIZE: usize = 32;
+/// Default number of tiling levels of image crops (side, 1/2, 1/4).
+pub const DEFAULT_IMAGE_LEVELS: usize = 3;
+/// Most tiling levels (tiles of 1/128 of the side).
+pub const MAX_IMAGE_LEVELS: usize = 8;
 
 impl std::str::FromStr for DataSpec {
     type Err = Error;
@@ -68,20 +75,43 @@ impl std::str::FromStr for DataSpec {
             }
             "images" => {
                 if rest.is_empty() {
-                    return Err(bad("expected images:DIR[:S]"));
+                    return Err(bad("expected images:DIR[:S[:L]]"));
                 }
-                let (dir, size) = match rest.rsplit_once(':') {
-                    Some((d, n)) if n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => {
-                        (d, n.parse::<usize>().map_err(|_| bad("bad size"))?)
-                    }
-                    _ => (rest, DEFAULT_IMAGE_SIZE),
+                // trailing numeric fields: S, then L
+                let number = |t: &str| -> Option<usize> {
+                    (!t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))
+                        .then(|| t.parse().ok())
+                        .flatten()
                 };
+                let mut dir = rest;
+                let mut nums = Vec::new();
+                while nums.len() < 2 {
+                    match dir.rsplit_once(':') {
+                        Some((d, n)) if number(n).is_some() => {
+                            nums.push(number(n).unwrap_or(0));
+                            dir = d;
+                        }
+                        Some((_, n)) if n.chars().all(|c| c.is_ascii_digit()) => {
+                            return Err(bad("expected images:DIR[:S[:L]] with S, L integers"));
+                        }
+                        _ => break,
+                    }
+                }
+                nums.reverse();
+                let size = nums.first().copied().unwrap_or(DEFAULT_IMAGE_SIZE);
+                let levels = nums.get(1).copied().unwrap_or(DEFAULT_IMAGE_LEVELS);
                 if size == 0 {
-                    return Err(bad("the image size must be at least 1"));
+                    return Err(bad("the image size S must be at least 1"));
+                }
+                if !(1..=MAX_IMAGE_LEVELS).contains(&levels) {
+                    return Err(bad(&format!(
+                        "the tiling levels L (images:DIR:S:L) must be 1 to {MAX_IMAGE_LEVELS}"
+                    )));
                 }
                 Ok(DataSpec::Images {
                     dir: dir.into(),
                     size,
+                    levels,
                 })
             }
             "csv" => {
@@ -103,7 +133,8 @@ impl std::str::FromStr for DataSpec {
             _ => Err(Error::Unknown {
                 kind: "data spec",
                 name: s.to_string(),
-                expected: "digits gaussian:D images:DIR[:S] csv:FILE[:label=COL] npy:FILE".into(),
+                expected: "digits gaussian:D images:DIR[:S[:L]] csv:FILE[:label=COL] npy:FILE"
+                    .into(),
             }),
         }
     }
@@ -186,7 +217,7 @@ impl DataSpec {
                     image: None,
                 })
             }
-            DataSpec::Images { dir, size } => images::load_crops(dir, *size),
+            DataSpec::Images { dir, size, levels } => images::load_crops(dir, *size, *levels),
             DataSpec::Csv { path, label } => table::load_csv(path, label.as_deref()),
             DataSpec::Npy { path } => {
                 let x = crate::io::npy::read_matrix(path)?;
@@ -289,14 +320,24 @@ mod tests {
             "images:/a/b:16".parse::<DataSpec>().unwrap(),
             DataSpec::Images {
                 dir: "/a/b".into(),
-                size: 16
+                size: 16,
+                levels: 3
+            }
+        );
+        assert_eq!(
+            "images:/a/b:32:5".parse::<DataSpec>().unwrap(),
+            DataSpec::Images {
+                dir: "/a/b".into(),
+                size: 32,
+                levels: 5
             }
         );
         assert_eq!(
             "images:/a/b".parse::<DataSpec>().unwrap(),
             DataSpec::Images {
                 dir: "/a/b".into(),
-                size: 32
+                size: 32,
+                levels: 3
             }
         );
         assert_eq!(
@@ -312,6 +353,9 @@ mod tests {
             "gaussian:x",
             "mnist",
             "images",
+            "images:/a:32:0",
+            "images:/a:32:9",
+            "images:/a:0",
             "npy:",
         ] {
             assert!(bad.parse::<DataSpec>().is_err(), "{bad}");

@@ -18,7 +18,7 @@ use super::search::{self, MIN_NEURONS, SCREEN_NEURONS};
 use super::seed;
 use super::signal::{Neurons, SignalModel};
 use super::subsample::{self, Subsample};
-use super::zero::{Zero, best_residual, rel_dist, row_points};
+use super::zero::{Zero, best_residual, rel_dist, row_points, unpack};
 use crate::Result;
 use crate::attack::evidence::SearchStats;
 use crate::attack::params::AttackConfig;
@@ -60,10 +60,12 @@ struct Polisher<'a> {
 }
 
 impl Polisher<'_> {
-    fn polish(&self, c: &Col<f64>) -> (Outcome, usize) {
+    /// LM on the subsample from seed c: the point reached when F there is promising,
+    /// and the iterations spent.
+    fn descend(&self, c: &Col<f64>) -> (Option<Col<f64>>, usize) {
         let model = self.model;
         let Some((_, r)) = best_residual(model, self.screen, c) else {
-            return (Outcome::Failed, 0);
+            return (None, 0);
         };
         let t = model.coords.t_of_c(c);
         let nb = model.dims();
@@ -77,13 +79,18 @@ impl Polisher<'_> {
             signals: self.signals.clone(),
         };
         let Some(res) = lm::solve(&prob, u0, &self.lm_opts) else {
-            return (Outcome::Failed, 0);
+            return (None, 0);
         };
         let iters = res.iterations;
         match prob.span_residual(&res.u) {
-            Some(f) if f <= self.promising => {}
-            _ => return (Outcome::Failed, iters),
+            Some(f) if f <= self.promising => (Some(res.u), iters),
+            _ => (None, iters),
         }
+    }
+
+    /// Polish a promising point on the kept neurons and judge it.
+    fn finish(&self, u: Col<f64>) -> Outcome {
+        let model = self.model;
         let full = SpanProblem {
             model,
             neurons: &self.acc.kept,
@@ -92,45 +99,46 @@ impl Polisher<'_> {
             bound: self.bound,
             signals: None,
         };
-        let u = lm::solve(&full, res.u.clone(), &self.polish_opts)
+        let u = lm::solve(&full, u.clone(), &self.polish_opts)
             .map(|p| p.u)
-            .unwrap_or(res.u);
+            .unwrap_or(u);
         let Some(f) = full.span_residual(&u) else {
-            return (Outcome::Failed, iters);
+            return Outcome::Failed;
         };
         let (tv, rv) = full.split(&u);
         let cz = model.coords.c_of_t(&tv);
         if search::degenerate(model, &cz) {
-            return (Outcome::Degenerate, iters);
+            return Outcome::Degenerate;
         }
         // the sample's own floor, here and on the held-back neurons (docs/DESIGN.md, "Certificate")
         let exact = match self.acc.judge(&cz, &rv, f) {
-            Verdict::Rejected => return (Outcome::Failed, iters),
+            Verdict::Rejected => return Outcome::Failed,
             v => v == Verdict::Exact,
         };
-        (
-            Outcome::Zero(Zero {
-                c: cz,
-                r: rv,
-                residual: f,
-                exact,
-            }),
-            iters,
-        )
+        Outcome::Zero(Zero {
+            c: cz,
+            r: rv,
+            residual: f,
+            exact,
+        })
     }
 }
 
-/// Polish every seed, on `threads` threads; results in seed order whatever the count.
-fn polish_all(p: &Polisher<'_>, seeds: &[Col<f64>], threads: usize) -> Vec<(Outcome, usize)> {
+/// Descend from every seed, on `threads` threads; results in seed order whatever the count.
+fn descend_all(
+    p: &Polisher<'_>,
+    seeds: &[Col<f64>],
+    threads: usize,
+) -> Vec<(Option<Col<f64>>, usize)> {
     let threads = threads.clamp(1, seeds.len().max(1));
     if threads == 1 {
-        return seeds.iter().map(|c| p.polish(c)).collect();
+        return seeds.iter().map(|c| p.descend(c)).collect();
     }
     let chunk = seeds.len().div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = seeds
             .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|c| p.polish(c)).collect::<Vec<_>>()))
+            .map(|part| s.spawn(move || part.iter().map(|c| p.descend(c)).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
@@ -203,9 +211,23 @@ pub fn search(
             polish_opts: search::polish_options(accept > floor),
         };
         let before = zeros.len();
-        for (outcome, iters) in polish_all(&polisher, &seeds, opts.threads) {
+        // the subsample descents are independent (threads); the polish on the kept
+        // neurons, the costly step, runs in seed order and skips a point that lies next
+        // to a sample found before it (most seeds of a round reach the same few samples)
+        for (point, iters) in descend_all(&polisher, &seeds, opts.threads) {
             stats.lm_iterations += iters;
-            match outcome {
+            let Some(u) = point else { continue };
+            let xs = model
+                .coords
+                .x_of_c(&model.coords.c_of_t(&unpack(&model, u.as_ref()).0));
+            if found_x
+                .iter()
+                .any(|y| rel_dist(&xs, y) < search::DUPLICATE_TOL)
+            {
+                stats.duplicates += 1;
+                continue;
+            }
+            match polisher.finish(u) {
                 Outcome::Zero(z) => {
                     let x = model.coords.x_of_c(&z.c);
                     if found_x
