@@ -19,9 +19,6 @@ use crate::simulate::SimConfig;
 use crate::sweep::{Ledger, METRICS};
 use crate::{Error, Result};
 
-/// DP-SGD's epsilon in the report is at this delta (`defense::dp`).
-pub use crate::defense::dp::DP_DELTA;
-
 /// A defence with one free strength parameter.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
@@ -223,7 +220,7 @@ pub struct Probe {
     pub leaked_fraction: f64,
     /// ||g' - g|| / ||g|| of the defended gradient.
     pub gradient_relative_change: Option<f64>,
-    /// DP-SGD's epsilon at delta = [`DP_DELTA`], for `dp:C`.
+    /// DP-SGD's epsilon at delta = [`DP_DELTA`](crate::defense::dp::DP_DELTA), for `dp:C`.
     pub epsilon: Option<f64>,
     /// The run's error, if it failed (counted as nothing leaked).
     pub error: Option<String>,

@@ -114,25 +114,12 @@ pub fn refine(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attack::Method;
-    use crate::simulate::{self, SimConfig};
 
     /// quantize:8: the true batch lies in every rounding box (distance 0, the bins are
     /// the right ones), and the fit from a start 1 % off ends in the boxes, closer.
     #[test]
     fn the_truth_is_consistent_and_the_fit_gets_there() {
-        let cfg = SimConfig {
-            batch: 2,
-            width: 128,
-            init: crate::model::Init::TorchDefault,
-            defenses: vec![Defense::Quantize(8)],
-            attack: AttackConfig::new(Method::Analytic, 1),
-            ..SimConfig::default()
-        };
-        let out = simulate::run(&cfg).unwrap();
-        let mut view =
-            ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64).unwrap();
-        view.defenses = cfg.defenses.clone();
+        let (out, view) = super::super::defended_round(vec![Defense::Quantize(8)], 2, 128);
         let x = out.batch.x.clone();
         let (b, d) = x.shape();
         let labels = out.batch.labels.clone().unwrap();

@@ -172,19 +172,7 @@ mod tests {
         e: usize,
         lr: f64,
     ) -> (simulate::SimOutput, ServerView) {
-        let cfg = SimConfig {
-            batch,
-            width,
-            init: crate::model::Init::TorchDefault,
-            defenses: vec![Defense::LocalSteps(e, lr)],
-            attack: AttackConfig::new(Method::Analytic, 1),
-            ..SimConfig::default()
-        };
-        let out = simulate::run(&cfg).unwrap();
-        let mut view =
-            ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64).unwrap();
-        view.defenses = cfg.defenses.clone();
-        (out, view)
+        super::super::defended_round(vec![Defense::LocalSteps(e, lr)], batch, width)
     }
 
     fn one_hot(out: &simulate::SimOutput, k: usize) -> Mat<f64> {
@@ -269,7 +257,6 @@ mod tests {
         cfg.attack.loss = Some(Loss::Ce);
         let out = simulate::run(&cfg).unwrap();
         let mt = &out.metrics;
-        eprintln!("{:?}", out.reconstruction.notes);
         assert!(mt.max_rel_error < 1e-8, "{:e}", mt.max_rel_error);
         assert_eq!(mt.label_accuracy, Some(1.0));
     }

@@ -82,25 +82,14 @@ pub fn refine(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attack::Method;
     use crate::defense::Defense;
-    use crate::simulate::{self, SimConfig};
 
     /// On a pruned gradient the masked fit from a start 1 % off lands on the batch
     /// (its observed entries are exact), while reading the pruned entries as zeros
     /// moves it away from the truth.
     #[test]
     fn masked_fit_recovers_a_pruned_batch() {
-        let cfg = SimConfig {
-            batch: 2,
-            width: 128,
-            init: crate::model::Init::TorchDefault,
-            defenses: vec![Defense::Prune(0.5)],
-            attack: AttackConfig::new(Method::Analytic, 1),
-            ..SimConfig::default()
-        };
-        let out = simulate::run(&cfg).unwrap();
-        let view = ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64).unwrap();
+        let (out, view) = super::super::defended_round(vec![Defense::Prune(0.5)], 2, 128);
         let x = out.batch.x.clone();
         let (b, d) = x.shape();
         let scale = x.norm_l2() / ((b * d) as f64).sqrt();

@@ -266,6 +266,29 @@ pub fn complete_then_attack(view: &ServerView, cfg: &AttackConfig) -> Result<Rec
     Ok(rec)
 }
 
+/// A simulated digits round (PyTorch's init) under `defenses`, and the server's view
+/// of its gradient with the defences known: the set-up of this folder's tests.
+#[cfg(test)]
+pub(crate) fn defended_round(
+    defenses: Vec<crate::defense::Defense>,
+    batch: usize,
+    width: usize,
+) -> (crate::simulate::SimOutput, ServerView) {
+    let cfg = crate::simulate::SimConfig {
+        batch,
+        width,
+        init: crate::model::Init::TorchDefault,
+        defenses,
+        attack: AttackConfig::new(Method::Analytic, 1),
+        ..Default::default()
+    };
+    let out = crate::simulate::run(&cfg).expect("a simulated round");
+    let mut view = ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64)
+        .expect("the round's view");
+    view.defenses = cfg.defenses;
+    (out, view)
+}
+
 #[cfg(test)]
 mod tests {
     use crate::attack::{AttackConfig, Method};
@@ -353,19 +376,7 @@ mod tests {
     /// fitting rank brings it back to B (without it: 14).
     #[test]
     fn completion_rank_is_the_batch_size_on_digits() {
-        let cfg = SimConfig {
-            batch: 8,
-            width: 4096,
-            init: crate::model::Init::TorchDefault,
-            defenses: vec![Defense::Prune(0.5)],
-            attack: AttackConfig::new(Method::Analytic, 1),
-            ..SimConfig::default()
-        };
-        let out = simulate::run(&cfg).unwrap();
-        let mut view =
-            crate::attack::ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64)
-                .unwrap();
-        view.defenses = cfg.defenses.clone();
+        let (_, view) = super::defended_round(vec![Defense::Prune(0.5)], 8, 4096);
         let c = super::complete::complete(&view).unwrap();
         assert_eq!(c.rank, 8, "residual {:e}", c.residual);
         assert!(c.residual < 1e-9, "{:e}", c.residual);

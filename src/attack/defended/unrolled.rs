@@ -359,27 +359,14 @@ impl LocalFit {
 
     /// Flattened weighted tensor: W column-major, b, A column-major, c.
     fn flatten_all(&self, g: &Params, out: &mut [f64]) {
-        let mut n = 0;
         let [s0, s1, s2, s3] = self.sw;
-        for j in 0..g.w.ncols() {
-            for i in 0..g.w.nrows() {
-                out[n] = s0 * g.w[(i, j)];
-                n += 1;
-            }
-        }
-        for i in 0..g.b.nrows() {
-            out[n] = s1 * g.b[i];
-            n += 1;
-        }
-        for j in 0..g.a.ncols() {
-            for i in 0..g.a.nrows() {
-                out[n] = s2 * g.a[(i, j)];
-                n += 1;
-            }
-        }
-        for i in 0..g.c.nrows() {
-            out[n] = s3 * g.c[i];
-            n += 1;
+        let values = col_major(&g.w)
+            .map(|x| s0 * x)
+            .chain(g.b.iter().map(|x| s1 * x))
+            .chain(col_major(&g.a).map(|x| s2 * x))
+            .chain(g.c.iter().map(|x| s3 * x));
+        for (o, v) in out.iter_mut().zip(values) {
+            *o = v;
         }
     }
 
@@ -572,4 +559,9 @@ pub(super) fn row_space(g: &Mat<f64>, batch: usize) -> Result<Mat<f64>> {
         .thin_svd()
         .map_err(|_| Error::Numerical("row space of the local-steps update".into()))?;
     Ok(svd.U().subcols(0, batch.min(p)).to_owned())
+}
+
+/// The entries of `m` column by column.
+fn col_major(m: &Mat<f64>) -> impl Iterator<Item = f64> + '_ {
+    (0..m.ncols()).flat_map(move |j| (0..m.nrows()).map(move |i| m[(i, j)]))
 }

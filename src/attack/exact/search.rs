@@ -180,6 +180,7 @@ pub fn search_with(
     // Under known noise, zeros are least-squares fits: accept F up to the noise floor
     // (such samples are never called exact).
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
+    let noisy = accept > floor;
     // zeros are polished and judged on every neuron but the held-back ones
     let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
     let all = &acc.kept;
@@ -262,7 +263,7 @@ pub fn search_with(
                 break;
             }
             progress.advance(zeros.len() as u64, None)?;
-            if accept > floor && failures >= NOISY_PATIENCE * b && zeros.len() == found_at_round {
+            if noisy && failures >= NOISY_PATIENCE * b && zeros.len() == found_at_round {
                 break;
             }
             if (failures >= patience || b - zeros.len() <= LAST_FEW)
@@ -314,7 +315,7 @@ pub fn search_with(
                 bound,
                 signals: None,
             };
-            let polish = polish_options(accept > floor);
+            let polish = polish_options(noisy);
             let polished = lm::solve(&full, res.u.clone(), &polish)
                 .map(|p| p.u)
                 .unwrap_or(res.u);
