@@ -5,7 +5,8 @@
 use faer::{Mat, MatRef};
 use rand_distr::{Distribution, StandardNormal};
 
-use super::view::{BLOCK_ROWS, ServerView};
+use super::blocks::{Side, aug_squared_norm, aug_t_times_add};
+use super::view::ServerView;
 use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
@@ -171,29 +172,18 @@ fn dense_svd(view: &ServerView) -> Result<Svd> {
 
 /// G~ * X for X ((d+1) x k), streaming over row blocks of the gradient.
 fn times(view: &ServerView, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
-    let m = view.width();
-    let mut y = Mat::zeros(m, x.ncols());
-    for start in (0..m).step_by(BLOCK_ROWS) {
-        let r = start..(start + BLOCK_ROWS).min(m);
-        let g = view.augmented_gradient_block(r.clone())?;
-        y.subrows_mut(r.start, r.len()).copy_from(&g * x);
-        view.first.grad_weight.release(r);
-    }
-    Ok(y)
+    view.augmented_times(Side::Gradient, x)
 }
 
 /// G~^T * Y for Y (m x k), streaming; also returns ||G~||_F.
 fn times_t(view: &ServerView, y: MatRef<'_, f64>) -> Result<(Mat<f64>, f64)> {
-    let (m, n) = (view.width(), view.input_dim() + 1);
+    let n = view.input_dim() + 1;
     let mut z = Mat::zeros(n, y.ncols());
     let mut fro2 = 0.0;
-    for start in (0..m).step_by(BLOCK_ROWS) {
-        let r = start..(start + BLOCK_ROWS).min(m);
-        let g = view.augmented_gradient_block(r.clone())?;
-        fro2 += g.squared_norm_l2();
-        z += g.transpose() * y.subrows(r.start, r.len());
-        view.first.grad_weight.release(r);
-    }
+    view.for_each_block(Side::Gradient, |r, a, b| {
+        fro2 += aug_squared_norm(a, b);
+        aug_t_times_add(z.as_mut(), a, b, y.subrows(r.start, r.len()));
+    })?;
     Ok((z, fro2.sqrt()))
 }
 
