@@ -24,7 +24,7 @@ use crate::attack::evidence::SearchStats;
 use crate::attack::params::AttackConfig;
 use crate::attack::subspace::Subspace;
 use crate::attack::view::ServerView;
-use crate::numerics::lm::{self, LmOptions};
+use crate::numerics::lm::{self, LmOptions, Problem};
 use crate::rng::{Salt, salted};
 
 /// LM iterations of a seed's polish on the subsample: seeds are rough (median error
@@ -41,6 +41,10 @@ pub const SEED_NEURONS_PER_UNKNOWN: usize = 8;
 /// LM steps per zero, most of them at the floor already (photos B = 64, m = 8192: the
 /// polish was 19 of 48 s of a loaded run, 4.8 s with this margin; same 64 zeros).
 pub const POLISH_MARGIN: f64 = 0.5;
+
+/// Neurons per unknown of the subsample a zero is polished on before the kept neurons
+/// (the polish on all 3/4 of m was most of the rounds' time at B = 128, m = 16384).
+pub const MID_NEURONS_PER_UNKNOWN: usize = 16;
 
 /// What one seed's polish gave.
 enum Outcome {
@@ -61,6 +65,8 @@ struct Polisher<'a> {
     /// Orthonormal basis of the found signals on `sub_neurons` (deflation in signal space).
     signals: Option<Mat<f64>>,
     promising: f64,
+    /// Kept neurons the polish first runs on (a prefix of the kept order), if any.
+    mid: Option<&'a Neurons>,
     lm_opts: LmOptions,
     polish_opts: LmOptions,
 }
@@ -112,7 +118,24 @@ impl Polisher<'_> {
             let (tv, rv) = full.split(&u);
             opts.target = POLISH_MARGIN * self.acc.own_floor(&model.coords.c_of_t(&tv), &rv);
         }
-        let u = lm::solve(&full, u.clone(), &opts).map(|p| p.u).unwrap_or(u);
+        // first on a mid-sized subsample when there is one (a zero there is a zero on
+        // every neuron, at a fraction of the cost), then on the kept neurons; a point
+        // already under the target skips LM (its first Jacobian alone costs ~50 residuals)
+        let u = match self.mid.filter(|_| opts.target > 0.0) {
+            Some(mid) => {
+                let p = SpanProblem {
+                    model,
+                    neurons: mid,
+                    found: Vec::new(),
+                    rho: 0.0,
+                    bound: self.bound,
+                    signals: None,
+                };
+                polish_on(&p, u, &opts)
+            }
+            None => u,
+        };
+        let u = polish_on(&full, u, &opts);
         let Some(f) = full.span_residual(&u) else {
             return Outcome::Failed;
         };
@@ -132,6 +155,17 @@ impl Polisher<'_> {
             residual: f,
             exact,
         })
+    }
+}
+
+/// LM on `p` from `u` unless F there is already under the target.
+fn polish_on(p: &SpanProblem<'_>, u: Col<f64>, opts: &LmOptions) -> Col<f64> {
+    if opts.target > 0.0 && p.span_residual(&u).is_some_and(|f| f <= opts.target) {
+        let mut u = u;
+        p.normalise(&mut u);
+        u
+    } else {
+        lm::solve(p, u.clone(), opts).map(|r| r.u).unwrap_or(u)
     }
 }
 
@@ -178,6 +212,8 @@ pub fn search(
     );
     let sub_neurons = Neurons::new(&sub.q, order.first_kept(n));
     let screen = Neurons::new(&sub.q, order.first_kept(SCREEN_NEURONS.max(4 * (b + k))));
+    let n_mid = MID_NEURONS_PER_UNKNOWN * (b - 1 + k);
+    let mid = (n_mid < order.kept().len()).then(|| Neurons::new(&sub.q, order.first_kept(n_mid)));
     let floor = exact_floor(view, sub);
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
     let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
@@ -214,6 +250,7 @@ pub fn search(
             bound,
             signals: found_signals(&model, &sub_neurons, &zeros),
             promising: search::PROMISING.max(2.0 * accept),
+            mid: mid.as_ref(),
             lm_opts: LmOptions {
                 max_iterations: SEED_LM_ITERATIONS,
                 target: floor * 1e-3,

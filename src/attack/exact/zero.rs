@@ -44,7 +44,8 @@ pub fn best_residual(
 /// P_perp Q_M), so it resolves F down to eps rather than sqrt(eps).
 pub fn best_residual_of(m: &Mat<f64>, neurons: &Neurons) -> Option<(f64, Col<f64>)> {
     let k = m.ncols();
-    if m.nrows() < k || !m.norm_l2().is_finite() || m.norm_l2() == 0.0 {
+    let norm = m.norm_l2();
+    if m.nrows() < k || !norm.is_finite() || norm == 0.0 {
         return None;
     }
     let qr = m.qr();
