@@ -22,6 +22,13 @@ use crate::attack::view::ServerView;
 /// alone is far larger on the others.
 pub const HELD_AGREEMENT: f64 = 10.0;
 
+/// A zero over its own floor is kept as a fit only while F is below this too: F of a
+/// wrong input is above 1e-4 (docs/DESIGN.md, "Span search"), while the global floor
+/// EXACT_FACTOR eps kappa passes 1 on an ill-conditioned float32 gradient (kappa ~ 1e5:
+/// photos B = 64), where it would keep any local minimum that agrees on the held-back
+/// neurons, and such a fit takes the slot of a sample the search would still find.
+pub const FIT_CAP: f64 = 1e-4;
+
 /// The verdict on a polished zero.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Verdict {
@@ -96,7 +103,7 @@ impl<'a> Acceptance<'a> {
             Verdict::Exact
         } else if self.accept > self.floor && f <= self.accept {
             Verdict::Fit
-        } else if f <= self.floor
+        } else if f <= self.floor.min(FIT_CAP)
             && self
                 .held_residual(c)
                 .is_none_or(|h| h <= self.floor && h <= HELD_AGREEMENT * f.max(own))
