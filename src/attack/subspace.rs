@@ -150,7 +150,14 @@ type Svd = (Mat<f64>, Vec<f64>, Mat<f64>, f64);
 /// The largest singular value that can still be noise: the dtype's rounding of G~,
 /// the f64 SVD's own backward error (s_1 max(m, n) eps, the usual numerical-rank
 /// tolerance), and the known noise level, whichever is largest.
-fn floor(dtype: crate::Dtype, m: usize, n: usize, fro: f64, s1: f64, noise: Option<f64>) -> f64 {
+pub(crate) fn floor(
+    dtype: crate::Dtype,
+    m: usize,
+    n: usize,
+    fro: f64,
+    s1: f64,
+    noise: Option<f64>,
+) -> f64 {
     let edge = (m as f64).sqrt() + (n as f64).sqrt();
     let rounding =
         ROUNDING_FACTOR * (dtype.epsilon() / 2.0) * (fro / ((m * n) as f64).sqrt()) * edge;

@@ -14,6 +14,7 @@ use super::signal::{Neurons, SignalModel};
 use super::subsample::Subsample;
 use super::zero::best_residual;
 use crate::Result;
+use crate::attack::params::AttackConfig;
 use crate::attack::subspace::Subspace;
 use crate::attack::view::ServerView;
 
@@ -21,6 +22,13 @@ use crate::attack::view::ServerView;
 /// within this factor of F where it was polished: a zero fitted to the search's neurons
 /// alone is far larger on the others.
 pub const HELD_AGREEMENT: f64 = 10.0;
+
+/// Under known Gaussian noise, a fit is kept only if its F is within this factor of the
+/// F a true sample with the same signal shows to first order
+/// ([`Acceptance::predicted_noise_residual`]). Measured on photos B = 32 noise-rel:1e-3:
+/// true samples 1.01-1.16 times the prediction, wrong zeros (a sample's near-mirror
+/// image, which tanh's even act' nearly matches) 3.1-19 times (docs/DESIGN.md, "Noise").
+pub const NOISE_RATIO: f64 = 2.0;
 
 /// A zero over its own floor is kept as a fit only while F is below this too: F of a
 /// wrong input is above 1e-4 (docs/DESIGN.md, "Span search"), while the global floor
@@ -56,6 +64,8 @@ pub struct Acceptance<'a> {
     floor: f64,
     /// Under known noise, F up to this is kept as a fit.
     accept: f64,
+    /// Known noise sd per gradient entry (None or 0: no noise).
+    noise: Option<f64>,
 }
 
 impl<'a> Acceptance<'a> {
@@ -77,7 +87,40 @@ impl<'a> Acceptance<'a> {
             held: (!held.is_empty()).then(|| Neurons::new(&sub.q, held)),
             floor,
             accept,
+            noise: None,
         })
+    }
+
+    /// With the view's known Gaussian noise (sd per gradient entry), which the
+    /// predicted residual needs independent and Gaussian: not when the configuration
+    /// sets a stand-in level (quantisation's rounding, local steps' model error).
+    pub fn with_noise(mut self, view: &ServerView, cfg: &AttackConfig) -> Self {
+        self.noise = view
+            .noise_std
+            .filter(|&s| s > 0.0 && cfg.noise_std.is_none_or(|c| c == s));
+        self
+    }
+
+    /// F a true sample with signal s(c, r) would show on `kept` under the known noise,
+    /// to first order (docs/DESIGN.md, "Noise"): sd sqrt(n - B) ||Sigma^-1 Q^T s|| / ||s_kept||.
+    pub fn predicted_noise_residual(&self, c: &Col<f64>, r: &Col<f64>) -> Option<f64> {
+        let sd = self.noise?;
+        let s = self.model.signal_matrix(c, &self.all.rows) * r;
+        let a = self.sub.q.transpose() * &s;
+        let b = self.sub.batch;
+        let w: f64 = (0..b)
+            .map(|k| (a[k] / self.sub.singular_values[k].max(f64::MIN_POSITIVE)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let sk: f64 = self
+            .kept
+            .rows
+            .iter()
+            .map(|&j| s[j] * s[j])
+            .sum::<f64>()
+            .sqrt();
+        let n = self.kept.len().saturating_sub(b) as f64;
+        Some(sd * n.sqrt() * w / sk.max(f64::MIN_POSITIVE))
     }
 
     /// The sample's own rounding floor of F, never above the global one.
@@ -96,12 +139,23 @@ impl<'a> Acceptance<'a> {
             .map(|h| best_residual(self.model, h, c).map_or(f64::INFINITY, |v| v.0))
     }
 
+    /// Under the known Gaussian noise, F is too large for a true sample with this signal
+    /// (over `NOISE_RATIO` times [`Self::predicted_noise_residual`]) though under the
+    /// noise floor: a near-mirror image of a sample (see `mirror`).
+    pub fn off_the_noise(&self, c: &Col<f64>, r: &Col<f64>, f: f64) -> bool {
+        self.accept > self.floor
+            && f <= self.accept
+            && self
+                .predicted_noise_residual(c, r)
+                .is_some_and(|p| f > NOISE_RATIO * p)
+    }
+
     /// Judge a zero polished on `kept`, with F = `f` there.
     pub fn judge(&self, c: &Col<f64>, r: &Col<f64>, f: f64) -> Verdict {
         let own = self.own_floor(c, r);
         if f <= own && self.held_residual(c).is_none_or(|h| h <= own) {
             Verdict::Exact
-        } else if self.accept > self.floor && f <= self.accept {
+        } else if self.accept > self.floor && f <= self.accept && !self.off_the_noise(c, r, f) {
             Verdict::Fit
         } else if f <= self.floor.min(FIT_CAP)
             && self

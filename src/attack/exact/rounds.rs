@@ -49,6 +49,8 @@ pub const MID_NEURONS_PER_UNKNOWN: usize = 16;
 /// What one seed's polish gave.
 enum Outcome {
     Zero(Zero),
+    /// Rejected as off the noise: a near-mirror image (`mirror`).
+    OffNoise(Zero),
     Degenerate,
     Failed,
 }
@@ -146,6 +148,14 @@ impl Polisher<'_> {
         }
         // the sample's own floor, here and on the held-back neurons (docs/DESIGN.md, "Certificate")
         let exact = match self.acc.judge(&cz, &rv, f) {
+            Verdict::Rejected if self.acc.off_the_noise(&cz, &rv, f) => {
+                return Outcome::OffNoise(Zero {
+                    c: cz,
+                    r: rv,
+                    residual: f,
+                    exact: false,
+                });
+            }
             Verdict::Rejected => return Outcome::Failed,
             v => v == Verdict::Exact,
         };
@@ -216,7 +226,7 @@ pub fn search(
     let mid = (n_mid < order.kept().len()).then(|| Neurons::new(&sub.q, order.first_kept(n_mid)));
     let floor = exact_floor(view, sub);
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
-    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
+    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?.with_noise(view, cfg);
     let gv0 = sub.projected_gradient();
     let prior = search::effective_prior(cfg, &model, &row_points(sub, &gv0));
     let bound = Some((prior.mean, search::PRIOR_RADIUS * prior.std.max(1e-12)));
@@ -228,6 +238,7 @@ pub fn search(
     };
     let mut zeros: Vec<Zero> = Vec::new();
     let mut found_x: Vec<Vec<f64>> = Vec::new();
+    let mut rejected: Vec<Zero> = Vec::new();
     for round in 0..opts.seed_rounds {
         if zeros.len() >= b || out_of_time(opts.seconds, &t0) || cfg.cancel.is_cancelled() {
             break;
@@ -291,6 +302,14 @@ pub fn search(
                     found_x.push(x);
                     zeros.push(z);
                 }
+                Outcome::OffNoise(z) => {
+                    let x = model.coords.x_of_c(&z.c);
+                    if !rejected.iter().any(|w: &Zero| {
+                        rel_dist(&x, &model.coords.x_of_c(&w.c)) < search::DUPLICATE_TOL
+                    }) {
+                        rejected.push(z);
+                    }
+                }
                 Outcome::Degenerate => stats.degenerate += 1,
                 Outcome::Failed => {}
             }
@@ -298,6 +317,17 @@ pub fn search(
         if zeros.len() == before {
             break;
         }
+    }
+    if zeros.len() < b && !rejected.is_empty() {
+        super::mirror::recover(
+            &model,
+            sub,
+            &acc,
+            bound,
+            &rejected,
+            &mut zeros,
+            &mut found_x,
+        );
     }
     let seeded = zeros.len();
     stats.seed_seconds = t0.elapsed().as_secs_f64();
