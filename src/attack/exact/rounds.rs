@@ -69,6 +69,8 @@ struct Polisher<'a> {
     promising: f64,
     /// Kept neurons the polish first runs on (a prefix of the kept order), if any.
     mid: Option<&'a Neurons>,
+    /// Under known noise the polish runs as before: a least-squares fit, no target.
+    noisy: bool,
     lm_opts: LmOptions,
     polish_opts: LmOptions,
 }
@@ -116,14 +118,14 @@ impl Polisher<'_> {
         // stop at a margin under the sample's own floor: at the floor LM only stalls,
         // and most points from the subsample are there already
         let mut opts = self.polish_opts;
-        if opts.target == 0.0 {
+        if !self.noisy {
             let (tv, rv) = full.split(&u);
             opts.target = POLISH_MARGIN * self.acc.own_floor(&model.coords.c_of_t(&tv), &rv);
         }
         // first on a mid-sized subsample when there is one (a zero there is a zero on
         // every neuron, at a fraction of the cost), then on the kept neurons; a point
         // already under the target skips LM (its first Jacobian alone costs ~50 residuals)
-        let u = match self.mid.filter(|_| opts.target > 0.0) {
+        let u = match self.mid.filter(|_| !self.noisy) {
             Some(mid) => {
                 let p = SpanProblem {
                     model,
@@ -262,6 +264,7 @@ pub fn search(
             signals: found_signals(&model, &sub_neurons, &zeros),
             promising: search::PROMISING.max(2.0 * accept),
             mid: mid.as_ref(),
+            noisy: accept > floor,
             lm_opts: LmOptions {
                 max_iterations: SEED_LM_ITERATIONS,
                 target: floor * 1e-3,
