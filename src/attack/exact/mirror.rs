@@ -67,50 +67,51 @@ pub(crate) fn recover(
         signals: None,
     };
     let all: Vec<usize> = (0..model.width()).collect();
-    for w in rejected {
-        if zeros.len() >= model.batch() {
-            break;
-        }
-        let s = model.signal_matrix(&w.c, &all) * &w.r;
-        let Some(c0) = input_for_signal(model, sub, zeros, &s) else {
-            if std::env::var("GL_DEBUG").is_ok() {
-                eprintln!("mirror: no input for F {:.3e}", w.residual);
-            }
-            continue;
-        };
-        let u0 = pack(model, &c0, &w.r);
-        let u =
-            lm::solve(&full, u0.clone(), &polish_options(true)).map_or_else(|| u0.clone(), |p| p.u);
-        let Some(f) = full.span_residual(&u) else {
-            continue;
-        };
+    // polish from (c0, r0) on the kept neurons and judge; the zero when kept
+    let attempt = |c0: &Col<f64>, r0: &Col<f64>, found_x: &[Vec<f64>]| -> Option<Zero> {
+        let u0 = pack(model, c0, r0);
+        let u = lm::solve(&full, u0.clone(), &polish_options(true)).map_or(u0, |p| p.u);
+        let f = full.span_residual(&u)?;
         let (tv, rv) = full.split(&u);
         let cz = model.coords.c_of_t(&tv);
         if degenerate(model, &cz) {
-            continue;
+            return None;
         }
         let x = model.coords.x_of_c(&cz);
         if found_x.iter().any(|y| rel_dist(&x, y) < DUPLICATE_TOL) {
-            continue;
+            return None;
         }
         let verdict = acc.judge(&cz, &rv, f);
         if std::env::var("GL_DEBUG").is_ok() {
             eprintln!(
-                "mirror: rejected F {:.3e} -> start F {:?} -> F {f:.3e} pred {:?} moved {:.3e} {verdict:?}",
-                w.residual,
-                full.span_residual(&u0),
+                "mirror: start {:.3e} from the rejected -> F {f:.3e} pred {:?} {verdict:?}",
+                rel_dist(&model.coords.x_of_c(c0), &x),
                 acc.predicted_noise_residual(&cz, &rv),
-                rel_dist(&model.coords.x_of_c(&c0), &x)
             );
         }
-        if verdict != Verdict::Rejected {
-            found_x.push(x);
-            zeros.push(Zero {
-                c: cz,
-                r: rv,
-                residual: f,
-                exact: verdict == Verdict::Exact,
-            });
+        (verdict != Verdict::Rejected).then_some(Zero {
+            c: cz,
+            r: rv,
+            residual: f,
+            exact: verdict == Verdict::Exact,
+        })
+    };
+    for w in rejected {
+        if zeros.len() >= model.batch() {
+            break;
+        }
+        // starts: the mirror image -x_w (z(-x) ~ -z(x): the same signal), then the
+        // input the rejected zero's signal explains in the gradient
+        let xw: Vec<f64> = model.coords.x_of_c(&w.c).iter().map(|v| -v).collect();
+        let mut starts = vec![model.coords.c_of_x(&xw)];
+        let s = model.signal_matrix(&w.c, &all) * &w.r;
+        starts.extend(input_for_signal(model, sub, zeros, &s));
+        for c0 in &starts {
+            if let Some(z) = attempt(c0, &w.r, found_x) {
+                found_x.push(model.coords.x_of_c(&z.c));
+                zeros.push(z);
+                break;
+            }
         }
     }
     zeros.len() - before
