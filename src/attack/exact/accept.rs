@@ -141,7 +141,7 @@ impl<'a> Acceptance<'a> {
 
     /// Under the known Gaussian noise, F is too large for a true sample with this signal
     /// (over `NOISE_RATIO` times [`Self::predicted_noise_residual`]) though under the
-    /// noise floor: a near-mirror image of a sample (see `mirror`).
+    /// noise floor: a near-mirror image of a sample (docs/DESIGN.md, "Noise").
     pub fn off_the_noise(&self, c: &Col<f64>, r: &Col<f64>, f: f64) -> bool {
         self.accept > self.floor
             && f <= self.accept
