@@ -8,6 +8,7 @@
 //! [`observer`].
 
 pub mod baseline;
+pub mod blocks;
 pub mod cancel;
 pub mod defended;
 pub mod evidence;

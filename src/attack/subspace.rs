@@ -5,7 +5,8 @@
 use faer::{Mat, MatRef};
 use rand_distr::{Distribution, StandardNormal};
 
-use super::view::{BLOCK_ROWS, ServerView};
+use super::blocks::{Side, aug_squared_norm, aug_t_times_add};
+use super::view::ServerView;
 use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
@@ -149,7 +150,14 @@ type Svd = (Mat<f64>, Vec<f64>, Mat<f64>, f64);
 /// The largest singular value that can still be noise: the dtype's rounding of G~,
 /// the f64 SVD's own backward error (s_1 max(m, n) eps, the usual numerical-rank
 /// tolerance), and the known noise level, whichever is largest.
-fn floor(dtype: crate::Dtype, m: usize, n: usize, fro: f64, s1: f64, noise: Option<f64>) -> f64 {
+pub(crate) fn floor(
+    dtype: crate::Dtype,
+    m: usize,
+    n: usize,
+    fro: f64,
+    s1: f64,
+    noise: Option<f64>,
+) -> f64 {
     let edge = (m as f64).sqrt() + (n as f64).sqrt();
     let rounding =
         ROUNDING_FACTOR * (dtype.epsilon() / 2.0) * (fro / ((m * n) as f64).sqrt()) * edge;
@@ -171,29 +179,18 @@ fn dense_svd(view: &ServerView) -> Result<Svd> {
 
 /// G~ * X for X ((d+1) x k), streaming over row blocks of the gradient.
 fn times(view: &ServerView, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
-    let m = view.width();
-    let mut y = Mat::zeros(m, x.ncols());
-    for start in (0..m).step_by(BLOCK_ROWS) {
-        let r = start..(start + BLOCK_ROWS).min(m);
-        let g = view.augmented_gradient_block(r.clone())?;
-        y.subrows_mut(r.start, r.len()).copy_from(&g * x);
-        view.first.grad_weight.release(r);
-    }
-    Ok(y)
+    view.augmented_times(Side::Gradient, x)
 }
 
 /// G~^T * Y for Y (m x k), streaming; also returns ||G~||_F.
 fn times_t(view: &ServerView, y: MatRef<'_, f64>) -> Result<(Mat<f64>, f64)> {
-    let (m, n) = (view.width(), view.input_dim() + 1);
+    let n = view.input_dim() + 1;
     let mut z = Mat::zeros(n, y.ncols());
     let mut fro2 = 0.0;
-    for start in (0..m).step_by(BLOCK_ROWS) {
-        let r = start..(start + BLOCK_ROWS).min(m);
-        let g = view.augmented_gradient_block(r.clone())?;
-        fro2 += g.squared_norm_l2();
-        z += g.transpose() * y.subrows(r.start, r.len());
-        view.first.grad_weight.release(r);
-    }
+    view.for_each_block(Side::Gradient, |r, a, b| {
+        fro2 += aug_squared_norm(a, b);
+        aug_t_times_add(z.as_mut(), a, b, y.subrows(r.start, r.len()));
+    })?;
     Ok((z, fro2.sqrt()))
 }
 

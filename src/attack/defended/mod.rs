@@ -14,6 +14,7 @@
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
 pub mod alternating;
+pub mod block;
 pub mod complete;
 pub mod consistent;
 pub mod gauss_newton;

@@ -19,8 +19,9 @@ use faer::{Col, Mat};
 
 use super::signal::{Neurons, SignalModel};
 use super::zero::best_residual;
+use crate::attack::blocks::Side;
 use crate::attack::subspace::Subspace;
-use crate::attack::view::{BLOCK_ROWS, ServerView};
+use crate::attack::view::ServerView;
 use crate::attack::{Reconstruction, Sample};
 use crate::model::{Gradient, Loss, Mlp, Targets, cast_mat};
 use crate::scalar::Real;
@@ -47,18 +48,14 @@ pub struct RoundingScale {
 
 impl RoundingScale {
     pub fn new(view: &ServerView) -> Result<Self> {
-        let (m, n) = (view.width(), view.input_dim() + 1);
+        let n = view.input_dim() + 1;
         let mut colsq = vec![0.0; n];
-        for start in (0..m).step_by(BLOCK_ROWS) {
-            let r = start..(start + BLOCK_ROWS).min(m);
-            let g = view.augmented_gradient_block(r.clone())?;
-            for j in 0..g.nrows() {
-                for (k, c) in colsq.iter_mut().enumerate() {
-                    *c += g[(j, k)] * g[(j, k)];
-                }
+        view.for_each_block(Side::Gradient, |_, a, b| {
+            for (k, c) in colsq.iter_mut().take(n - 1).enumerate() {
+                *c += a.col(k).squared_norm_l2();
             }
-            view.first.grad_weight.release(r);
-        }
+            colsq[n - 1] += b.map_or(0.0, |b| b.squared_norm_l2());
+        })?;
         Ok(RoundingScale {
             colsq,
             u: view.dtype.epsilon() / 2.0,

@@ -48,13 +48,25 @@ pub fn fastica(y: &Mat<f64>, seed: u64, max_iterations: usize) -> Option<Mat<f64
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x1ca_5eed);
     let w0 = Mat::from_fn(k, k, |_, _| StandardNormal.sample(&mut rng));
     let mut w = decorrelate(&w0)?;
+    let inv_m = 1.0 / m as f64;
     for _ in 0..max_iterations {
-        let proj = &z * w.transpose(); // m x k
-        let g = Mat::from_fn(m, k, |j, i| proj[(j, i)].tanh());
-        let gp: Vec<f64> = (0..k)
-            .map(|i| (0..m).map(|j| 1.0 - g[(j, i)] * g[(j, i)]).sum::<f64>() / m as f64)
-            .collect();
-        let gz = (g.transpose() * &z) * (1.0 / m as f64); // k x k
+        let mut g = &z * w.transpose(); // m x k projections, overwritten by g(.)
+        let mut gp = vec![0.0; k];
+        for (i, gpi) in gp.iter_mut().enumerate() {
+            let col = g
+                .col_mut(i)
+                .try_as_col_major_mut()
+                .expect("an owned matrix has contiguous columns")
+                .as_slice_mut();
+            let mut acc = 0.0;
+            for v in col.iter_mut() {
+                let t = contrast(*v);
+                *v = t;
+                acc += 1.0 - t * t;
+            }
+            *gpi = acc * inv_m;
+        }
+        let gz = (g.transpose() * &z) * inv_m; // k x k
         let w1 = Mat::from_fn(k, k, |i, l| gz[(i, l)] - gp[i] * w[(i, l)]);
         let w1 = decorrelate(&w1)?;
         let moved = (0..k)
@@ -70,6 +82,19 @@ pub fn fastica(y: &Mat<f64>, seed: u64, max_iterations: usize) -> Option<Mat<f64
     }
     // sources s = W K (y - mean); mixing = (W K)^+ = K^+ W^T (W orthogonal)
     Some(kinv * w.transpose())
+}
+
+/// FastICA's contrast g(u) ~ tanh(u): the (7, 6) Lambert continued fraction of tanh,
+/// clamped at +-4.97 where it reaches 1 - 6e-7 (|error| < 1e-4 everywhere, far below the
+/// O(1/sqrt m) sampling error of the estimates). libm's tanh was a third of the attack's
+/// CPU (photos B = 64, m = 8192); this is a handful of multiplications and one division.
+#[inline]
+fn contrast(u: f64) -> f64 {
+    let x = u.clamp(-4.97, 4.97);
+    let x2 = x * x;
+    let p = x * (135135.0 + x2 * (17325.0 + x2 * (378.0 + x2)));
+    let q = 135135.0 + x2 * (62370.0 + x2 * (3150.0 + 28.0 * x2));
+    p / q
 }
 
 /// Symmetric decorrelation W <- (W W^T)^{-1/2} W.

@@ -8,8 +8,9 @@
 
 use faer::{Col, Mat};
 
+use crate::attack::blocks::Side;
 use crate::attack::subspace::Subspace;
-use crate::attack::view::{BLOCK_ROWS, ServerView};
+use crate::attack::view::ServerView;
 use crate::model::{Activation, Mlp};
 use crate::{Error, Result};
 
@@ -109,15 +110,7 @@ pub struct SignalModel {
 impl SignalModel {
     pub fn new(view: &ServerView, sub: &Subspace) -> Result<Self> {
         let coords = Coordinates::new(&sub.v)?;
-        let m = view.width();
-        let b = sub.batch;
-        let mut p = Mat::zeros(m, b);
-        for start in (0..m).step_by(BLOCK_ROWS) {
-            let r = start..(start + BLOCK_ROWS).min(m);
-            let w = view.augmented_weight_block(r.clone())?;
-            p.subrows_mut(r.start, r.len()).copy_from(&w * &sub.v);
-            view.first.weight.release(r);
-        }
+        let p = view.augmented_times(Side::Weight, sub.v.as_ref())?;
         let pn = &p * &coords.n;
         let upper = if view.upper.is_empty() {
             return Err(Error::Unsupported(
