@@ -351,6 +351,19 @@ impl TwoLayer {
 /// Gram products cost O(m (B d)^2)); above it conjugate gradients run on products.
 pub const DENSE_MAX_UNKNOWNS: usize = 2048;
 
+/// Most multiply-adds the conjugate-gradient path may cost (STEPS x CG_ITERATIONS x two
+/// products of m B (d + 1) each), about a minute on one core; above it the joint fit is
+/// not run (photos B = 8, m = 4096, d = 3072: 4.7e11, had not finished in 57 minutes).
+pub const CG_MAX_WORK: f64 = 1e11;
+
+/// Whether the joint fit of `b` samples fits its budget: the normal matrix is formed
+/// (B (d + K) <= `DENSE_MAX_UNKNOWNS`), or the conjugate-gradient path's work is under
+/// `CG_MAX_WORK`. Returns the estimated CG work when it does not.
+pub fn over_budget(m: usize, d: usize, k: usize, b: usize) -> Option<f64> {
+    let work = (STEPS * CG_ITERATIONS * 2) as f64 * (m * b * (d + 1)) as f64;
+    (b * (d + k) > DENSE_MAX_UNKNOWNS && work > CG_MAX_WORK).then_some(work)
+}
+
 impl TwoLayer {
     /// J^T W J in closed form: every column of J is a sum of outer products of
     /// m-vectors (u_ic = act''(z_i) o w_c o p_i, v_ic = act'(z_i) o w_c,

@@ -34,7 +34,7 @@ use crate::attack::Stage;
 pub fn refine_found(
     view: &ServerView,
     cfg: &AttackConfig,
-    rec: Reconstruction,
+    mut rec: Reconstruction,
 ) -> Result<Reconstruction> {
     // only a known error (noise, quantisation) calls for the joint fit: skip reading
     // the whole gradient otherwise
@@ -43,6 +43,27 @@ pub fn refine_found(
         .iter()
         .any(|d| matches!(d, crate::defense::Defense::Quantize(_)));
     if rec.samples.is_empty() || !(quantized || view.noise_std.is_some_and(|s| s > 0.0)) {
+        return Ok(rec);
+    }
+    if view.depth() == 1
+        && let Some(work) = gauss_newton::over_budget(
+            view.width(),
+            view.input_dim(),
+            view.outputs(),
+            rec.batch_estimated.max(rec.samples.len()),
+        )
+    {
+        rec.diagnostics
+            .defended
+            .insert("likelihood_skipped_work".into(), work.into());
+        rec.notes.push(format!(
+            "joint likelihood fit skipped: B (d + K) = {} unknowns is over the dense limit {} and \
+             its conjugate-gradient path would cost ~{work:.1e} multiply-adds (budget {:.0e}); \
+             the exact route's estimates are kept",
+            rec.batch_estimated * (view.input_dim() + view.outputs()),
+            gauss_newton::DENSE_MAX_UNKNOWNS,
+            gauss_newton::CG_MAX_WORK
+        ));
         return Ok(rec);
     }
     let observed = view.gradient()?;

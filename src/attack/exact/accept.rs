@@ -141,7 +141,7 @@ impl<'a> Acceptance<'a> {
 
     /// Under the known Gaussian noise, F is too large for a true sample with this signal
     /// (over `NOISE_RATIO` times [`Self::predicted_noise_residual`]) though under the
-    /// noise floor: a near-mirror image of a sample (see `mirror`).
+    /// noise floor: a near-mirror image of a sample (docs/DESIGN.md, "Noise").
     pub fn off_the_noise(&self, c: &Col<f64>, r: &Col<f64>, f: f64) -> bool {
         self.accept > self.floor
             && f <= self.accept
@@ -241,6 +241,60 @@ mod tests {
             } else {
                 assert_eq!(verdict, Verdict::Exact, "sample {i} (held-back F {h:e})");
             }
+        }
+    }
+
+    /// Under known Gaussian noise the F of a true sample (its best output residual, on
+    /// the kept neurons) is what the first-order prediction says: sd sqrt(n - B)
+    /// ||Sigma^-1 Q^T s|| / ||s|| up to the chi spread 1/sqrt(2 (n - B)) (4% here) and
+    /// second-order terms; a wrong prediction (a missing sqrt, Sigma instead of its
+    /// inverse, the wrong neuron count) is off by far more. The truths are kept as fits.
+    #[test]
+    fn noise_prediction_matches_the_truth_under_known_noise() {
+        use rand_distr::{Distribution, StandardNormal};
+        let (view0, x, y) = case(Activation::Tanh, 1, 3, 5);
+        let model0 = view0.model().unwrap();
+        let mut grad = model0
+            .gradient(x.as_ref(), &Targets::Classes(y), crate::model::Loss::Ce)
+            .unwrap();
+        let l0 = &mut grad.layers[0];
+        let n = l0.weight.nrows() * l0.weight.ncols();
+        let rms = (l0.weight.squared_norm_l2() / n as f64).sqrt();
+        let sd = 1e-5 * rms;
+        let mut rng = salted(7, Salt::Dlg);
+        for j in 0..l0.weight.nrows() {
+            for k in 0..l0.weight.ncols() {
+                let e: f64 = StandardNormal.sample(&mut rng);
+                l0.weight[(j, k)] += sd * e;
+            }
+            let e: f64 = StandardNormal.sample(&mut rng);
+            l0.bias.as_mut().unwrap()[j] += sd * e;
+        }
+        let mut view = ServerView::from_memory(&model0, &grad, Dtype::F64).unwrap();
+        view.noise_std = Some(sd);
+        let mut cfg = crate::attack::AttackConfig::new(crate::attack::Method::Span, 1);
+        cfg.noise_std = Some(sd);
+        let sub = subspace::estimate(&view, &cfg.subspace_options()).unwrap();
+        assert_eq!(sub.batch, 3);
+        let model = SignalModel::new(&view, &sub).unwrap();
+        let order = Subsample::new(view.width(), &mut salted(1, Salt::SearchNeurons));
+        let floor = super::super::floor::exact_floor(&view, &sub);
+        let accept = super::super::floor::noise_floor(&view, &sub, Some(sd));
+        assert!(accept > floor);
+        let acc = Acceptance::new(&view, &sub, &model, &order, floor, accept)
+            .unwrap()
+            .with_noise(&view, &cfg);
+        for i in 0..3 {
+            let xi: Vec<f64> = (0..x.ncols()).map(|j| x[(i, j)]).collect();
+            let c = model.coords.c_of_x(&xi);
+            let (f, r) = best_residual(&model, &acc.kept, &c).unwrap();
+            let p = acc.predicted_noise_residual(&c, &r).unwrap();
+            assert!(
+                (0.8..1.25).contains(&(f / p)),
+                "sample {i}: F {f:e}, predicted {p:e}"
+            );
+            assert_eq!(acc.judge(&c, &r, f), Verdict::Fit, "sample {i}");
+            assert!(!acc.off_the_noise(&c, &r, f));
         }
     }
 }

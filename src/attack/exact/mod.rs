@@ -18,7 +18,6 @@ pub(crate) mod deep_pattern;
 pub(crate) mod deficient;
 pub mod floor;
 pub(crate) mod labels;
-pub(crate) mod mirror;
 pub(crate) mod pattern;
 pub(crate) mod pattern_rounds;
 pub(crate) mod problem;

@@ -49,8 +49,6 @@ pub const MID_NEURONS_PER_UNKNOWN: usize = 16;
 /// What one seed's polish gave.
 enum Outcome {
     Zero(Zero),
-    /// Rejected as off the noise: a near-mirror image (`mirror`).
-    OffNoise(Zero),
     Degenerate,
     Failed,
 }
@@ -153,14 +151,6 @@ impl Polisher<'_> {
         }
         // the sample's own floor, here and on the held-back neurons (docs/DESIGN.md, "Certificate")
         let exact = match self.acc.judge(&cz, &rv, f) {
-            Verdict::Rejected if self.acc.off_the_noise(&cz, &rv, f) => {
-                return Outcome::OffNoise(Zero {
-                    c: cz,
-                    r: rv,
-                    residual: f,
-                    exact: false,
-                });
-            }
             Verdict::Rejected => return Outcome::Failed,
             v => v == Verdict::Exact,
         };
@@ -243,7 +233,6 @@ pub fn search(
     };
     let mut zeros: Vec<Zero> = Vec::new();
     let mut found_x: Vec<Vec<f64>> = Vec::new();
-    let mut rejected: Vec<Zero> = Vec::new();
     for round in 0..opts.seed_rounds {
         if zeros.len() >= b || out_of_time(opts.seconds, &t0) || cfg.cancel.is_cancelled() {
             break;
@@ -308,14 +297,6 @@ pub fn search(
                     found_x.push(x);
                     zeros.push(z);
                 }
-                Outcome::OffNoise(z) => {
-                    let x = model.coords.x_of_c(&z.c);
-                    if !rejected.iter().any(|w: &Zero| {
-                        rel_dist(&x, &model.coords.x_of_c(&w.c)) < search::DUPLICATE_TOL
-                    }) {
-                        rejected.push(z);
-                    }
-                }
                 Outcome::Degenerate => stats.degenerate += 1,
                 Outcome::Failed => {}
             }
@@ -323,17 +304,6 @@ pub fn search(
         if zeros.len() == before {
             break;
         }
-    }
-    if zeros.len() < b && !rejected.is_empty() {
-        super::mirror::recover(
-            &model,
-            sub,
-            &acc,
-            bound,
-            &rejected,
-            &mut zeros,
-            &mut found_x,
-        );
     }
     let seeded = zeros.len();
     stats.seed_seconds = t0.elapsed().as_secs_f64();

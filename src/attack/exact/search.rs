@@ -241,8 +241,8 @@ pub fn search_with(
     };
     let mut found_x: Vec<Vec<f64>> = known.iter().map(|z| model.coords.x_of_c(&z.c)).collect();
     let mut zeros: Vec<Zero> = known;
-    // zeros rejected as off the noise (near-mirror images), for `mirror::recover`
-    let mut rejected: Vec<Zero> = Vec::new();
+    // zeros rejected as off the noise (near-mirror images of found samples): starts
+    // that reach them again are skipped before their polish
     let mut rejected_x: Vec<Vec<f64>> = Vec::new();
     let progress = Progress::begin(cfg.observer.as_ref(), "span search", b as u64);
     let lm_opts = LmOptions {
@@ -357,12 +357,6 @@ pub fn search_with(
                 && !rejected_x.iter().any(|y| rel_dist(&x, y) < DUPLICATE_TOL)
             {
                 rejected_x.push(x);
-                rejected.push(Zero {
-                    c: cz,
-                    r: rv,
-                    residual: f,
-                    exact: false,
-                });
             }
         }
         if zeros.len() >= b
@@ -383,17 +377,6 @@ pub fn search_with(
         let mut merged: Vec<_> = fresh.into_iter().chain(pending.drain(..)).collect();
         merged.sort_by(|a, b| a.0.total_cmp(&b.0));
         pending = merged.into();
-    }
-    if zeros.len() < b && !rejected.is_empty() {
-        super::mirror::recover(
-            &model,
-            sub,
-            &acc,
-            bound,
-            &rejected,
-            &mut zeros,
-            &mut found_x,
-        );
     }
     stats.rounds = round;
     stats.seconds = t0.elapsed().as_secs_f64();
