@@ -70,11 +70,12 @@ pub fn refine(
     dg.insert("masked_seconds".into(), t0.elapsed().as_secs_f64().into());
     rec.notes.push(format!(
         "refitted {free} samples on the observed entries of every layer ({nb} directions \
-         each), {} held (weighted residual per entry {:.3e} -> {:.3e}, {} iterations)",
+         each), {} held (weighted residual per entry {:.3e} -> {:.3e}, {} iterations, {:.1} s)",
         b - free,
         fit.start,
         fit.objective,
-        fit.iterations
+        fit.iterations,
+        t0.elapsed().as_secs_f64()
     ));
     Ok(rec)
 }

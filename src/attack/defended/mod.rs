@@ -254,7 +254,11 @@ pub fn complete_then_attack(view: &ServerView, cfg: &AttackConfig) -> Result<Rec
     };
     let seconds = t0.elapsed().as_secs_f64();
     let reduced = complete::completed_view(view, &c)?;
-    let mut rec = super::run(&reduced, cfg)?;
+    // the completion's error is known to the server: the search reads it as noise
+    let mut known = cfg.clone();
+    let e = c.error_std();
+    known.noise_std = Some(cfg.noise_std.map_or(e, |sd| sd.hypot(e)));
+    let mut rec = super::run(&reduced, &known)?;
     if rec.samples.len() < rec.batch_estimated && reduced.depth() == 1 && !rec.samples.is_empty() {
         // the completed first layer is exact to the fit's floor; the upper layers are
         // still sparsified, so only the first layer's equations count
