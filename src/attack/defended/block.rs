@@ -37,9 +37,9 @@ pub(super) fn find(obs: &Observed) -> Block {
             seen[k] = true;
         }
         common.iter_mut().zip(&seen).for_each(|(c, s)| *c &= *s);
-        let cols: Vec<usize> = (0..obs.n).filter(|&k| common[k]).collect();
-        let ncols = cols.len();
+        let ncols = common.iter().filter(|&&c| c).count();
         if (taken + 1).min(ncols) > best.0 {
+            let cols = (0..obs.n).filter(|&k| common[k]).collect();
             best = ((taken + 1).min(ncols), taken + 1, cols);
         }
         if ncols <= taken + 1 {

@@ -71,7 +71,7 @@ struct Polisher<'a> {
     /// noise (a least-squares fit) and for float32 gradients, whose own floor is near the
     /// precision asked of an exact sample (stopping at half of it left a sample 1.3e-4
     /// off on photos12-tanh-ce-depth3, tests/certificate.rs).
-    noisy: bool,
+    to_stall: bool,
     lm_opts: LmOptions,
     polish_opts: LmOptions,
 }
@@ -119,14 +119,14 @@ impl Polisher<'_> {
         // stop at a margin under the sample's own floor: at the floor LM only stalls,
         // and most points from the subsample are there already
         let mut opts = self.polish_opts;
-        if !self.noisy {
+        if !self.to_stall {
             let (tv, rv) = full.split(&u);
             opts.target = POLISH_MARGIN * self.acc.own_floor(&model.coords.c_of_t(&tv), &rv);
         }
         // first on a mid-sized subsample when there is one (a zero there is a zero on
         // every neuron, at a fraction of the cost), then on the kept neurons; a point
         // already under the target skips LM (its first Jacobian alone costs ~50 residuals)
-        let u = match self.mid.filter(|_| !self.noisy) {
+        let u = match self.mid.filter(|_| !self.to_stall) {
             Some(mid) => {
                 let p = SpanProblem {
                     model,
@@ -221,7 +221,7 @@ pub fn search(
     let mid = (n_mid < order.kept().len()).then(|| Neurons::new(&sub.q, order.first_kept(n_mid)));
     let floor = exact_floor(view, sub);
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
-    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?.with_noise(view, cfg);
+    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
     let gv0 = sub.projected_gradient();
     let prior = search::effective_prior(cfg, &model, &row_points(sub, &gv0));
     let bound = Some((prior.mean, search::PRIOR_RADIUS * prior.std.max(1e-12)));
@@ -256,7 +256,7 @@ pub fn search(
             signals: found_signals(&model, &sub_neurons, &zeros),
             promising: search::PROMISING.max(2.0 * accept),
             mid: mid.as_ref(),
-            noisy: accept > floor || view.dtype == crate::Dtype::F32,
+            to_stall: accept > floor || view.dtype == crate::Dtype::F32,
             lm_opts: LmOptions {
                 max_iterations: SEED_LM_ITERATIONS,
                 target: floor * 1e-3,

@@ -182,7 +182,7 @@ pub fn search_with(
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
     let noisy = accept > floor;
     // zeros are polished and judged on every neuron but the held-back ones
-    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?.with_noise(view, cfg);
+    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
     let all = &acc.kept;
     let promising = PROMISING.max(2.0 * accept);
 
@@ -241,9 +241,6 @@ pub fn search_with(
     };
     let mut found_x: Vec<Vec<f64>> = known.iter().map(|z| model.coords.x_of_c(&z.c)).collect();
     let mut zeros: Vec<Zero> = known;
-    // zeros rejected as off the noise (near-mirror images of found samples): starts
-    // that reach them again are skipped before their polish
-    let mut rejected_x: Vec<Vec<f64>> = Vec::new();
     let progress = Progress::begin(cfg.observer.as_ref(), "span search", b as u64);
     let lm_opts = LmOptions {
         max_iterations: LM_ITERATIONS,
@@ -305,11 +302,7 @@ pub fn search_with(
             let xs = model
                 .coords
                 .x_of_c(&model.coords.c_of_t(&prob.split(&res.u).0));
-            if found_x
-                .iter()
-                .chain(&rejected_x)
-                .any(|y| rel_dist(&xs, y) < SKIP_RADIUS)
-            {
+            if found_x.iter().any(|y| rel_dist(&xs, y) < SKIP_RADIUS) {
                 stats.duplicates += 1;
                 continue;
             }
@@ -353,10 +346,6 @@ pub fn search_with(
                     exact: verdict == Verdict::Exact,
                 });
                 failures = 0;
-            } else if acc.off_the_noise(&cz, &rv, f)
-                && !rejected_x.iter().any(|y| rel_dist(&x, y) < DUPLICATE_TOL)
-            {
-                rejected_x.push(x);
             }
         }
         if zeros.len() >= b
