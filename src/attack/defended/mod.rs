@@ -23,6 +23,7 @@ pub mod local_steps;
 pub mod masked;
 pub mod quantized;
 pub mod reduced;
+pub mod reseek;
 pub mod split;
 pub mod unrolled;
 
@@ -69,6 +70,24 @@ pub fn refine_found(
     let Some(errors) = likelihood::ErrorModel::of(view, &observed) else {
         return Ok(rec);
     };
+    let (m, d, k) = (view.width(), view.input_dim(), view.outputs());
+    if view.depth() == 1
+        && reduced::rank(m, d, k, b).is_some()
+        && let Ok(tl) = alternating::TwoLayer::new(view, &errors.weights())
+    {
+        // the fit in the row space needs every sample right: wrong zeros out, the
+        // missing searched for in the residual gradient
+        let (dropped, added) = reseek::reseek(view, cfg, &tl, &mut rec)?;
+        let dd = &mut rec.diagnostics.defended;
+        dd.insert("prior_dropped".into(), dropped.into());
+        dd.insert("residual_found".into(), added.into());
+        if dropped + added > 0 {
+            rec.notes.push(format!(
+                "{dropped} found samples outside the prior's box dropped; {added} found in \
+                 the residual gradient"
+            ));
+        }
+    }
     let rec = joint_fit(view, cfg, rec, &errors, false)?;
     consistent::refine(view, cfg, rec)
 }
