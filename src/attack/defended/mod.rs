@@ -72,12 +72,12 @@ pub fn refine_found(
     };
     let (m, d, k) = (view.width(), view.input_dim(), view.outputs());
     if view.depth() == 1
-        && reduced::rank(m, d, k, b).is_some()
+        && let Some(r) = reduced::rank(m, d, k, b)
         && let Ok(tl) = alternating::TwoLayer::new(view, &errors.weights())
     {
         // the fit in the row space needs every sample right: wrong zeros out, the
         // missing searched for in the residual gradient
-        let (dropped, added) = reseek::reseek(view, cfg, &tl, &mut rec)?;
+        let (dropped, added) = reseek::reseek(view, cfg, &tl, r, &mut rec)?;
         let dd = &mut rec.diagnostics.defended;
         dd.insert("prior_dropped".into(), dropped.into());
         dd.insert("residual_found".into(), added.into());
