@@ -118,31 +118,31 @@ impl LocalFit {
                 let p = self.kept.as_ref().map_or(row, |kept| kept[row]);
                 if p < m * d {
                     let (l, j) = (p / m, p % m);
-                    for q in 0..n {
+                    for (q, o) in out.iter_mut().enumerate() {
                         let i = cols.sample[q];
                         let mut v = cols.ddelta[j * n + q] * x[(i, l)];
                         if let Some(c) = cols.dir[q] {
                             v += st.delta[(i, j)] * self.u[(l, c)];
                         }
-                        out[q] = s0 * v;
+                        *o = s0 * v;
                     }
                 } else if p < m * (d + 1) {
                     let j = p - m * d;
-                    for q in 0..n {
-                        out[q] = s1 * cols.ddelta[j * n + q];
+                    for (o, v) in out.iter_mut().zip(&cols.ddelta[j * n..(j + 1) * n]) {
+                        *o = s1 * v;
                     }
                 } else if p < m * (d + 1) + k * m {
                     let (j, l) = ((p - m * (d + 1)) / k, (p - m * (d + 1)) % k);
-                    for q in 0..n {
+                    for (q, o) in out.iter_mut().enumerate() {
                         let i = cols.sample[q];
-                        out[q] = s2
+                        *o = s2
                             * (cols.dr[l * n + q] * st.h[(i, j)]
                                 + st.r[(i, l)] * cols.dh[j * n + q]);
                     }
                 } else {
                     let l = p - m * (d + 1) - k * m;
-                    for q in 0..n {
-                        out[q] = s3 * cols.dr[l * n + q];
+                    for (o, v) in out.iter_mut().zip(&cols.dr[l * n..(l + 1) * n]) {
+                        *o = s3 * v;
                     }
                 }
                 for (q, v) in out.iter().enumerate() {
