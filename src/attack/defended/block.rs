@@ -99,3 +99,36 @@ pub(super) fn seed(
     }
     Ok(Some((r, u)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::defense::Defense;
+
+    /// On a magnitude-pruned gradient the block is fully observed, and its rank is the
+    /// batch size: its entries are the clean gradient's, a rank-B matrix.
+    #[test]
+    fn the_block_is_observed_and_reads_the_batch_size() {
+        let b = 4;
+        let (_, view) = super::super::defended_round(vec![Defense::Prune(0.9)], b, 512);
+        let obs = Observed::of(&view).unwrap();
+        let block = find(&obs);
+        let observed = |j: usize, k: usize| obs.by_row[j].iter().any(|&(c, _)| c == k);
+        for &j in &block.rows {
+            for &k in &block.cols {
+                assert!(observed(j, k), "({j}, {k}) of the block is not observed");
+            }
+        }
+        eprintln!("block {} x {}", block.rows.len(), block.cols.len());
+        assert!(block.rows.len().min(block.cols.len()) > b);
+        let (r, u) = seed(&view, &obs, &block, 16)
+            .unwrap()
+            .expect("a rank from the block");
+        assert_eq!(r, b);
+        // U is zero off the block's rows
+        let on: std::collections::HashSet<usize> = block.rows.iter().copied().collect();
+        for j in (0..obs.m).filter(|j| !on.contains(j)) {
+            assert!(u[j * r..(j + 1) * r].iter().all(|&v| v == 0.0));
+        }
+    }
+}

@@ -21,6 +21,7 @@ pub mod gauss_newton;
 pub mod likelihood;
 pub mod local_steps;
 pub mod masked;
+mod one_step;
 pub mod quantized;
 pub mod reduced;
 pub mod reseek;

@@ -48,14 +48,14 @@ impl Params {
 
 /// The forward quantities of one local step.
 pub(super) struct Step {
-    p: Params,
-    h: Mat<f64>,
+    pub(super) p: Params,
+    pub(super) h: Mat<f64>,
     pub(super) d1: Mat<f64>,
-    d2: Mat<f64>,
+    pub(super) d2: Mat<f64>,
     /// phi(F): softmax (ce), F (mse), sigmoid (bce).
-    phi: Mat<f64>,
-    r: Mat<f64>,
-    ra: Mat<f64>,
+    pub(super) phi: Mat<f64>,
+    pub(super) r: Mat<f64>,
+    pub(super) ra: Mat<f64>,
     pub(super) delta: Mat<f64>,
 }
 
@@ -82,7 +82,7 @@ fn col_sums(z: &Mat<f64>) -> Col<f64> {
 
 impl Unrolled {
     /// Residual scale of the mean loss: r = scale (phi(F) - Y).
-    fn scale(&self, bsz: usize, k: usize) -> f64 {
+    pub(super) fn scale(&self, bsz: usize, k: usize) -> f64 {
         match self.loss {
             Loss::Ce => 1.0 / bsz as f64,
             Loss::Mse => 2.0 / (bsz * k) as f64,
@@ -110,7 +110,7 @@ impl Unrolled {
     }
 
     /// d phi along dF at phi(F) = `phi`.
-    fn dphi(&self, phi: &Mat<f64>, df: &Mat<f64>) -> Mat<f64> {
+    pub(super) fn dphi(&self, phi: &Mat<f64>, df: &Mat<f64>) -> Mat<f64> {
         let (bsz, k) = df.shape();
         match self.loss {
             Loss::Ce => {
@@ -238,11 +238,11 @@ impl Unrolled {
 pub struct LocalFit {
     pub(super) model: Unrolled,
     pub(super) obs: Params,
-    u: Mat<f64>,
+    pub(super) u: Mat<f64>,
     /// sqrt of the weight of (W, b, A, c): 1 / RMS of the observed layer.
-    sw: [f64; 4],
+    pub(super) sw: [f64; 4],
     /// Flattened indices of the observed entries (None: all).
-    kept: Option<Vec<usize>>,
+    pub(super) kept: Option<Vec<usize>>,
     /// Half-widths of the rounding bins of (W, b, A, c): the residual of an entry is
     /// its distance to the bin around the observed value (None: plain residual).
     bins: Option<[f64; 4]>,
@@ -383,7 +383,7 @@ impl LocalFit {
         }
     }
 
-    fn residual(&self, x: &Mat<f64>, y: &Mat<f64>) -> (Col<f64>, Vec<Step>) {
+    pub(super) fn residual(&self, x: &Mat<f64>, y: &Mat<f64>) -> (Col<f64>, Vec<Step>) {
         let (mut g, steps) = self.model.forward(x, y);
         g.axpy(-1.0, &self.obs);
         let mut buf = vec![0.0; self.full_entries()];
@@ -409,7 +409,13 @@ impl LocalFit {
 
     /// The Jacobian (observed entries x (free samples x nb + B K)) of the weighted
     /// residual in (the free inputs' coordinates along U, y).
-    fn jacobian(&self, steps: &[Step], x: &Mat<f64>, free: &[usize], rows: &[usize]) -> Mat<f64> {
+    pub(super) fn jacobian(
+        &self,
+        steps: &[Step],
+        x: &Mat<f64>,
+        free: &[usize],
+        rows: &[usize],
+    ) -> Mat<f64> {
         let (bsz, d) = x.shape();
         let nb = self.u.ncols();
         let k = self.obs.a.nrows();
@@ -437,6 +443,26 @@ impl LocalFit {
             }
         }
         jac
+    }
+
+    /// (J^T J, J^T r) on the entries `rows`: in closed form for one step without
+    /// bins ([`Self::one_step_normal`]), otherwise from the whole Jacobian.
+    fn normal(
+        &self,
+        steps: &[Step],
+        x: &Mat<f64>,
+        free: &[usize],
+        rows: &[usize],
+        res: &Col<f64>,
+    ) -> (Mat<f64>, Col<f64>) {
+        if let [st] = steps
+            && self.bins.is_none()
+        {
+            return self.one_step_normal(st, x, free, rows, res);
+        }
+        let jac = self.jacobian(steps, x, free, rows);
+        let ra = Col::from_fn(rows.len(), |a| res[rows[a]]);
+        (jac.transpose() * &jac, jac.transpose() * &ra)
     }
 
     /// Levenberg-Marquardt from inputs `x0` (B x d) and targets `y0` (B x K); the
@@ -475,11 +501,7 @@ impl LocalFit {
         while it < iterations && f / entries > FLOOR {
             it += 1;
             let rows = self.active(&res);
-            let jac = self.jacobian(&steps, &x, &free, &rows);
-            let jtj = jac.transpose() * &jac;
-            let ra = Col::from_fn(rows.len(), |a| res[rows[a]]);
-            let grad = jac.transpose() * &ra;
-            drop(jac);
+            let (jtj, grad) = self.normal(&steps, &x, &free, &rows, &res);
             let mut accepted = false;
             for _ in 0..10 {
                 let a = Mat::from_fn(n, n, |p, q| {

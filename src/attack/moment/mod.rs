@@ -74,8 +74,20 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     };
     let degree = order.hermite_degree();
     let coeffs = Coefficients::new(view.activation)?;
-    let white = moments::whiten(&proj, &law, degree, !opts.plain_moments, &mut rng)?;
-    let tensor = if opts.plain_moments {
+    // the regression needs more neurons than Hermite features; below that Stein's plain
+    // moments are the estimate (a defended gradient can read a large B: prune:0.5 on
+    // digits B = 8 read 17 of m = 1024, C(20, 3) = 1140 features)
+    let features = moments::regression_features(b, degree);
+    let plain = opts.plain_moments || features >= proj.weights.nrows();
+    if plain && !opts.plain_moments {
+        rec.notes.push(format!(
+            "plain moments: the regression estimate needs more than {features} neurons \
+             (Hermite features up to degree {degree} in B = {b} dimensions), m = {}",
+            proj.weights.nrows()
+        ));
+    }
+    let white = moments::whiten(&proj, &law, degree, !plain, &mut rng)?;
+    let tensor = if plain {
         moments::moment_tensor(&white, degree)?
     } else {
         moments::regression_tensor(&white, degree)?
@@ -136,11 +148,7 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
         start_residuals: report.start_residuals,
         als_sweeps: report.sweeps,
         law: law.source,
-        estimator: if opts.plain_moments {
-            "stein"
-        } else {
-            "regression"
-        },
+        estimator: if plain { "stein" } else { "regression" },
         output_modes: [proj.outputs.ncols(), white.output_basis.ncols()],
         tensor_shape: [tensor.data.nrows(), b, order.0 - 1],
     });

@@ -235,6 +235,12 @@ pub fn moment_tensor(w: &Whitened, degree: usize) -> Result<MomentTensor> {
 }
 
 /// Multisets b_1 <= ... <= b_p of {0..B-1}, for p = 0..=degree, in order of p.
+/// Number of multivariate Hermite features up to `degree` in `b` dimensions,
+/// C(b + degree, degree): the regression's unknowns per output.
+pub fn regression_features(b: usize, degree: usize) -> usize {
+    (1..=degree).fold(1, |acc, q| acc * (b + q) / q)
+}
+
 fn multisets(b: usize, degree: usize) -> Vec<Vec<usize>> {
     let mut out = vec![vec![]];
     let mut level: Vec<Vec<usize>> = vec![vec![]];
@@ -367,6 +373,15 @@ mod tests {
     /// omega = 1, f_j = h~_j = sum_i r_i tanh'(u_j . e_i) e_i. The population tensor is
     /// sum_i r_i gamma_p(0, |e_i|) e_i (x) n_i^(x)p (Stein); the empirical one must
     /// agree entrywise within a few standard errors (estimated from the same draws).
+    #[test]
+    fn feature_count_is_the_number_of_multisets() {
+        for b in 1..12 {
+            for p in 1..=3 {
+                assert_eq!(regression_features(b, p), multisets(b, p).len());
+            }
+        }
+    }
+
     #[test]
     fn moment_tensor_matches_population() {
         use crate::attack::moment::hermite::Coefficients;
