@@ -17,4 +17,6 @@ for m in auto dlg; do
 done
 run $G simulate --init torch-default --data digits --batch 8 --width 4096 --dtype f64 --defense local-steps:5:0.1 --tol 1e-6
 run $G simulate --init torch-default --data digits --batch 8 --width 4096 --dtype f64 --defense prune:0.5 --tol 1e-6
+run $G simulate --init torch-default --data images:../shared/data/images:32 --batch 8 --width 4096 --dtype f64 --seed 1 --activation tanh --loss ce --defense prune:0.9 --tol 1e-6
+run $G simulate --init torch-default --data images:../shared/data/images:32 --batch 32 --width 8192 --dtype f64 --seed 1 --defense noise-rel:1e-3 --tol 0.05
 rm -rf $T
