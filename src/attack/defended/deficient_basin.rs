@@ -1,0 +1,226 @@
+//! Measurements behind docs/EXPERIMENTS.md "Rank-deficient inputs: digits B = 64": the
+//! joint fit of every layer's equations ([`TwoLayer::gauss_newton`], all 4096
+//! neurons, dense normal matrix) on the exact gradient of
+//! `simulate --data digits --batch 64 --width 4096 --activation tanh --init torch-default
+//! --seed 1`. Minutes each in a release build, so ignored:
+//! `cargo test --release --lib deficient_basin -- --ignored --nocapture`
+//! (`LEVELS=0.01,0.03 STEPS=25` choose the starts of `basin`; `SAVE=DIR` writes the case
+//! for scripts/deficient_probe.py, whose `--save-minima FILE` gives `from_seeds` its
+//! `SEEDS=FILE`).
+
+use faer::Mat;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::alternating::TwoLayer;
+use crate::attack::{AttackConfig, Method};
+use crate::simulate::{self, SimConfig};
+
+/// Samples 8, 9, 10 and 42 take part in no linear relation: the span search finds them.
+const SEPARABLE: [usize; 4] = [8, 9, 10, 42];
+
+fn case() -> (TwoLayer, Mat<f64>) {
+    let cfg = SimConfig {
+        batch: 64,
+        width: 4096,
+        init: crate::model::Init::TorchDefault,
+        attack: AttackConfig::new(Method::Analytic, 1),
+        ..SimConfig::default()
+    };
+    let out = simulate::run(&cfg).unwrap();
+    if let Ok(dir) = std::env::var("SAVE") {
+        out.save(std::path::Path::new(&dir)).unwrap();
+    }
+    let view = crate::attack::ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64)
+        .unwrap();
+    let tl = TwoLayer::new(&view, &[(1.0, 1.0), (1.0, 1.0)]).unwrap();
+    (tl, out.batch.x)
+}
+
+fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn row_error(a: &Mat<f64>, x: &Mat<f64>, i: usize, k: usize) -> f64 {
+    (a.row(i) - x.row(k)).norm_l2() / x.row(k).norm_l2()
+}
+
+/// Every sample displaced by `eps` (relative, Gaussian, blank pixels kept 0), R from
+/// the exact R-step, then Levenberg-Marquardt: how many land on the truth.
+#[test]
+#[ignore]
+fn basin() {
+    let (tl, x) = case();
+    let levels = env("LEVELS", String::from("0.001,0.01,0.03,0.1"));
+    let steps = env("STEPS", 40usize);
+    let (b, d) = x.shape();
+    let blank: Vec<bool> = (0..d).map(|c| (0..b).all(|i| x[(i, c)] == 0.0)).collect();
+    for eps in levels.split(',').filter_map(|s| s.parse::<f64>().ok()) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let x0 = Mat::from_fn(b, d, |i, c| {
+            let n: f64 = StandardNormal.sample(&mut rng);
+            if blank[c] {
+                0.0
+            } else {
+                x[(i, c)] + eps * x.row(i).norm_l2() / (d as f64).sqrt() * n
+            }
+        });
+        let t = std::time::Instant::now();
+        let r0 = tl.r_step(&x0, &tl.pre(&x0)).unwrap();
+        let fit = tl.gauss_newton(&x0, &r0, &[], steps, 6000).unwrap();
+        let mut errs: Vec<f64> = (0..b).map(|i| row_error(&fit.x, &x, i, i)).collect();
+        let ok = errs.iter().filter(|&&e| e <= 1e-6).count();
+        errs.sort_by(f64::total_cmp);
+        eprintln!(
+            "start {eps:e}: {ok}/{b} within 1e-6, median {:.2e} max {:.2e}, {} steps, \
+             objective {:.3e}, {:.1} s",
+            errs[b / 2],
+            errs[b - 1],
+            fit.iterations,
+            fit.objective,
+            t.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// The Jacobi-scaled normal matrix at the truth (blank pixels dropped): its smallest
+/// eigenvalues and which samples and unknowns their directions move.
+#[test]
+#[ignore]
+fn conditioning_at_the_truth() {
+    let (tl, x) = case();
+    let (b, d) = x.shape();
+    let r = tl.r_step(&x, &tl.pre(&x)).unwrap();
+    let k = r.ncols();
+    let nm = tl.normal_matrix(&tl.point(&x, &r));
+    let blank: Vec<bool> = (0..d).map(|c| (0..b).all(|i| x[(i, c)] == 0.0)).collect();
+    let keep: Vec<usize> = (0..b * (d + k))
+        .filter(|&p| p >= b * d || !blank[p % d])
+        .collect();
+    let n = keep.len();
+    let s: Vec<f64> = keep.iter().map(|&p| 1.0 / nm[(p, p)].sqrt()).collect();
+    let a = Mat::from_fn(n, n, |p, q| nm[(keep[p], keep[q])] * s[p] * s[q]);
+    let eig = a.self_adjoint_eigen(faer::Side::Lower).unwrap();
+    let ev = eig.S().column_vector();
+    let u = eig.U();
+    let few: Vec<String> = (0..12).map(|i| format!("{:.2e}", ev[i])).collect();
+    eprintln!(
+        "{n} unknowns; largest eigenvalue {:.3e}; smallest 12: {}",
+        ev[n - 1],
+        few.join(" ")
+    );
+    for e in 0..12 {
+        let mut per = vec![0.0f64; b];
+        let mut on_x = 0.0;
+        for (p, &kp) in keep.iter().enumerate() {
+            let v = u[(p, e)] * u[(p, e)];
+            if kp < b * d {
+                per[kp / d] += v;
+                on_x += v;
+            } else {
+                per[(kp - b * d) / k] += v;
+            }
+        }
+        let mut idx: Vec<usize> = (0..b).collect();
+        idx.sort_by(|&i, &j| per[j].total_cmp(&per[i]));
+        let top: Vec<String> = idx[..4]
+            .iter()
+            .map(|&i| format!("{i}:{:.2}", per[i]))
+            .collect();
+        let sep: f64 = SEPARABLE.iter().map(|&i| per[i]).sum();
+        eprintln!(
+            "eigenvalue {:.2e}: on X {on_x:.2}, on R {:.2}; samples {}; separable ones {sep:.1e}",
+            ev[e],
+            1.0 - on_x,
+            top.join(" ")
+        );
+    }
+}
+
+/// The starts the noise route's residual seeding (`fill_missing`) gives for the 60
+/// samples in relations, with the 4 separable ones known: distance to the nearest truth.
+#[test]
+#[ignore]
+fn residual_seeds() {
+    let (tl, x) = case();
+    let (b, d) = x.shape();
+    let xf = Mat::from_fn(SEPARABLE.len(), d, |i, c| x[(SEPARABLE[i], c)]);
+    let rall = tl.r_step(&x, &tl.pre(&x)).unwrap();
+    let rf = Mat::from_fn(SEPARABLE.len(), rall.ncols(), |i, c| {
+        rall[(SEPARABLE[i], c)]
+    });
+    let seeds = tl.fill_missing(&xf, &rf, b - SEPARABLE.len(), 1);
+    let s = Mat::from_fn(seeds.len(), d, |i, c| seeds[i][c]);
+    let mut near: Vec<(f64, usize)> = (0..seeds.len())
+        .map(|i| {
+            (0..b)
+                .map(|k| (row_error(&s, &x, i, k), k))
+                .min_by(|p, q| p.0.total_cmp(&q.0))
+                .unwrap()
+        })
+        .collect();
+    near.sort_by(|p, q| p.0.total_cmp(&q.0));
+    let mut hit: Vec<usize> = near.iter().map(|p| p.1).collect();
+    hit.sort_unstable();
+    hit.dedup();
+    let mean = Mat::from_fn(1, d, |_, c| {
+        (0..b).map(|i| x[(i, c)]).sum::<f64>() / b as f64
+    });
+    let mut em: Vec<f64> = (0..b).map(|k| row_error(&mean, &x, 0, k)).collect();
+    em.sort_by(f64::total_cmp);
+    eprintln!(
+        "{} seeds: nearest-sample error min {:.2e} median {:.2e} max {:.2e}, {} distinct \
+         nearest samples; the batch mean as a start: median {:.2e}, min {:.2e}",
+        near.len(),
+        near[0].0,
+        near[near.len() / 2].0,
+        near[near.len() - 1].0,
+        hit.len(),
+        em[b / 2],
+        em[0]
+    );
+}
+
+/// Levenberg-Marquardt from the starts in the .npy file `SEEDS` (B x d, row i the start
+/// for sample i): how many land on the truth.
+#[test]
+#[ignore]
+fn from_seeds() {
+    let (tl, x) = case();
+    let Ok(path) = std::env::var("SEEDS") else {
+        return;
+    };
+    let x0 = crate::io::npy::read_matrix(&path).unwrap();
+    let b = x.nrows();
+    let mut e0: Vec<f64> = (0..b).map(|i| row_error(&x0, &x, i, i)).collect();
+    e0.sort_by(f64::total_cmp);
+    let t = std::time::Instant::now();
+    let r0 = tl.r_step(&x0, &tl.pre(&x0)).unwrap();
+    let fit = tl
+        .gauss_newton(&x0, &r0, &[], env("STEPS", 40usize), 6000)
+        .unwrap();
+    // nearest truth for each fitted row (the fit may permute samples)
+    let mut errs: Vec<f64> = (0..b)
+        .map(|k| {
+            (0..b)
+                .map(|i| row_error(&fit.x, &x, i, k))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let ok = errs.iter().filter(|&&e| e <= 1e-6).count();
+    errs.sort_by(f64::total_cmp);
+    eprintln!(
+        "starts: median {:.2e} max {:.2e}; fit: {ok}/{b} truths within 1e-6, median {:.2e} \
+         max {:.2e}, {} steps, objective {:.3e}, {:.1} s",
+        e0[b / 2],
+        e0[b - 1],
+        errs[b / 2],
+        errs[b - 1],
+        fit.iterations,
+        fit.objective,
+        t.elapsed().as_secs_f64()
+    );
+}
