@@ -20,6 +20,12 @@ use crate::simulate::{self, SimConfig};
 const SEPARABLE: [usize; 4] = [8, 9, 10, 42];
 
 fn case() -> (TwoLayer, Mat<f64>) {
+    let (tl, x, _, _) = case_with_labels();
+    (tl, x)
+}
+
+/// The case, the model's output bias and the client's labels.
+fn case_with_labels() -> (TwoLayer, Mat<f64>, faer::Col<f64>, Vec<usize>) {
     let cfg = SimConfig {
         batch: 64,
         width: 4096,
@@ -34,7 +40,8 @@ fn case() -> (TwoLayer, Mat<f64>) {
     let view = crate::attack::ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64)
         .unwrap();
     let tl = TwoLayer::new(&view, &[(1.0, 1.0), (1.0, 1.0)]).unwrap();
-    (tl, out.batch.x)
+    let c = view.upper[0].bias.clone().unwrap();
+    (tl, out.batch.x, c, out.batch.labels.unwrap())
 }
 
 fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
@@ -223,4 +230,192 @@ fn from_seeds() {
         fit.objective,
         t.elapsed().as_secs_f64()
     );
+}
+
+/// The alternating fit (exact R-steps and X-steps in the full input space) from the
+/// truth displaced by `EPS`, `ITERS` iterations: the error every 20.
+#[test]
+#[ignore]
+fn alternating() {
+    let (tl, x) = case();
+    let eps = env("EPS", 0.03f64);
+    let iters = env("ITERS", 200usize);
+    let (b, d) = x.shape();
+    let blank: Vec<bool> = (0..d).map(|c| (0..b).all(|i| x[(i, c)] == 0.0)).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut xc = Mat::from_fn(b, d, |i, c| {
+        let n: f64 = StandardNormal.sample(&mut rng);
+        if blank[c] {
+            0.0
+        } else {
+            x[(i, c)] + eps * x.row(i).norm_l2() / (d as f64).sqrt() * n
+        }
+    });
+    let t = std::time::Instant::now();
+    for round in 1..=iters / 20 {
+        let fit = tl.fit(&xc, 20, 0.0).unwrap();
+        xc = fit.x;
+        let mut errs: Vec<f64> = (0..b).map(|i| row_error(&xc, &x, i, i)).collect();
+        errs.sort_by(f64::total_cmp);
+        eprintln!(
+            "start {eps:e}, {} iterations: median {:.2e} max {:.2e}, objective {:.3e}, {:.1} s",
+            20 * round,
+            errs[b / 2],
+            errs[b - 1],
+            fit.objective,
+            t.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Cross-entropy residuals r_i = (softmax(A h_i + c) - e_{y_i}) / B and their
+/// derivatives dr_i / dx_i (K x d each).
+fn ce_residuals(
+    tl: &TwoLayer,
+    c: &faer::Col<f64>,
+    y: &[usize],
+    x: &Mat<f64>,
+) -> (Mat<f64>, Vec<Mat<f64>>) {
+    let b = x.nrows();
+    let z = tl.pre(x);
+    let m = z.ncols();
+    let h = Mat::from_fn(b, m, |i, j| z[(i, j)].tanh());
+    let logits = &h * tl.a.transpose();
+    let k = logits.ncols();
+    let mut r = Mat::zeros(b, k);
+    let mut t = Vec::with_capacity(b);
+    for i in 0..b {
+        let mx = (0..k)
+            .map(|kk| logits[(i, kk)] + c[kk])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = (0..k)
+            .map(|kk| (logits[(i, kk)] + c[kk] - mx).exp())
+            .collect();
+        let sum: f64 = e.iter().sum();
+        let sm: Vec<f64> = e.iter().map(|v| v / sum).collect();
+        for kk in 0..k {
+            r[(i, kk)] = (sm[kk] - f64::from(kk == y[i])) / b as f64;
+        }
+        // (diag(s) - s s^T) A diag(1 - h^2) W / B
+        let js = Mat::from_fn(k, k, |p, q| {
+            (f64::from(p == q) * sm[p] - sm[p] * sm[q]) / b as f64
+        });
+        let ad = Mat::from_fn(k, m, |kk, j| tl.a[(kk, j)] * (1.0 - h[(i, j)].powi(2)));
+        t.push(js * (ad * &tl.w));
+    }
+    (r, t)
+}
+
+/// Levenberg-Marquardt in X alone with R tied to X by the cross-entropy loss and the
+/// client's labels (an oracle: the labels' assignment to samples is not known to the
+/// server), from the truth displaced by `EPS`: does tying R widen the basin?
+#[test]
+#[ignore]
+fn labelled() {
+    use faer::linalg::solvers::Solve;
+    let (tl, x, c, y_true) = case_with_labels();
+    let eps = env("EPS", 0.1f64);
+    let steps = env("STEPS", 20usize);
+    let (b, d) = x.shape();
+    let (rt, _) = ce_residuals(&tl, &c, &y_true, &x);
+    let r_fit = tl.r_step(&x, &tl.pre(&x)).unwrap();
+    eprintln!(
+        "loss residuals vs fitted at the truth: {:.1e}",
+        (&rt - &r_fit).norm_l2() / r_fit.norm_l2()
+    );
+    let blank: Vec<bool> = (0..d).map(|cc| (0..b).all(|i| x[(i, cc)] == 0.0)).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut xc = Mat::from_fn(b, d, |i, cc| {
+        let n: f64 = StandardNormal.sample(&mut rng);
+        if blank[cc] {
+            0.0
+        } else {
+            x[(i, cc)] + eps * x.row(i).norm_l2() / (d as f64).sqrt() * n
+        }
+    });
+    if let Ok(path) = std::env::var("SEEDS") {
+        xc = crate::io::npy::read_matrix(&path).unwrap();
+    }
+    // LABELS=fit: each start's label is the most negative entry of its R-step residual
+    let y: Vec<usize> = if std::env::var("LABELS").is_ok_and(|v| v == "fit") {
+        let r0 = tl.r_step(&xc, &tl.pre(&xc)).unwrap();
+        (0..b)
+            .map(|i| {
+                (0..r0.ncols())
+                    .min_by(|&p, &q| r0[(i, p)].total_cmp(&r0[(i, q)]))
+                    .unwrap()
+            })
+            .collect()
+    } else {
+        y_true.clone()
+    };
+    let wrong = (0..b).filter(|&i| y[i] != y_true[i]).count();
+    eprintln!("{wrong} of {b} start labels differ from the client's");
+    let k = rt.ncols();
+    let nx = b * d;
+    let objective = |xx: &Mat<f64>| {
+        let (r, _) = ce_residuals(&tl, &c, &y, xx);
+        tl.weighted_norm2(&tl.residual(&tl.point(xx, &r)))
+    };
+    let mut f = objective(&xc);
+    let mut lambda = 1e-4;
+    let t0 = std::time::Instant::now();
+    for step in 1..=steps {
+        let (r, tb) = ce_residuals(&tl, &c, &y, &xc);
+        let pt = tl.point(&xc, &r);
+        let (gx, gr) = tl.vjp(&pt, &tl.weigh(tl.residual(&pt)));
+        let nm = tl.normal_matrix(&pt);
+        let tm = Mat::from_fn(b * k, nx, |p, q| {
+            if p / k == q / d {
+                tb[p / k][(p % k, q % d)]
+            } else {
+                0.0
+            }
+        });
+        let nxx = nm.submatrix(0, 0, nx, nx);
+        let nxr = nm.submatrix(0, nx, nx, b * k);
+        let nrr = nm.submatrix(nx, nx, b * k, b * k);
+        let nxr_t = nxr * &tm;
+        let nc = nxx + &nxr_t + nxr_t.transpose() + tm.transpose() * (nrr * &tm);
+        let g = faer::Col::from_fn(nx, |p| gx[(p / d, p % d)])
+            + tm.transpose() * faer::Col::from_fn(b * k, |p| gr[(p / k, p % k)]);
+        let mut moved = false;
+        for _ in 0..8 {
+            let a = Mat::from_fn(nx, nx, |p, q| {
+                let held = blank[p % d] || blank[q % d];
+                if held {
+                    f64::from(p == q)
+                } else if p == q {
+                    nc[(p, p)] * (1.0 + lambda)
+                } else {
+                    nc[(p, q)]
+                }
+            });
+            let rhs = faer::Col::from_fn(nx, |p| if blank[p % d] { 0.0 } else { -g[p] });
+            let sol = a.partial_piv_lu().solve(&rhs);
+            let cand = Mat::from_fn(b, d, |i, cc| xc[(i, cc)] + sol[i * d + cc]);
+            let fc = objective(&cand);
+            if fc.is_finite() && fc < f {
+                xc = cand;
+                f = fc;
+                lambda = (lambda / 3.0f64).max(1e-12);
+                moved = true;
+                break;
+            }
+            lambda *= 8.0;
+        }
+        let mut errs: Vec<f64> = (0..b).map(|i| row_error(&xc, &x, i, i)).collect();
+        let ok = errs.iter().filter(|&&e| e <= 1e-6).count();
+        errs.sort_by(f64::total_cmp);
+        eprintln!(
+            "start {eps:e}, step {step}: {ok}/{b} within 1e-6, median {:.2e} max {:.2e}, objective {:.3e}, {:.1} s",
+            errs[b / 2],
+            errs[b - 1],
+            f,
+            t0.elapsed().as_secs_f64()
+        );
+        if !moved {
+            break;
+        }
+    }
 }

@@ -33,7 +33,7 @@ pub const CG_TOL: f64 = 1e-4;
 pub const F_TOL: f64 = 1e-9;
 
 /// Residual (or a direction) in gradient space: (O_W, O_b, O_A, O_c).
-struct Grad {
+pub(super) struct Grad {
     w: Mat<f64>,
     b: Col<f64>,
     a: Mat<f64>,
@@ -76,7 +76,7 @@ impl TwoLayer {
     }
 
     /// Model minus observation.
-    fn residual(&self, pt: &Point) -> Grad {
+    pub(super) fn residual(&self, pt: &Point) -> Grad {
         let bsz = pt.x.nrows();
         Grad {
             w: pt.delta.transpose() * &pt.x - &self.ow,
@@ -87,7 +87,7 @@ impl TwoLayer {
     }
 
     /// sum over the four tensors of weight x squared norm.
-    fn weighted_norm2(&self, g: &Grad) -> f64 {
+    pub(super) fn weighted_norm2(&self, g: &Grad) -> f64 {
         let [ww, wb, wa, wc] = self.weights;
         ww * g.w.squared_norm_l2()
             + wb * g.b.squared_norm_l2()
@@ -117,7 +117,7 @@ impl TwoLayer {
     }
 
     /// J^T u.
-    fn vjp(&self, pt: &Point, u: &Grad) -> (Mat<f64>, Mat<f64>) {
+    pub(super) fn vjp(&self, pt: &Point, u: &Grad) -> (Mat<f64>, Mat<f64>) {
         let bsz = pt.x.nrows();
         let m = self.w.nrows();
         // adjoint of dDelta: X U_W^T + 1 u_b^T
@@ -142,7 +142,7 @@ impl TwoLayer {
         (dx, dr)
     }
 
-    fn weigh(&self, mut g: Grad) -> Grad {
+    pub(super) fn weigh(&self, mut g: Grad) -> Grad {
         let [ww, wb, wa, wc] = self.weights;
         g.w *= faer::Scale(ww);
         g.b *= faer::Scale(wb);
