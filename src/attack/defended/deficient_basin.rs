@@ -306,9 +306,10 @@ fn ce_residuals(
     (r, t)
 }
 
-/// Levenberg-Marquardt in X alone with R tied to X by the cross-entropy loss and the
-/// client's labels (an oracle: the labels' assignment to samples is not known to the
-/// server), from the truth displaced by `EPS`: does tying R widen the basin?
+/// Levenberg-Marquardt in X alone with R tied to X by the cross-entropy loss and labels,
+/// from the truth displaced by `EPS` with the client's labels (an oracle), from `SEEDS`,
+/// or (`START=mean` / `START=prior`) from the batch's / the data set's mean digit plus
+/// `EPS` noise, where only the labels' counts matter (`prior` reads them off O_c).
 #[test]
 #[ignore]
 fn labelled() {
@@ -336,8 +337,66 @@ fn labelled() {
     if let Ok(path) = std::env::var("SEEDS") {
         xc = crate::io::npy::read_matrix(&path).unwrap();
     }
+    // START=mean: every start the batch mean plus EPS (relative) noise, so the labels
+    // by index carry only their counts
+    if std::env::var("START").is_ok_and(|v| v == "mean") {
+        let mean: Vec<f64> = (0..d)
+            .map(|cc| (0..b).map(|i| x[(i, cc)]).sum::<f64>() / b as f64)
+            .collect();
+        let mn = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+        xc = Mat::from_fn(b, d, |_, cc| {
+            let n: f64 = StandardNormal.sample(&mut rng);
+            if blank[cc] {
+                0.0
+            } else {
+                mean[cc] + eps * mn / (d as f64).sqrt() * n
+            }
+        });
+    }
+    // START=prior: every start the mean digit of the whole data set (1797 digits) plus
+    // EPS noise; its labels from the counts the output bias gradient gives (below)
+    let prior = std::env::var("START").is_ok_and(|v| v == "prior");
+    if prior {
+        let mut rng0 = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let data = crate::data::DataSpec::Digits.load(0, &mut rng0).unwrap();
+        let n = data.x.nrows() as f64;
+        let mean: Vec<f64> = (0..d)
+            .map(|cc| (0..data.x.nrows()).map(|i| data.x[(i, cc)]).sum::<f64>() / n)
+            .collect();
+        let mn = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+        xc = Mat::from_fn(b, d, |_, cc| {
+            let nz: f64 = StandardNormal.sample(&mut rng);
+            if blank[cc] {
+                0.0
+            } else {
+                mean[cc] + eps * mn / (d as f64).sqrt() * nz
+            }
+        });
+    }
     // LABELS=fit: each start's label is the most negative entry of its R-step residual
-    let y: Vec<usize> = if std::env::var("LABELS").is_ok_and(|v| v == "fit") {
+    let y: Vec<usize> = if prior {
+        // sum_i r_i = O_c: count_k = sum_i softmax_k(x_i) - B O_c[k], softmax at the starts
+        let (r0, _) = ce_residuals(&tl, &c, &vec![usize::MAX; b], &xc);
+        let k = r0.ncols();
+        let counts: Vec<usize> = (0..k)
+            .map(|kk| {
+                let soft: f64 = (0..b).map(|i| r0[(i, kk)] * b as f64).sum();
+                (soft - b as f64 * tl.oc[kk]).round().max(0.0) as usize
+            })
+            .collect();
+        let mut truth_counts = vec![0usize; k];
+        for &l in &y_true {
+            truth_counts[l] += 1;
+        }
+        eprintln!("label counts from O_c {counts:?}, client's {truth_counts:?}");
+        let mut y: Vec<usize> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(kk, &n)| std::iter::repeat_n(kk, n))
+            .collect();
+        y.resize(b, 0);
+        y
+    } else if std::env::var("LABELS").is_ok_and(|v| v == "fit") {
         let r0 = tl.r_step(&xc, &tl.pre(&xc)).unwrap();
         (0..b)
             .map(|i| {
@@ -404,7 +463,14 @@ fn labelled() {
             }
             lambda *= 8.0;
         }
-        let mut errs: Vec<f64> = (0..b).map(|i| row_error(&xc, &x, i, i)).collect();
+        // nearest fitted row for each true sample (symmetric starts may permute them)
+        let mut errs: Vec<f64> = (0..b)
+            .map(|kk| {
+                (0..b)
+                    .map(|i| row_error(&xc, &x, i, kk))
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .collect();
         let ok = errs.iter().filter(|&&e| e <= 1e-6).count();
         errs.sort_by(f64::total_cmp);
         eprintln!(
