@@ -95,7 +95,7 @@ impl TwoLayer {
             + wc * g.c.squared_norm_l2()
     }
 
-    fn entries(&self) -> f64 {
+    pub(super) fn entries(&self) -> f64 {
         (self.ow.nrows() * (self.ow.ncols() + 1) + self.oa.nrows() * (self.oa.ncols() + 1)) as f64
     }
 

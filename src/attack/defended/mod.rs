@@ -25,6 +25,8 @@ pub mod local_steps;
 pub mod masked;
 mod one_step;
 pub mod quantized;
+pub mod reduced;
+pub mod reseek;
 pub mod split;
 pub mod unrolled;
 
@@ -48,13 +50,11 @@ pub fn refine_found(
     if rec.samples.is_empty() || !(quantized || view.noise_std.is_some_and(|s| s > 0.0)) {
         return Ok(rec);
     }
+    let b = rec.batch_estimated.max(rec.samples.len());
     if view.depth() == 1
-        && let Some(work) = gauss_newton::over_budget(
-            view.width(),
-            view.input_dim(),
-            view.outputs(),
-            rec.batch_estimated.max(rec.samples.len()),
-        )
+        && reduced::rank(view.width(), view.input_dim(), view.outputs(), b).is_none()
+        && let Some(work) =
+            gauss_newton::over_budget(view.width(), view.input_dim(), view.outputs(), b)
     {
         rec.diagnostics
             .defended
@@ -73,6 +73,24 @@ pub fn refine_found(
     let Some(errors) = likelihood::ErrorModel::of(view, &observed) else {
         return Ok(rec);
     };
+    let (m, d, k) = (view.width(), view.input_dim(), view.outputs());
+    if view.depth() == 1
+        && let Some(r) = reduced::rank(m, d, k, b)
+        && let Ok(tl) = alternating::TwoLayer::new(view, &errors.weights())
+    {
+        // the fit in the row space needs every sample right: wrong zeros out, the
+        // missing searched for in the residual gradient
+        let (dropped, added) = reseek::reseek(view, cfg, &tl, r, &mut rec)?;
+        let dd = &mut rec.diagnostics.defended;
+        dd.insert("prior_dropped".into(), dropped.into());
+        dd.insert("residual_found".into(), added.into());
+        if dropped + added > 0 {
+            rec.notes.push(format!(
+                "{dropped} found samples outside the prior's box dropped; {added} found in \
+                 the residual gradient"
+            ));
+        }
+    }
     let rec = joint_fit(view, cfg, rec, &errors, false)?;
     consistent::refine(view, cfg, rec)
 }
@@ -92,49 +110,37 @@ fn joint_fit(
     let (samples, stats) = match &two_layer {
         Some(tl) => {
             let d = view.input_dim();
-            let mut xs: Vec<Vec<f64>> = rec.samples.iter().map(|s| s.x.clone()).collect();
-            let missing = rec.batch_estimated.saturating_sub(xs.len());
-            let mut filled = 0;
-            if missing > 0 {
-                // fit the found ones, then seed the missing from what they leave unexplained
-                let x0 = faer::Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
-                let f0 = if hold_found {
-                    let r = tl.r_step(&x0, &tl.pre(&x0))?;
-                    alternating::Fit {
-                        x: x0,
-                        r,
-                        iterations: 0,
-                        objective: 0.0,
+            let xs = faer::Mat::from_fn(rec.samples.len(), d, |i, j| rec.samples[i].x[j]);
+            let missing = rec.batch_estimated.saturating_sub(xs.nrows());
+            let (m, k) = (view.width(), view.outputs());
+            let rank = reduced::rank(m, d, k, xs.nrows() + missing).filter(|_| !hold_found);
+            let (fit, filled, start) = match rank {
+                Some(r) => {
+                    rec.diagnostics
+                        .defended
+                        .insert("likelihood_row_space".into(), r.into());
+                    let red = reduced::Reduction::new(tl, r, cfg.seed)?;
+                    let out = red.fit(tl, xs, missing, cfg.seed)?;
+                    if !(out.0.objective <= reduced::ACCEPT) {
+                        let d = &mut rec.diagnostics.defended;
+                        d.insert("likelihood_rejected".into(), out.0.objective.into());
+                        rec.notes.push(format!(
+                            "joint likelihood fit in the top-{r} row space stopped at weighted \
+                             residual {:.3e} per entry (from {:.3e}), above {}: it does not \
+                             explain the gradient, the exact route's estimates are kept",
+                            out.0.objective,
+                            out.2,
+                            reduced::ACCEPT
+                        ));
+                        return Ok(rec);
                     }
-                } else {
-                    tl.refine(&x0, gauss_newton::STEPS)?
-                };
-                let extra = tl.fill_missing(&f0.x, &f0.r, missing, cfg.seed);
-                filled = extra.len();
-                xs = (0..f0.x.nrows())
-                    .map(|i| (0..d).map(|j| f0.x[(i, j)]).collect())
-                    .chain(extra)
-                    .collect();
-            }
-            let mut x0 = faer::Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
-            if !hold_found && missing == 1 && xs.len() >= 2 {
-                // two close samples can share one zero of the span residual (a mixture
-                // of both): also try splitting each found sample in two, and keep the
-                // start that a few Gauss-Newton steps take lowest
-                x0 = split::best_split(tl, x0, filled == 1, cfg.seed)?;
-            }
-            let start = tl.fit(&x0, 0, 0.0)?.objective;
-            let fit = if hold_found && filled > 0 {
-                // the found samples are exact: fit only the seeded ones around them
-                // (a joint fit from there was measured to pull the exact ones off, to
-                // 1e-3, on digits B = 8 prune:0.5)
-                let fixed: Vec<bool> = (0..xs.len()).map(|i| i < xs.len() - filled).collect();
-                tl.refine_holding(&x0, &fixed, gauss_newton::STEPS)?
-            } else {
-                tl.refine(&x0, gauss_newton::STEPS)?
+                    out
+                }
+                None => fit_two_layer(tl, xs, missing, hold_found, cfg.seed)?,
             };
+            let xs_len = fit.x.nrows();
             let k = view.outputs();
-            let held = if hold_found { xs.len() - filled } else { 0 };
+            let held = if hold_found { xs_len - filled } else { 0 };
             let samples: Vec<super::Sample> = (0..fit.x.nrows())
                 .map(|i| super::Sample {
                     x: (0..d).map(|j| fit.x[(i, j)]).collect(),
@@ -201,6 +207,63 @@ fn joint_fit(
         stats.iterations
     ));
     Ok(rec)
+}
+
+/// The two-layer joint fit from the found inputs `x_found` (one per row), seeding
+/// `missing` more from the residual (and, for one missing, trying splits of each found
+/// sample): the fit, how many were seeded, and the start's objective.
+pub(super) fn fit_two_layer(
+    tl: &alternating::TwoLayer,
+    x_found: faer::Mat<f64>,
+    missing: usize,
+    hold_found: bool,
+    seed: u64,
+) -> Result<(alternating::Fit, usize, f64)> {
+    let d = x_found.ncols();
+    let mut x0 = x_found;
+    let mut filled = 0;
+    if missing > 0 {
+        // fit the found ones, then seed the missing from what they leave unexplained
+        let f0 = if hold_found {
+            let r = tl.r_step(&x0, &tl.pre(&x0))?;
+            alternating::Fit {
+                x: x0.clone(),
+                r,
+                iterations: 0,
+                objective: 0.0,
+            }
+        } else {
+            tl.refine(&x0, gauss_newton::STEPS)?
+        };
+        let extra = tl.fill_missing(&f0.x, &f0.r, missing, seed);
+        filled = extra.len();
+        let found = f0.x.nrows();
+        x0 = faer::Mat::from_fn(found + filled, d, |i, j| {
+            if i < found {
+                f0.x[(i, j)]
+            } else {
+                extra[i - found][j]
+            }
+        });
+    }
+    if !hold_found && missing == 1 && x0.nrows() >= 2 {
+        // two close samples can share one zero of the span residual (a mixture
+        // of both): also try splitting each found sample in two, and keep the
+        // start that a few Gauss-Newton steps take lowest
+        x0 = split::best_split(tl, x0, filled == 1, seed)?;
+    }
+    let start = tl.fit(&x0, 0, 0.0)?.objective;
+    let n = x0.nrows();
+    let fit = if hold_found && filled > 0 {
+        // the found samples are exact: fit only the seeded ones around them
+        // (a joint fit from there was measured to pull the exact ones off, to
+        // 1e-3, on digits B = 8 prune:0.5)
+        let fixed: Vec<bool> = (0..n).map(|i| i < n - filled).collect();
+        tl.refine_holding(&x0, &fixed, gauss_newton::STEPS)?
+    } else {
+        tl.refine(&x0, gauss_newton::STEPS)?
+    };
+    Ok((fit, filled, start))
 }
 
 /// The reconstruction of a gradient whose first layer carries no signal above its
