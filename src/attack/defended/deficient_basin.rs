@@ -355,14 +355,20 @@ fn labelled() {
     }
     // START=prior: every start the mean digit of the whole data set (1797 digits) plus
     // EPS noise; its labels from the counts the output bias gradient gives (below)
-    let prior = std::env::var("START").is_ok_and(|v| v == "prior");
+    // (START=scalar: the data set's scalar mean in every pixel instead)
+    let start = std::env::var("START").unwrap_or_default();
+    let prior = start == "prior" || start == "scalar";
     if prior {
         let mut rng0 = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let data = crate::data::DataSpec::Digits.load(0, &mut rng0).unwrap();
         let n = data.x.nrows() as f64;
-        let mean: Vec<f64> = (0..d)
+        let mut mean: Vec<f64> = (0..d)
             .map(|cc| (0..data.x.nrows()).map(|i| data.x[(i, cc)]).sum::<f64>() / n)
             .collect();
+        if start == "scalar" {
+            let xbar = data.prior_stats().mean;
+            mean = vec![xbar; d];
+        }
         let mn = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
         xc = Mat::from_fn(b, d, |_, cc| {
             let nz: f64 = StandardNormal.sample(&mut rng);
