@@ -1,11 +1,13 @@
 """Probe a rank-deficient batch (docs/DESIGN.md, "Rank-deficient inputs").
 
-Usage: python scripts/deficient_probe.py DIR [--minima N] [--joint S NEURONS STEPS]
+Usage: python scripts/deficient_probe.py DIR [--minima N [--save-minima FILE]] [--joint S NEURONS STEPS]
 where DIR comes from `gradleak simulate ... --save DIR` (one hidden layer, tanh, f64).
 
 Prints the inputs' zero coordinates and rank, the samples outside the span of the
 others (l_i = 0), the span residual F at every true sample, and optionally
-* --minima N: for every N-th sample, where LM on F (r free) goes from the truth;
+* --minima N: for every N-th sample, where LM on F (r free) goes from the truth
+  (--save-minima FILE writes them, the other samples' truth, as a B x d .npy: the
+  starts of `deficient_basin::from_seeds`);
 * --joint S NEURONS STEPS: LM on every first-layer and output-layer equation of
   NEURONS random neurons, unknowns all x_i (non-zero coordinates) and r_i, from the
   truth displaced by S (relative, per sample), for STEPS steps.
@@ -70,14 +72,20 @@ def main():
             e = sig - q @ (q.T @ sig)
             return np.concatenate([e / np.linalg.norm(sig), [np.linalg.norm(p[r - 1 :]) - 1]])
 
+        minima = x.copy()
         for i in range(0, b, step):
             p0 = np.concatenate([nb.T @ (ct[i] - c0), res[i] / np.linalg.norm(res[i])])
             sol = least_squares(resid, p0, method="lm", max_nfev=2000)
             xi = (v @ (c0 + nb @ sol.x[: r - 1]))[:d]
+            xi[zero] = 0.0
+            minima[i] = xi
             print(
                 "sample %d: F truth %.2e -> minimum %.2e at rel. distance %.3f"
-                % (i, f[i], np.linalg.norm(sol.fun[:-1]), np.linalg.norm(xi - x[i]) / np.linalg.norm(x[i]))
+                % (i, f[i], np.linalg.norm(sol.fun[:-1]), np.linalg.norm(xi - x[i]) / np.linalg.norm(x[i])),
+                flush=True,
             )
+        if "--save-minima" in args:
+            np.save(args[args.index("--save-minima") + 1], minima)
     if "--joint" in args:
         j = args.index("--joint")
         joint(x, w, bias, a, gw, gb, ga, gc, float(args[j + 1]), int(args[j + 2]), int(args[j + 3]))

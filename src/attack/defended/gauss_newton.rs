@@ -33,7 +33,7 @@ pub const CG_TOL: f64 = 1e-4;
 pub const F_TOL: f64 = 1e-9;
 
 /// Residual (or a direction) in gradient space: (O_W, O_b, O_A, O_c).
-struct Grad {
+pub(super) struct Grad {
     w: Mat<f64>,
     b: Col<f64>,
     a: Mat<f64>,
@@ -41,7 +41,7 @@ struct Grad {
 }
 
 /// The forward quantities at one point.
-struct Point {
+pub(super) struct Point {
     x: Mat<f64>,
     r: Mat<f64>,
     d1: Mat<f64>,
@@ -56,7 +56,7 @@ fn ones(n: usize) -> Col<f64> {
 }
 
 impl TwoLayer {
-    fn point(&self, x: &Mat<f64>, r: &Mat<f64>) -> Point {
+    pub(super) fn point(&self, x: &Mat<f64>, r: &Mat<f64>) -> Point {
         let z = self.pre(x);
         let (bsz, m) = z.shape();
         let d1 = Mat::from_fn(bsz, m, |i, j| self.act.d1(z[(i, j)]));
@@ -76,7 +76,7 @@ impl TwoLayer {
     }
 
     /// Model minus observation.
-    fn residual(&self, pt: &Point) -> Grad {
+    pub(super) fn residual(&self, pt: &Point) -> Grad {
         let bsz = pt.x.nrows();
         Grad {
             w: pt.delta.transpose() * &pt.x - &self.ow,
@@ -87,7 +87,7 @@ impl TwoLayer {
     }
 
     /// sum over the four tensors of weight x squared norm.
-    fn weighted_norm2(&self, g: &Grad) -> f64 {
+    pub(super) fn weighted_norm2(&self, g: &Grad) -> f64 {
         let [ww, wb, wa, wc] = self.weights;
         ww * g.w.squared_norm_l2()
             + wb * g.b.squared_norm_l2()
@@ -117,7 +117,7 @@ impl TwoLayer {
     }
 
     /// J^T u.
-    fn vjp(&self, pt: &Point, u: &Grad) -> (Mat<f64>, Mat<f64>) {
+    pub(super) fn vjp(&self, pt: &Point, u: &Grad) -> (Mat<f64>, Mat<f64>) {
         let bsz = pt.x.nrows();
         let m = self.w.nrows();
         // adjoint of dDelta: X U_W^T + 1 u_b^T
@@ -142,7 +142,7 @@ impl TwoLayer {
         (dx, dr)
     }
 
-    fn weigh(&self, mut g: Grad) -> Grad {
+    pub(super) fn weigh(&self, mut g: Grad) -> Grad {
         let [ww, wb, wa, wc] = self.weights;
         g.w *= faer::Scale(ww);
         g.b *= faer::Scale(wb);
@@ -187,22 +187,24 @@ impl TwoLayer {
     /// Levenberg-Marquardt from `x0` and its best output residuals (the exact R-step).
     pub fn refine(&self, x0: &Mat<f64>, steps: usize) -> Result<Fit> {
         let r0 = self.r_step(x0, &self.pre(x0))?;
-        self.gauss_newton(x0, &r0, &[], steps)
+        self.gauss_newton(x0, &r0, &[], steps, DENSE_MAX_UNKNOWNS)
     }
 
     /// As [`Self::refine`], with the inputs of the samples flagged in `fixed` held.
     pub fn refine_holding(&self, x0: &Mat<f64>, fixed: &[bool], steps: usize) -> Result<Fit> {
         let r0 = self.r_step(x0, &self.pre(x0))?;
-        self.gauss_newton(x0, &r0, fixed, steps)
+        self.gauss_newton(x0, &r0, fixed, steps, DENSE_MAX_UNKNOWNS)
     }
 
-    /// Levenberg-Marquardt on the weighted objective from (x0, r0), at most `steps`.
+    /// Levenberg-Marquardt on the weighted objective from (x0, r0), at most `steps`; the
+    /// normal matrix is formed up to `dense_max` unknowns (else conjugate gradients).
     pub fn gauss_newton(
         &self,
         x0: &Mat<f64>,
         r0: &Mat<f64>,
         fixed: &[bool],
         steps: usize,
+        dense_max: usize,
     ) -> Result<Fit> {
         let n = self.entries();
         let mut pt = self.point(x0, r0);
@@ -221,7 +223,7 @@ impl TwoLayer {
                     cx[(i, c)] = f64::INFINITY;
                 }
             }
-            let dense = (pt.x.ncols() + pt.r.ncols()) * pt.x.nrows() <= DENSE_MAX_UNKNOWNS;
+            let dense = (pt.x.ncols() + pt.r.ncols()) * pt.x.nrows() <= dense_max;
             let nmat = dense.then(|| self.normal_matrix(&pt));
             let mut accepted = false;
             for _ in 0..8 {
@@ -234,13 +236,6 @@ impl TwoLayer {
                 };
                 let cand = self.point(&(&pt.x + &px), &(&pt.r + &pr));
                 let fc = self.weighted_norm2(&self.residual(&cand));
-                if std::env::var("GL_DEBUG").is_ok() {
-                    eprintln!(
-                        "gn it {it} lambda {lambda:e} f {:.6} fc {:.6}",
-                        f / n,
-                        fc / n
-                    );
-                }
                 if fc.is_finite() && fc < f {
                     let gain = (f - fc) / f.max(f64::MIN_POSITIVE);
                     pt = cand;
@@ -369,7 +364,7 @@ impl TwoLayer {
     /// m-vectors (u_ic = act''(z_i) o w_c o p_i, v_ic = act'(z_i) o w_c,
     /// a_ik = act'(z_i) o A_k, delta_i, h_i) with x_i, e_c or r_i, so its entries are
     /// Gram products of those vectors.
-    fn normal_matrix(&self, pt: &Point) -> Mat<f64> {
+    pub(super) fn normal_matrix(&self, pt: &Point) -> Mat<f64> {
         let [ww, wb, wa, wc] = self.weights;
         let (bsz, m) = pt.delta.shape();
         let (d, k) = (self.w.ncols(), self.a.nrows());

@@ -17,6 +17,8 @@ pub mod alternating;
 pub mod block;
 pub mod complete;
 pub mod consistent;
+#[cfg(test)]
+mod deficient_basin;
 pub mod gauss_newton;
 pub mod likelihood;
 pub mod local_steps;

@@ -211,8 +211,10 @@ pub fn apply(
                  relations. The {found} found samples each lie outside the span of the others; \
                  the {} missing ones are linear combinations of one another, so their signals \
                  are not in the first layer's column space one by one and the span search \
-                 cannot separate them (a joint solve of every layer's equations needs starts \
-                 it does not have)",
+                 cannot separate them. A joint solve of every layer's equations is not run \
+                 here: with free output residuals it reaches them only from starts within \
+                 about 1 % of the truth (measured on digits; with cross-entropy labels tied \
+                 in, from much further: docs/EXPERIMENTS.md)",
                 b - sub.batch,
                 b.saturating_sub(found)
             ));
