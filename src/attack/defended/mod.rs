@@ -74,13 +74,15 @@ pub fn refine_found(
         return Ok(rec);
     };
     let (m, d, k) = (view.width(), view.input_dim(), view.outputs());
+    let (mut two_layer, mut reduction) = (None, None);
     if view.depth() == 1
         && let Some(r) = reduced::rank(m, d, k, b)
         && let Ok(tl) = alternating::TwoLayer::new(view, &errors.weights())
     {
         // the fit in the row space needs every sample right: wrong zeros out, the
         // missing searched for in the residual gradient
-        let (dropped, added) = reseek::reseek(view, cfg, &tl, r, &mut rec)?;
+        let red = reduced::Reduction::new(&tl, r, cfg.seed)?;
+        let (dropped, added) = reseek::reseek(view, cfg, &tl, &red, &mut rec)?;
         let dd = &mut rec.diagnostics.defended;
         dd.insert("prior_dropped".into(), dropped.into());
         dd.insert("residual_found".into(), added.into());
@@ -90,23 +92,27 @@ pub fn refine_found(
                  the residual gradient"
             ));
         }
+        (two_layer, reduction) = (Some(tl), Some(red));
     }
-    let rec = joint_fit(view, cfg, rec, &errors, false)?;
+    let rec = joint_fit(view, cfg, rec, &errors, false, two_layer, reduction)?;
     consistent::refine(view, cfg, rec)
 }
 
 /// Refine `rec`'s samples jointly on the weighted gradient equations (two layers: by
 /// Gauss-Newton, seeding the samples the exact route missed from the residual; deeper:
-/// by L-BFGS).
+/// by L-BFGS). `two_layer` and `reduction`, when the caller has them, are this view's
+/// problem and its row-space restriction (built here otherwise).
 fn joint_fit(
     view: &ServerView,
     cfg: &AttackConfig,
     mut rec: Reconstruction,
     errors: &likelihood::ErrorModel,
     hold_found: bool,
+    two_layer: Option<alternating::TwoLayer>,
+    reduction: Option<reduced::Reduction>,
 ) -> Result<Reconstruction> {
     let t0 = std::time::Instant::now();
-    let two_layer = alternating::TwoLayer::new(view, &errors.weights()).ok();
+    let two_layer = two_layer.or_else(|| alternating::TwoLayer::new(view, &errors.weights()).ok());
     let (samples, stats) = match &two_layer {
         Some(tl) => {
             let d = view.input_dim();
@@ -119,7 +125,10 @@ fn joint_fit(
                     rec.diagnostics
                         .defended
                         .insert("likelihood_row_space".into(), r.into());
-                    let red = reduced::Reduction::new(tl, r, cfg.seed)?;
+                    let red = match reduction.filter(|red| red.v.ncols() == r) {
+                        Some(red) => red,
+                        None => reduced::Reduction::new(tl, r, cfg.seed)?,
+                    };
                     let out = red.fit(tl, xs, missing, cfg.seed)?;
                     if !(out.0.objective <= reduced::ACCEPT) {
                         let d = &mut rec.diagnostics.defended;
@@ -331,7 +340,7 @@ pub fn complete_then_attack(view: &ServerView, cfg: &AttackConfig) -> Result<Rec
         let errors = likelihood::ErrorModel {
             variance: vec![(1.0, 1.0), (f64::INFINITY, f64::INFINITY)],
         };
-        rec = joint_fit(&reduced, cfg, rec, &errors, true)?;
+        rec = joint_fit(&reduced, cfg, rec, &errors, true, None, None)?;
     }
     if rec.samples.len() == rec.batch_estimated && rec.samples.iter().any(|s| !s.exact) {
         // the completion need not be the gradient off the mask: refit on what was received

@@ -16,9 +16,8 @@ use super::alternating::{Fit, TwoLayer};
 use super::gauss_newton;
 use crate::Result;
 
-/// Directions of the row space beyond the batch size.
-pub const EXTRA: usize = 0;
-/// Power iterations of the randomized range finder for V.
+/// Oversampling and power iterations of the randomized range finder for V.
+const OVERSAMPLE: usize = 10;
 const POWER: usize = 3;
 /// Alternating iterations (R-step, then the X-step in all d coordinates) after the
 /// reduced fit: the noise tilts the estimated row space, most in its weakest direction.
@@ -42,23 +41,29 @@ pub struct Reduction {
 /// The rank r of the reduced fit when the full joint fit of `b` samples is over budget
 /// (`gauss_newton::over_budget`) and the reduced one is dense; None otherwise.
 pub fn rank(m: usize, d: usize, k: usize, b: usize) -> Option<usize> {
-    let r = b + EXTRA;
     (gauss_newton::over_budget(m, d, k, b).is_some()
-        && r < d
-        && b * (r + k) <= gauss_newton::DENSE_MAX_UNKNOWNS)
-        .then_some(r)
+        && b < d
+        && b * (b + k) <= gauss_newton::DENSE_MAX_UNKNOWNS)
+        .then_some(b)
 }
 
-/// The top `r` right singular directions of `g` (m x d) by a randomized range finder.
-pub fn row_space(g: &Mat<f64>, r: usize, seed: u64) -> Result<Mat<f64>> {
+/// The top `r` right singular directions of `g` (m x d) by a randomized range finder
+/// (`oversample` extra columns, `power` power iterations, a seeded Gaussian start).
+pub(super) fn range_finder(
+    g: &Mat<f64>,
+    r: usize,
+    oversample: usize,
+    power: usize,
+    seed: u64,
+) -> Result<Mat<f64>> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
     let d = g.ncols();
-    let p = (r + 10).min(d);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x00e5_11ce);
+    let p = (r + oversample).min(d);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let omega = Mat::<f64>::from_fn(d, p, |_, _| StandardNormal.sample(&mut rng));
     let mut y = g * &omega;
-    for _ in 0..POWER {
+    for _ in 0..power {
         let qy = y.qr().compute_thin_Q();
         let qz = (g.transpose() * &qy).qr().compute_thin_Q();
         y = g * &qz;
@@ -74,7 +79,7 @@ pub fn row_space(g: &Mat<f64>, r: usize, seed: u64) -> Result<Mat<f64>> {
 impl Reduction {
     /// Restrict `tl` to its observed first-layer gradient's top-`r` row space.
     pub fn new(tl: &TwoLayer, r: usize, seed: u64) -> Result<Self> {
-        let v = row_space(&tl.ow, r, seed)?;
+        let v = range_finder(&tl.ow, r, OVERSAMPLE, POWER, seed ^ 0x00e5_11ce)?;
         Ok(Self::on(tl, v))
     }
 
@@ -130,16 +135,7 @@ impl Reduction {
             iterations: fit.iterations,
         };
         let start = self.full_objective(full, start);
-        if LIFT_ITERATIONS == 0 {
-            return Ok((lifted, filled, start));
-        }
         let alt = full.fit(&lifted.x, LIFT_ITERATIONS, 0.0)?;
-        if std::env::var("GL_DEBUG").is_ok() {
-            eprintln!(
-                "reduced: start {start:.6} reduced fit {:.6} ({} steps) lifted {:.6}",
-                lifted.objective, lifted.iterations, alt.objective
-            );
-        }
         Ok(if alt.objective < lifted.objective {
             (
                 Fit {

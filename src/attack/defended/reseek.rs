@@ -14,6 +14,7 @@
 use faer::{Col, Mat};
 
 use super::alternating::TwoLayer;
+use super::reduced::Reduction;
 use crate::Result;
 use crate::attack::view::Rows;
 use crate::attack::{AttackConfig, Reconstruction, Sample, ServerView};
@@ -43,7 +44,7 @@ pub fn reseek(
     view: &ServerView,
     cfg: &AttackConfig,
     tl: &TwoLayer,
-    rank: usize,
+    red: &Reduction,
     rec: &mut Reconstruction,
 ) -> Result<(usize, usize)> {
     let Some(prior) = cfg.prior.filter(|p| p.min.is_finite() && p.max.is_finite()) else {
@@ -67,8 +68,14 @@ pub fn reseek(
     known.noise_std = cfg.noise_std.or(view.noise_std);
     let sub = crate::attack::subspace::estimate(&res, &known.subspace_options())?;
     let found = crate::attack::exact::route::attack_on(&res, &known, &sub)?;
-    let new: Vec<Sample> = found.samples.into_iter().filter(inside).collect();
-    let added = choose(tl, rank, &rec.samples, new, q, cfg.seed)?;
+    // found on a residual that holds the other samples' errors: never exact
+    let new: Vec<Sample> = found
+        .samples
+        .into_iter()
+        .filter(inside)
+        .map(|s| Sample { exact: false, ..s })
+        .collect();
+    let added = choose(red, &rec.samples, new, q)?;
     let n = added.len();
     rec.samples.extend(added);
     Ok((dropped, n))
@@ -79,21 +86,13 @@ pub fn reseek(
 /// other as a found sample's second estimate is to it (measured: relative distance
 /// 0.09-0.11 for two missing photos, 0.02-0.31 for repeats), so no distance tells them
 /// apart. The likelihood does: q times, the candidate whose addition lowers the weighted
-/// objective most (output residuals by the R-step, in the row space of rank `rank`).
-fn choose(
-    tl: &TwoLayer,
-    rank: usize,
-    found: &[Sample],
-    cands: Vec<Sample>,
-    q: usize,
-    seed: u64,
-) -> Result<Vec<Sample>> {
+/// objective most (output residuals by the R-step, in the row space of `red`).
+fn choose(red: &Reduction, found: &[Sample], cands: Vec<Sample>, q: usize) -> Result<Vec<Sample>> {
     if cands.is_empty() {
         return Ok(cands);
     }
-    let red = super::reduced::Reduction::new(tl, rank, seed)?;
     let rt = &red.tl;
-    let d = tl.w.ncols();
+    let d = red.v.nrows();
     let rows = |s: &[&Sample]| red.project(&Mat::from_fn(s.len(), d, |i, j| s[i].x[j]));
     let score = |set: &[&Sample]| -> Result<f64> {
         let c = rows(set);

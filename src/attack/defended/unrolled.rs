@@ -562,25 +562,7 @@ impl LocalFit {
 /// An orthonormal basis (d x B) of the row space of `g` (m x d, rank B): randomized
 /// range finder with oversampling and two power iterations (exact for rank B).
 pub(super) fn row_space(g: &Mat<f64>, batch: usize) -> Result<Mat<f64>> {
-    use rand::SeedableRng;
-    use rand_distr::{Distribution, StandardNormal};
-    let d = g.ncols();
-    let p = (batch + 6).min(d);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x10ca_157e);
-    let omega = Mat::<f64>::from_fn(d, p, |_, _| StandardNormal.sample(&mut rng));
-    let mut y = g * &omega;
-    for _ in 0..2 {
-        let qy = y.qr().compute_thin_Q();
-        let z = g.transpose() * &qy;
-        let qz = z.qr().compute_thin_Q();
-        y = g * &qz;
-    }
-    let qy = y.qr().compute_thin_Q();
-    let bt = g.transpose() * &qy; // d x p
-    let svd = bt
-        .thin_svd()
-        .map_err(|_| Error::Numerical("row space of the local-steps update".into()))?;
-    Ok(svd.U().subcols(0, batch.min(p)).to_owned())
+    super::reduced::range_finder(g, batch, 6, 2, 0x10ca_157e)
 }
 
 /// The entries of `m` column by column.
