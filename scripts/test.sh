@@ -14,7 +14,9 @@ PY="$VENV/bin/python"
 if ! "$PY" -c "import torch, opacus, flwr, distributed, pytest, maturin, numpy" 2>/dev/null; then
   [ -x "$PY" ] || python3 -m venv "$VENV"
   t0=$(date +%s)
-  "$PY" -m pip install --quiet -r python/requirements-test.txt
+  # torch's CUDA build needs about 9 GB free while it installs (wheels + unpacked)
+  echo "test.sh: installing the Python test requirements; free disk: $(df -h --output=avail "$(dirname "$VENV")" | tail -1)" >&2
+  "$PY" -m pip install --quiet --no-cache-dir -r python/requirements-test.txt
   echo "test.sh: installed the Python test requirements in $(( $(date +%s) - t0 )) s" >&2
 fi
 t0=$(date +%s)
