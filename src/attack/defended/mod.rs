@@ -24,6 +24,7 @@ pub mod likelihood;
 pub mod local_steps;
 pub mod masked;
 mod one_step;
+pub mod polish;
 pub mod quantized;
 pub mod reduced;
 pub mod reseek;
@@ -82,7 +83,7 @@ pub fn refine_found(
         // the fit in the row space needs every sample right: wrong zeros out, the
         // missing searched for in the residual gradient
         let red = reduced::Reduction::new(&tl, r, cfg.seed)?;
-        let (dropped, added) = reseek::reseek(view, cfg, &tl, &red, &mut rec)?;
+        let (dropped, added, _rest) = reseek::reseek(view, cfg, &tl, &red, &mut rec)?;
         let dd = &mut rec.diagnostics.defended;
         dd.insert("prior_dropped".into(), dropped.into());
         dd.insert("residual_found".into(), added.into());
