@@ -254,7 +254,7 @@ fn squared_difference<T: Real>(a: faer::MatRef<'_, T>, b: faer::MatRef<'_, f64>)
     s
 }
 
-fn closure_in(
+pub(crate) fn closure_in(
     dtype: Dtype,
     model: &Mlp<f64>,
     grad: &Gradient<f64>,
@@ -389,7 +389,7 @@ pub fn certify(
 }
 
 /// Closure with r_i from the known loss (cross-entropy, labels recovered): no free residuals.
-fn loss_closure(
+pub(crate) fn loss_closure(
     dtype: Dtype,
     mlp: &Mlp<f64>,
     grad: &Gradient<f64>,
