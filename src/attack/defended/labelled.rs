@@ -38,6 +38,11 @@ pub const START_NOISE: f64 = 0.1;
 pub const MAX_UNKNOWNS: usize = 6000;
 /// The fit stops once its relative closure is this fraction of the tolerance.
 pub const STOP_FRACTION: f64 = 0.1;
+/// Label counts B (p_k - O_c[k]) must round to integers within this for B to be a
+/// candidate (digits B = 64 seeds 1-3: 0.12 at the true B, the next size 0.17-0.21).
+pub const COUNT_TOL: f64 = 0.25;
+/// Batch sizes tried when no exact sample tells B (each a full fit).
+pub const B_TRIES: usize = 2;
 
 /// Cross-entropy residuals r_i = (softmax(A act(W x_i + b) + c) - e_{y_i}) / B (no e
 /// term where y_i = usize::MAX) and their derivatives dr_i / dx_i (K x d each):
@@ -232,9 +237,106 @@ fn refusal(view: &ServerView, cfg: &AttackConfig, b: usize, nf: usize) -> Option
     None
 }
 
+/// Batch sizes above the rank whose label counts B (p_k - O_c[k]) (p the softmax at the
+/// prior image) all round to integers >= 0, best first, with their largest distance
+/// from an integer (at most `COUNT_TOL`): B when no exact sample tells it.
+pub(super) fn batch_candidates(
+    tl: &TwoLayer,
+    c: &Col<f64>,
+    prior: &Mat<f64>,
+    sizes: std::ops::RangeInclusive<usize>,
+) -> Vec<(usize, f64)> {
+    let (r, _) = ce_residuals(tl, c, &[usize::MAX], prior);
+    let k = r.ncols();
+    let mut out: Vec<(usize, f64)> = sizes
+        .filter_map(|b| {
+            let mut off: f64 = 0.0;
+            for kk in 0..k {
+                let v = b as f64 * (r[(0, kk)] - tl.oc[kk]);
+                if v.round() < 0.0 {
+                    return None;
+                }
+                off = off.max((v - v.round()).abs());
+            }
+            (off <= COUNT_TOL).then_some((b, off))
+        })
+        .collect();
+    out.sort_by(|p, q| p.1.total_cmp(&q.1));
+    out
+}
+
+/// One fit of `b` samples and its closure.
+struct Attempt {
+    fit: JointFit,
+    counts: Vec<usize>,
+    /// Per-layer and overall closure of the fitted X (free R), when computable.
+    closure: Option<(Vec<f64>, f64)>,
+    loss_closure: Option<f64>,
+    seconds: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attempt(
+    view: &ServerView,
+    cfg: &AttackConfig,
+    tl: &TwoLayer,
+    c: &Col<f64>,
+    b: usize,
+    free: &[usize],
+    mean: &[f64],
+    tol: f64,
+) -> Result<std::result::Result<Attempt, String>> {
+    let t0 = std::time::Instant::now();
+    let d = view.input_dim();
+    // starts: the prior image plus noise, blank coordinates 0
+    let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let scale = if norm > 0.0 {
+        norm / (d as f64).sqrt()
+    } else {
+        cfg.prior.map_or(1.0, |p| p.std)
+    };
+    let mut rng = salted(cfg.seed, Salt::JointStarts);
+    let x0 = Mat::from_fn(b, d, |_, j| {
+        let n: f64 = StandardNormal.sample(&mut rng);
+        if free.contains(&j) {
+            mean[j] + START_NOISE * scale * n
+        } else {
+            0.0
+        }
+    });
+    let (counts, off) = label_counts(tl, c, &x0);
+    let total: usize = counts.iter().sum();
+    if total != b {
+        return Ok(Err(format!(
+            "the label counts read off the output-bias gradient at the starts, {counts:?}, sum \
+             to {total}, not B = {b} (largest distance from an integer {off:.2})"
+        )));
+    }
+    let labels: Vec<usize> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &n)| std::iter::repeat_n(k, n))
+        .collect();
+    let mlp = view.model()?;
+    let grad = view.gradient()?;
+    let fit = fit(tl, c, &labels, x0, free, STEPS, STOP_FRACTION * tol);
+    let closure = certificate::closure_in(view.dtype, &mlp, &grad, &fit.x, None)
+        .map(|(per, all, _)| (per, all));
+    let loss_closure =
+        certificate::loss_closure(view.dtype, &mlp, &grad, &fit.x, &fit.r, Some(Loss::Ce));
+    Ok(Ok(Attempt {
+        fit,
+        counts,
+        closure,
+        loss_closure,
+        seconds: t0.elapsed().as_secs_f64(),
+    }))
+}
+
 /// After the exact route on rank-deficient inputs (`zero_coordinates` blank in every
-/// sample, the batch `rec.batch_estimated` larger than the rank): the labelled joint
-/// fit of all B samples; its samples replace the route's when the batch closes.
+/// sample, the rank at the inputs' limit): the labelled joint fit of all B samples, B as
+/// the route read it or, when nothing told it, the best [`batch_candidates`] (up to
+/// `B_TRIES` of them); its samples replace the route's when the batch closes.
 pub fn run(
     view: &ServerView,
     cfg: &AttackConfig,
@@ -242,13 +344,22 @@ pub fn run(
     zero_coordinates: &[usize],
     rec: &mut Reconstruction,
 ) -> Result<()> {
-    let b = rec.batch_estimated;
-    if zero_coordinates.is_empty() || b <= sub.batch || rec.samples.len() >= b {
+    let d = view.input_dim();
+    let known = rec.batch_estimated > sub.batch;
+    let at_limit = sub.batch + zero_coordinates.len() > d;
+    if zero_coordinates.is_empty()
+        || !(known || at_limit)
+        || rec.samples.len() >= rec.batch_estimated
+    {
         return Ok(());
     }
-    let d = view.input_dim();
     let free: Vec<usize> = (0..d).filter(|c| !zero_coordinates.contains(c)).collect();
-    if let Some(why) = refusal(view, cfg, b, free.len()) {
+    let b_max = if known {
+        rec.batch_estimated
+    } else {
+        sub.batch + 1
+    };
+    if let Some(why) = refusal(view, cfg, b_max, free.len()) {
         rec.diagnostics
             .defended
             .insert("joint_skipped".into(), true.into());
@@ -264,89 +375,118 @@ pub fn run(
             mean.len()
         )));
     }
-    let t0 = std::time::Instant::now();
     let tl = TwoLayer::new(view, &[(1.0, 1.0), (1.0, 1.0)])?;
     let c = view.upper[0]
         .bias
         .clone()
         .unwrap_or_else(|| Col::zeros(view.outputs()));
-    // starts: the prior image plus noise, blank coordinates 0
-    let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let scale = if norm > 0.0 {
-        norm / (d as f64).sqrt()
+    let sizes: Vec<usize> = if known {
+        vec![rec.batch_estimated]
     } else {
-        cfg.prior.map_or(1.0, |p| p.std)
-    };
-    let mut rng = salted(cfg.seed, Salt::JointStarts);
-    let x0 = Mat::from_fn(b, d, |_, j| {
-        let n: f64 = StandardNormal.sample(&mut rng);
-        if zero_coordinates.contains(&j) {
-            0.0
-        } else {
-            mean[j] + START_NOISE * scale * n
-        }
-    });
-    let (counts, off) = label_counts(&tl, &c, &x0);
-    let total: usize = counts.iter().sum();
-    let dd = &mut rec.diagnostics.defended;
-    dd.insert("joint_label_counts".into(), counts.clone().into());
-    dd.insert("joint_label_count_offset".into(), off.into());
-    if total != b {
+        let prior = Mat::from_fn(1, d, |_, j| if free.contains(&j) { mean[j] } else { 0.0 });
+        let cand = batch_candidates(&tl, &c, &prior, sub.batch + 1..=MAX_UNKNOWNS / free.len());
+        let shown: Vec<String> = cand
+            .iter()
+            .take(3)
+            .map(|(b, o)| format!("{b} ({o:.2})"))
+            .collect();
+        rec.diagnostics.defended.insert(
+            "joint_batch_candidates".into(),
+            cand.iter()
+                .take(B_TRIES)
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+                .into(),
+        );
         rec.notes.push(format!(
-            "the labelled joint fit is not run: the label counts read off the output-bias \
-             gradient at the starts, {counts:?}, sum to {total}, not B = {b} (largest distance \
-             from an integer {off:.2})"
+            "B is not told by an exact sample; the sizes whose label counts B (softmax at the \
+             prior image - O_c) round best (largest distance from an integer): {}",
+            if shown.is_empty() {
+                "none within 0.25".into()
+            } else {
+                shown.join(", ")
+            }
         ));
-        return Ok(());
-    }
-    let labels: Vec<usize> = counts
-        .iter()
-        .enumerate()
-        .flat_map(|(k, &n)| std::iter::repeat_n(k, n))
-        .collect();
+        cand.into_iter().take(B_TRIES).map(|p| p.0).collect()
+    };
     let mlp = view.model()?;
-    let grad = view.gradient()?;
     let u = view.dtype.epsilon() / 2.0;
-    let tol = CLOSURE_FACTOR * u * (certificate::path_length(&mlp, b) as f64).sqrt();
-    let jf = fit(&tl, &c, &labels, x0, &free, STEPS, STOP_FRACTION * tol);
-    let closure = certificate::closure_in(view.dtype, &mlp, &grad, &jf.x, None);
-    let loss_closure =
-        certificate::loss_closure(view.dtype, &mlp, &grad, &jf.x, &jf.r, Some(Loss::Ce));
-    let closure_value = closure.as_ref().map_or(f64::NAN, |c| c.1);
-    let closed = closure_value <= tol;
-    let seconds = t0.elapsed().as_secs_f64();
-    let dd = &mut rec.diagnostics.defended;
-    dd.insert("joint_steps".into(), jf.steps.into());
-    dd.insert("joint_start_closure".into(), jf.start.into());
-    dd.insert("joint_fit_closure".into(), jf.end.into());
-    dd.insert("joint_closure".into(), closure_value.into());
-    dd.insert("joint_accepted".into(), closed.into());
-    dd.insert("joint_seconds".into(), seconds.into());
-    let how = format!(
-        "Levenberg-Marquardt in the inputs with R tied to them by cross-entropy and the label \
-         counts {counts:?} read off the output-bias gradient, from the prior mean image plus \
-         {:.0} % noise; {} steps, relative closure {:.1e} -> {:.1e}, {seconds:.1} s",
-        100.0 * START_NOISE,
-        jf.steps,
-        jf.start,
-        jf.end
-    );
-    let Some((per, all, _)) = closure.filter(|_| closed) else {
-        let why = if jf.stalled {
+    let mut tried = Vec::new();
+    for b in sizes {
+        let tol = CLOSURE_FACTOR * u * (certificate::path_length(&mlp, b) as f64).sqrt();
+        let at = match attempt(view, cfg, &tl, &c, b, &free, mean, tol)? {
+            Ok(at) => at,
+            Err(why) => {
+                tried.push(format!("B = {b}: not run, {why}"));
+                continue;
+            }
+        };
+        let closure_value = at.closure.as_ref().map_or(f64::NAN, |c| c.1);
+        let dd = &mut rec.diagnostics.defended;
+        dd.insert("joint_batch".into(), b.into());
+        dd.insert("joint_label_counts".into(), at.counts.clone().into());
+        dd.insert("joint_steps".into(), at.fit.steps.into());
+        dd.insert("joint_start_closure".into(), at.fit.start.into());
+        dd.insert("joint_fit_closure".into(), at.fit.end.into());
+        dd.insert("joint_closure".into(), closure_value.into());
+        dd.insert("joint_seconds".into(), at.seconds.into());
+        let how = format!(
+            "B = {b}, Levenberg-Marquardt in the inputs with R tied to them by cross-entropy and \
+             the label counts {:?} read off the output-bias gradient, from the prior mean image \
+             plus {:.0} % noise; {} steps, relative closure {:.1e} -> {:.1e}, {:.1} s",
+            at.counts,
+            100.0 * START_NOISE,
+            at.fit.steps,
+            at.fit.start,
+            at.fit.end,
+            at.seconds
+        );
+        if closure_value <= tol {
+            dd.insert("joint_accepted".into(), true.into());
+            accept(view, cfg, sub, rec, at, b, tol, &how)?;
+            return Ok(());
+        }
+        let why = if at.fit.stalled {
             "it stalled (no damped step lowers the objective): a local minimum, the start \
-             outside its basin or the label counts wrong"
+             outside its basin, the label counts or B wrong"
         } else {
             "its step budget ran out"
         };
-        rec.notes.push(format!(
-            "the labelled joint fit of every layer's equations ({how}) does not reproduce the \
-             gradient (closure {closure_value:.1e} > tolerance {tol:.1e}): {why}; none of its \
-             samples is kept and the {} samples in linear relations stay missing",
-            b - rec.samples.len()
+        tried.push(format!(
+            "{how}: closure {closure_value:.1e} > tolerance {tol:.1e}, {why}"
         ));
-        return Ok(());
-    };
+    }
+    rec.diagnostics
+        .defended
+        .insert("joint_accepted".into(), false.into());
+    rec.notes.push(format!(
+        "the labelled joint fit of every layer's equations does not reproduce the gradient \
+         ({}); none of its samples is kept, and the samples in linear relations stay missing",
+        if tried.is_empty() {
+            "no batch size to try".into()
+        } else {
+            tried.join("; ")
+        }
+    ));
+    Ok(())
+}
+
+/// The fit closed: its samples replace the route's, certified by the batch closure.
+#[allow(clippy::too_many_arguments)]
+fn accept(
+    view: &ServerView,
+    cfg: &AttackConfig,
+    sub: &Subspace,
+    rec: &mut Reconstruction,
+    at: Attempt,
+    b: usize,
+    tol: f64,
+    how: &str,
+) -> Result<()> {
+    let d = view.input_dim();
     let k = view.outputs();
+    let (per, all) = at.closure.unwrap_or_default();
+    let jf = at.fit;
     let samples: Vec<Sample> = (0..b)
         .map(|i| Sample {
             x: (0..d).map(|j| jf.x[(i, j)]).collect(),
@@ -367,7 +507,7 @@ pub fn run(
         .map(|(layer, residual)| crate::attack::evidence::LayerClosure { layer, residual })
         .collect();
     cert.closure_tolerance = tol;
-    cert.loss_closure_residual = loss_closure;
+    cert.loss_closure_residual = at.loss_closure;
     cert.split_residual = None;
     cert.split_tolerance = None;
     cert.part_certified = false;
@@ -403,157 +543,12 @@ pub fn run(
          the batch reproduces the gradient to {all:.1e} (tolerance {tol:.1e}): exact up to the \
          order of the samples"
     ));
+    rec.batch_estimated = b;
     rec.samples = samples;
     certificate::apply(rec, cert);
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use faer::Mat;
-    use rand::SeedableRng;
-    use rand_distr::{Distribution, StandardNormal};
-
-    use super::*;
-    use crate::Dtype;
-    use crate::attack::Method;
-    use crate::model::{Activation, Init, InitConfig, Mlp, Targets};
-
-    /// A two-layer net with `d` inputs, `m` neurons and 3 classes, and a batch whose
-    /// last two coordinates are 0 in every sample, row 7 (when B = 8) a mixture of rows 0-2.
-    fn case(act: Activation, d: usize, m: usize, b: usize) -> (ServerView, Mat<f64>, Vec<usize>) {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let k = 3;
-        let model: Mlp<f64> = InitConfig {
-            input_dim: d,
-            width: m,
-            hidden: 16,
-            depth: 1,
-            outputs: k,
-            init: Init::TorchDefault,
-            activation: act,
-            prior_mean: 0.0,
-            prior_sq_norm: d as f64,
-            prior_centred_sq_norm: d as f64,
-        }
-        .build(&mut rng)
-        .unwrap();
-        let mut x = Mat::from_fn(b, d, |_, j| {
-            if j < d - 2 {
-                StandardNormal.sample(&mut rng)
-            } else {
-                0.0
-            }
-        });
-        if b == 8 {
-            for j in 0..d {
-                x[(7, j)] = 0.5 * x[(0, j)] + 0.3 * x[(1, j)] + 0.2 * x[(2, j)];
-            }
-        }
-        let y: Vec<usize> = (0..b).map(|i| i % k).collect();
-        let g = model
-            .gradient(x.as_ref(), &Targets::Classes(y.clone()), Loss::Ce)
-            .unwrap();
-        let view = ServerView::from_memory(&model, &g, Dtype::F64).unwrap();
-        (view, x, y)
-    }
-
-    /// dr_i/dx_i of every smooth activation against central differences (truncation
-    /// ~h^2, rounding ~eps/h: 1e-7 of the derivative's size leaves room for both), and
-    /// no sample's residual moving with another's input.
-    #[test]
-    fn residual_derivatives_match_central_differences() {
-        for act in [
-            Activation::Tanh,
-            Activation::Sigmoid,
-            Activation::Gelu,
-            Activation::Silu,
-            Activation::Softplus,
-        ] {
-            let (view, x, y) = case(act, 5, 30, 3);
-            let tl = TwoLayer::new(&view, &[(1.0, 1.0), (1.0, 1.0)]).unwrap();
-            let c = view.upper[0].bias.clone().unwrap();
-            let (_, t) = ce_residuals(&tl, &c, &y, &x);
-            let h = 1e-5;
-            for i in 0..3 {
-                let size = t[i].norm_l2();
-                for j in 0..5 {
-                    let (mut xp, mut xm) = (x.clone(), x.clone());
-                    xp[(i, j)] += h;
-                    xm[(i, j)] -= h;
-                    let fd = (ce_residuals(&tl, &c, &y, &xp).0 - ce_residuals(&tl, &c, &y, &xm).0)
-                        * (0.5 / h);
-                    for i2 in 0..3 {
-                        for kk in 0..3 {
-                            let want = if i2 == i { t[i][(kk, j)] } else { 0.0 };
-                            let err = (fd[(i2, kk)] - want).abs();
-                            assert!(
-                                err <= 1e-7 * size,
-                                "{act} x[{i},{j}] -> r[{i2},{kk}]: {err:e}"
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// At the client's inputs sum_i softmax(x_i) - B O_c is the label histogram exactly
-    /// (up to rounding); at other inputs the reading is off.
-    #[test]
-    fn label_counts_at_the_truth_are_the_histogram() {
-        let (view, x, _) = case(Activation::Tanh, 8, 400, 8);
-        let tl = TwoLayer::new(&view, &[(1.0, 1.0), (1.0, 1.0)]).unwrap();
-        let c = view.upper[0].bias.clone().unwrap();
-        let (counts, off) = label_counts(&tl, &c, &x);
-        assert_eq!(counts, vec![3, 3, 2]);
-        assert!(off < 1e-12, "{off:e}");
-        let (_, off) = label_counts(&tl, &c, &(&x * 0.0));
-        assert!(off > 1e-6, "{off:e}");
-    }
-
-    /// The route on B = 8 inputs of rank 7 (two blank coordinates, one linear relation):
-    /// the span search finds the 4 samples outside the relation; with a prior image the
-    /// labelled joint fit recovers all 8 to 1e-8 with their labels, certified by the
-    /// batch closure; without one the report says why it did not run.
-    #[test]
-    fn the_joint_fit_recovers_samples_in_a_linear_relation() {
-        let (view, x, y) = case(Activation::Tanh, 8, 400, 8);
-        let mut cfg = AttackConfig::new(Method::Span, 1);
-        cfg.loss = Some(Loss::Ce);
-        cfg.search.max_starts = 60;
-        let rec = crate::attack::exact::route::attack(&view, &cfg).unwrap();
-        assert_eq!(rec.samples.len(), 4, "{:?}", rec.notes);
-        assert!(
-            rec.notes
-                .iter()
-                .any(|n| n.contains("needs a public prior mean image")),
-            "{:?}",
-            rec.notes
-        );
-        let mean: Vec<f64> = (0..8).map(|j| x.col(j).iter().sum::<f64>() / 8.0).collect();
-        cfg.prior_image = Some(mean);
-        let rec = crate::attack::exact::route::attack(&view, &cfg).unwrap();
-        let m = crate::metrics::evaluate(&x, &rec.samples, None, 1e-8, Some(&y)).unwrap();
-        assert_eq!(
-            m.recovered_fraction, 1.0,
-            "{:e} {:?}",
-            m.max_rel_error, rec.notes
-        );
-        assert_eq!(m.label_accuracy, Some(1.0));
-        assert!(
-            rec.samples
-                .iter()
-                .all(|s| s.stage == Stage::Joint && s.exact)
-        );
-        let cert = rec.certificate.as_ref().unwrap();
-        assert!(cert.certified, "{}", cert.why);
-        assert_eq!(
-            rec.samples
-                .iter()
-                .map(|s| (s.x[6], s.x[7]))
-                .collect::<Vec<_>>(),
-            vec![(0.0, 0.0); 8]
-        );
-    }
-}
+#[path = "labelled_tests.rs"]
+mod tests;
