@@ -254,7 +254,7 @@ fn squared_difference<T: Real>(a: faer::MatRef<'_, T>, b: faer::MatRef<'_, f64>)
     s
 }
 
-fn closure_in(
+pub(crate) fn closure_in(
     dtype: Dtype,
     model: &Mlp<f64>,
     grad: &Gradient<f64>,
@@ -423,7 +423,7 @@ pub fn certify(
 
 /// Closure with r_i from the loss (cross-entropy, labels recovered): no free residuals.
 /// Without a known loss, cross-entropy when every fitted r_i has its signature.
-fn loss_closure(
+pub(crate) fn loss_closure(
     dtype: Dtype,
     mlp: &Mlp<f64>,
     grad: &Gradient<f64>,
