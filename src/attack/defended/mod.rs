@@ -25,6 +25,7 @@ pub mod likelihood;
 pub mod local_steps;
 pub mod masked;
 mod one_step;
+pub mod polish;
 pub mod quantized;
 pub mod reduced;
 pub mod reseek;
@@ -83,14 +84,24 @@ pub fn refine_found(
         // the fit in the row space needs every sample right: wrong zeros out, the
         // missing searched for in the residual gradient
         let red = reduced::Reduction::new(&tl, r, cfg.seed)?;
-        let (dropped, added) = reseek::reseek(view, cfg, &tl, &red, &mut rec)?;
+        let (dropped, added, rest) = reseek::reseek(view, cfg, &tl, &red, &mut rec)?;
+        // the sample the gradient needs least replaced by another candidate when that
+        // explains it better (a repeat of a found sample chosen for a missing one)
+        let (before, after, swaps) = polish::improve(&tl, &red, &mut rec, &rest)?;
         let dd = &mut rec.diagnostics.defended;
         dd.insert("prior_dropped".into(), dropped.into());
         dd.insert("residual_found".into(), added.into());
+        dd.insert("swaps".into(), swaps.into());
         if dropped + added > 0 {
             rec.notes.push(format!(
                 "{dropped} found samples outside the prior's box dropped; {added} found in \
                  the residual gradient"
+            ));
+        }
+        if swaps > 0 {
+            rec.notes.push(format!(
+                "{swaps} samples swapped for other residual-search candidates (weighted \
+                 residual per entry {before:.3e} -> {after:.3e} in the row space)"
             ));
         }
         (two_layer, reduction) = (Some(tl), Some(red));

@@ -39,16 +39,17 @@ pub fn outside(x: &[f64], min: f64, max: f64) -> f64 {
 }
 
 /// Drop the samples outside the prior's box, then search the residual gradient for the
-/// missing ones; returns how many were dropped and how many were added.
+/// missing ones; returns how many were dropped, how many were added, and the residual
+/// search's other candidates inside the box (for the swap test, `polish`).
 pub fn reseek(
     view: &ServerView,
     cfg: &AttackConfig,
     tl: &TwoLayer,
     red: &Reduction,
     rec: &mut Reconstruction,
-) -> Result<(usize, usize)> {
+) -> Result<(usize, usize, Vec<Sample>)> {
     let Some(prior) = cfg.prior.filter(|p| p.min.is_finite() && p.max.is_finite()) else {
-        return Ok((0, 0));
+        return Ok((0, 0, Vec::new()));
     };
     let inside = |s: &Sample| outside(&s.x, prior.min, prior.max) <= OUTSIDE_FRACTION;
     let before = rec.samples.len();
@@ -56,7 +57,7 @@ pub fn reseek(
     let dropped = before - rec.samples.len();
     let q = rec.batch_estimated.saturating_sub(rec.samples.len());
     if q == 0 || rec.samples.is_empty() {
-        return Ok((dropped, 0));
+        return Ok((dropped, 0, Vec::new()));
     }
     let d = view.input_dim();
     let xf = Mat::from_fn(rec.samples.len(), d, |i, j| rec.samples[i].x[j]);
@@ -75,10 +76,10 @@ pub fn reseek(
         .filter(inside)
         .map(|s| Sample { exact: false, ..s })
         .collect();
-    let added = choose(red, &rec.samples, new, q)?;
+    let (added, rest) = choose(red, &rec.samples, new, q)?;
     let n = added.len();
     rec.samples.extend(added);
-    Ok((dropped, n))
+    Ok((dropped, n, rest))
 }
 
 /// The residual search returns the found samples again (the residual holds their
@@ -87,9 +88,15 @@ pub fn reseek(
 /// 0.09-0.11 for two missing photos, 0.02-0.31 for repeats), so no distance tells them
 /// apart. The likelihood does: q times, the candidate whose addition lowers the weighted
 /// objective most (output residuals by the R-step, in the row space of `red`).
-fn choose(red: &Reduction, found: &[Sample], cands: Vec<Sample>, q: usize) -> Result<Vec<Sample>> {
+/// Returns the chosen candidates and the others.
+fn choose(
+    red: &Reduction,
+    found: &[Sample],
+    cands: Vec<Sample>,
+    q: usize,
+) -> Result<(Vec<Sample>, Vec<Sample>)> {
     if cands.is_empty() {
-        return Ok(cands);
+        return Ok((cands, Vec::new()));
     }
     let rt = &red.tl;
     let d = red.v.nrows();
@@ -114,7 +121,8 @@ fn choose(red: &Reduction, found: &[Sample], cands: Vec<Sample>, q: usize) -> Re
         pool = scored.iter().skip(1).take(SHORTLIST).map(|s| s.1).collect();
     }
     let mut cands: Vec<Option<Sample>> = cands.into_iter().map(Some).collect();
-    Ok(chosen.into_iter().filter_map(|c| cands[c].take()).collect())
+    let picked = chosen.into_iter().filter_map(|c| cands[c].take()).collect();
+    Ok((picked, cands.into_iter().flatten().collect()))
 }
 
 /// The view of O - G(X_f, R_f): the first-layer and output-layer gradients with the
