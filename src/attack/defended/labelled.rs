@@ -10,7 +10,7 @@
 //!
 //! are solved for X alone (the blank coordinates held at 0) by Levenberg-Marquardt on
 //! the chain-ruled normal matrix, from the public prior mean image plus noise, with the
-//! labels' multiset read off O_c: count_k = sum_i softmax_k(x_i) - B O_c[k]. The fit
+//! labels' multiset read off O_c: count_k = sum_i softmax_k(x_i) - B O_c(k). The fit
 //! finds the batch up to the order of its samples; it is kept only when the batch
 //! reproduces every layer's gradient to the certificate's closure tolerance.
 
@@ -38,7 +38,7 @@ pub const START_NOISE: f64 = 0.1;
 pub const MAX_UNKNOWNS: usize = 6000;
 /// The fit stops once its relative closure is this fraction of the tolerance.
 pub const STOP_FRACTION: f64 = 0.1;
-/// Label counts B (p_k - O_c[k]) must round to integers within this for B to be a
+/// Label counts B (p_k - O_c(k)) must round to integers within this for B to be a
 /// candidate (digits B = 64 seeds 1-3: 0.12 at the true B, the next size 0.17-0.21).
 pub const COUNT_TOL: f64 = 0.25;
 /// Batch sizes tried when no exact sample tells B (each a full fit).
@@ -335,7 +335,7 @@ fn attempt(
 
 /// After the exact route on rank-deficient inputs (`zero_coordinates` blank in every
 /// sample, the rank at the inputs' limit): the labelled joint fit of all B samples, B as
-/// the route read it or, when nothing told it, the best [`batch_candidates`] (up to
+/// the route read it or, when nothing told it, the best `batch_candidates` (up to
 /// `B_TRIES` of them); its samples replace the route's when the batch closes.
 pub fn run(
     view: &ServerView,
