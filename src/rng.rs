@@ -41,6 +41,8 @@ pub enum Salt {
     Dlg,
     /// IG's initialisation.
     Ig,
+    /// Starts of the labelled joint fit (rank-deficient inputs).
+    JointStarts,
 }
 
 impl Salt {
@@ -54,6 +56,7 @@ impl Salt {
             Salt::RefineNeurons => 0x002e_f12e,
             Salt::Dlg => 0x00d1_9d19,
             Salt::Ig => 0x0016_1616,
+            Salt::JointStarts => 0x0010_1e7f,
         }
     }
 }

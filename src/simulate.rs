@@ -189,6 +189,10 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
     if acfg.prior.is_none() {
         acfg.prior = Some(Prior::from(stats));
     }
+    if acfg.prior_image.is_none() && !matches!(cfg.data, crate::data::DataSpec::Gaussian { .. }) {
+        // a named data set's mean image is public (docs/DESIGN.md, "Rank-deficient inputs")
+        acfg.prior_image = Some(data.mean_image());
+    }
     if acfg.tensor.known_law.is_none() {
         acfg.tensor.known_law = Some(attack::law::WeightLaw::of_init(&init));
     }

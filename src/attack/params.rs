@@ -195,6 +195,9 @@ pub struct AttackConfig {
     pub(crate) seed: u64,
     /// Public prior over inputs (search starts, baselines' initialisation).
     pub(crate) prior: Option<Prior>,
+    /// Public per-coordinate prior mean (a data set's mean image): starts of the
+    /// labelled joint fit on rank-deficient inputs.
+    pub(crate) prior_image: Option<Vec<f64>>,
     /// The client's loss, when the server knows it (labels, baselines).
     pub(crate) loss: Option<Loss>,
     /// Known noise standard deviation per gradient entry (defences).
@@ -217,6 +220,7 @@ impl AttackConfig {
             batch: None,
             seed,
             prior: None,
+            prior_image: None,
             loss: None,
             noise_std: None,
             observer: None,
@@ -300,6 +304,12 @@ impl AttackParams {
     /// Public prior over input values (search starts, baselines).
     pub fn prior(mut self, prior: Prior) -> Self {
         self.0.prior = Some(prior);
+        self
+    }
+    /// Public prior mean per input coordinate (e.g. a data set's mean image): the
+    /// starts of the labelled joint fit when the inputs are rank-deficient.
+    pub fn prior_image(mut self, mean: Vec<f64>) -> Self {
+        self.0.prior_image = Some(mean);
         self
     }
     /// The client's loss, when known (label rules, baselines).
@@ -400,6 +410,11 @@ impl AttackParams {
             && !(p.std > 0.0 && p.std.is_finite() && p.mean.is_finite() && p.min < p.max)
         {
             return Err(param("prior", "needs std > 0, a finite mean and min < max"));
+        }
+        if let Some(img) = &c.prior_image
+            && (img.is_empty() || img.iter().any(|v| !v.is_finite()))
+        {
+            return Err(param("prior_image", "needs at least one value, all finite"));
         }
         let s = &c.search;
         if s.max_starts == 0 {

@@ -28,6 +28,8 @@ pub enum Stage {
     Ig,
     /// Refined jointly by maximum likelihood under a known defence error.
     Likelihood,
+    /// The labelled joint fit of every layer's equations (rank-deficient inputs).
+    Joint,
 }
 
 impl Stage {
@@ -41,6 +43,7 @@ impl Stage {
             Stage::Dlg => "dlg",
             Stage::Ig => "ig",
             Stage::Likelihood => "likelihood",
+            Stage::Joint => "joint",
         }
     }
 }

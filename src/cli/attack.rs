@@ -34,6 +34,10 @@ pub struct AttackArgs {
     /// Public prior over input values: mean=..,std=..,min=..,max=..
     #[arg(long)]
     prior: Option<String>,
+    /// Public prior mean image (.npy, 1 x d; n x d gives the mean of its rows): starts of
+    /// the labelled joint fit when the inputs are rank-deficient.
+    #[arg(long)]
+    prior_image: Option<PathBuf>,
     /// Known noise standard deviation per gradient entry (a defence's noise).
     #[arg(long)]
     noise_std: Option<f64>,
@@ -66,6 +70,15 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
     }
     if let Some(pr) = a.prior.as_deref().map(super::parse).transpose()? {
         p = p.prior(pr);
+    }
+    if let Some(path) = &a.prior_image {
+        let m = npy::read_matrix(path)?;
+        let n = m.nrows().max(1) as f64;
+        p = p.prior_image(
+            (0..m.ncols())
+                .map(|j| m.col(j).iter().sum::<f64>() / n)
+                .collect(),
+        );
     }
     if let Some(s) = a.noise_std {
         p = p.noise_std(s);

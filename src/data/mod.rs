@@ -275,6 +275,14 @@ impl Dataset {
         })
     }
 
+    /// The mean of every coordinate over the data set (its mean image).
+    pub fn mean_image(&self) -> Vec<f64> {
+        let n = self.x.nrows().max(1) as f64;
+        (0..self.dim())
+            .map(|j| self.x.col(j).iter().sum::<f64>() / n)
+            .collect()
+    }
+
     /// Mean, spread and norms of the data, as a server's public prior.
     pub fn prior_stats(&self) -> PriorStats {
         let (n, d) = self.x.shape();

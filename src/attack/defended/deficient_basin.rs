@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::alternating::TwoLayer;
+use super::labelled::ce_residuals;
 use crate::attack::{AttackConfig, Method};
 use crate::simulate::{self, SimConfig};
 
@@ -266,44 +267,6 @@ fn alternating() {
             t.elapsed().as_secs_f64()
         );
     }
-}
-
-/// Cross-entropy residuals r_i = (softmax(A h_i + c) - e_{y_i}) / B and their
-/// derivatives dr_i / dx_i (K x d each).
-fn ce_residuals(
-    tl: &TwoLayer,
-    c: &faer::Col<f64>,
-    y: &[usize],
-    x: &Mat<f64>,
-) -> (Mat<f64>, Vec<Mat<f64>>) {
-    let b = x.nrows();
-    let z = tl.pre(x);
-    let m = z.ncols();
-    let h = Mat::from_fn(b, m, |i, j| z[(i, j)].tanh());
-    let logits = &h * tl.a.transpose();
-    let k = logits.ncols();
-    let mut r = Mat::zeros(b, k);
-    let mut t = Vec::with_capacity(b);
-    for i in 0..b {
-        let mx = (0..k)
-            .map(|kk| logits[(i, kk)] + c[kk])
-            .fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = (0..k)
-            .map(|kk| (logits[(i, kk)] + c[kk] - mx).exp())
-            .collect();
-        let sum: f64 = e.iter().sum();
-        let sm: Vec<f64> = e.iter().map(|v| v / sum).collect();
-        for kk in 0..k {
-            r[(i, kk)] = (sm[kk] - f64::from(kk == y[i])) / b as f64;
-        }
-        // (diag(s) - s s^T) A diag(1 - h^2) W / B
-        let js = Mat::from_fn(k, k, |p, q| {
-            (f64::from(p == q) * sm[p] - sm[p] * sm[q]) / b as f64
-        });
-        let ad = Mat::from_fn(k, m, |kk, j| tl.a[(kk, j)] * (1.0 - h[(i, j)].powi(2)));
-        t.push(js * (ad * &tl.w));
-    }
-    (r, t)
 }
 
 /// Levenberg-Marquardt in X alone with R tied to X by the cross-entropy loss and labels,

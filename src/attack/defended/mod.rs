@@ -20,6 +20,7 @@ pub mod consistent;
 #[cfg(test)]
 mod deficient_basin;
 pub mod gauss_newton;
+pub mod labelled;
 pub mod likelihood;
 pub mod local_steps;
 pub mod masked;

@@ -211,10 +211,9 @@ pub fn apply(
                  relations. The {found} found samples each lie outside the span of the others; \
                  the {} missing ones are linear combinations of one another, so their signals \
                  are not in the first layer's column space one by one and the span search \
-                 cannot separate them. A joint solve of every layer's equations is not run \
-                 here: with free output residuals it reaches them only from starts within \
-                 about 1 % of the truth (measured on digits; with cross-entropy labels tied \
-                 in, from much further: docs/EXPERIMENTS.md)",
+                 cannot separate them (with free output residuals a joint solve of every \
+                 layer's equations reaches them only from within about 1 % of the truth; with \
+                 cross-entropy labels tied in, from a prior mean image: the labelled joint fit)",
                 b - sub.batch,
                 b.saturating_sub(found)
             ));
