@@ -49,6 +49,18 @@ fn sample(x: Vec<f64>) -> Sample {
     }
 }
 
+/// The photos16-tanh-ce-1024 fixture: its view, subspace and true rows.
+fn photos16() -> (common::Case, ServerView, subspace::Subspace, Vec<Vec<f64>>) {
+    let c = common::own_cases()
+        .into_iter()
+        .find(|c| c.name == "photos16-tanh-ce-1024")
+        .expect("fixture photos16-tanh-ce-1024");
+    let view = view_of(&c);
+    let sub = subspace::estimate(&view, &Default::default()).unwrap();
+    let truth = truth_rows(&c);
+    (c, view, sub, truth)
+}
+
 /// Every sample marked exact is a true input; certified exactly when all are found.
 #[test]
 fn exact_means_a_true_input_on_every_fixture() {
@@ -121,13 +133,7 @@ fn exact_means_a_true_input_on_every_fixture() {
 /// (F <= EXACT_FACTOR eps kappa) is not exact, and the batch is not certified.
 #[test]
 fn a_planted_wrong_zero_is_not_certified() {
-    let c = common::own_cases()
-        .into_iter()
-        .find(|c| c.name == "photos16-tanh-ce-1024")
-        .expect("fixture photos16-tanh-ce-1024");
-    let view = view_of(&c);
-    let sub = subspace::estimate(&view, &Default::default()).unwrap();
-    let truth = truth_rows(&c);
+    let (c, view, sub, truth) = photos16();
     let samples: Vec<Sample> = truth.iter().cloned().map(sample).collect();
     let cert = certificate::certify(&view, &sub, &samples, &[], Some(c.loss)).unwrap();
     assert!(cert.certified, "the true batch: {}", cert.why);
@@ -220,13 +226,7 @@ fn a_closing_batch_is_certified_over_its_own_floors() {
 /// at r = 0 and still close the gradient, so the loss's own residuals must close it too.
 #[test]
 fn an_extra_sample_is_not_certified() {
-    let c = common::own_cases()
-        .into_iter()
-        .find(|c| c.name == "photos16-tanh-ce-1024")
-        .expect("fixture photos16-tanh-ce-1024");
-    let view = view_of(&c);
-    let sub = subspace::estimate(&view, &Default::default()).unwrap();
-    let truth = truth_rows(&c);
+    let (c, view, sub, truth) = photos16();
     let mut samples: Vec<Sample> = truth.iter().cloned().map(sample).collect();
     let extra: Vec<f64> = truth[0]
         .iter()

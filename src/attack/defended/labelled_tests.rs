@@ -1,51 +1,9 @@
 //! Tests of the labelled joint fit (`labelled.rs`).
-use faer::Mat;
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 use super::*;
-use crate::Dtype;
 use crate::attack::Method;
-use crate::model::{Activation, Init, InitConfig, Mlp, Targets};
-
-/// A two-layer net with `d` inputs, `m` neurons and 3 classes, and a batch whose
-/// last two coordinates are 0 in every sample, row 7 (when B = 8) a mixture of rows 0-2.
-fn case(act: Activation, d: usize, m: usize, b: usize) -> (ServerView, Mat<f64>, Vec<usize>) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let k = 3;
-    let model: Mlp<f64> = InitConfig {
-        input_dim: d,
-        width: m,
-        hidden: 16,
-        depth: 1,
-        outputs: k,
-        init: Init::TorchDefault,
-        activation: act,
-        prior_mean: 0.0,
-        prior_sq_norm: d as f64,
-        prior_centred_sq_norm: d as f64,
-    }
-    .build(&mut rng)
-    .unwrap();
-    let mut x = Mat::from_fn(b, d, |_, j| {
-        if j < d - 2 {
-            StandardNormal.sample(&mut rng)
-        } else {
-            0.0
-        }
-    });
-    if b == 8 {
-        for j in 0..d {
-            x[(7, j)] = 0.5 * x[(0, j)] + 0.3 * x[(1, j)] + 0.2 * x[(2, j)];
-        }
-    }
-    let y: Vec<usize> = (0..b).map(|i| i % k).collect();
-    let g = model
-        .gradient(x.as_ref(), &Targets::Classes(y.clone()), Loss::Ce)
-        .unwrap();
-    let view = ServerView::from_memory(&model, &g, Dtype::F64).unwrap();
-    (view, x, y)
-}
+use crate::attack::exact::testing::deficient_case as case;
+use crate::model::Activation;
 
 /// dr_i/dx_i of every smooth activation against central differences (truncation
 /// ~h^2, rounding ~eps/h: 1e-7 of the derivative's size leaves room for both), and

@@ -30,6 +30,8 @@ pub mod quantized;
 pub mod reduced;
 pub mod reseek;
 pub mod split;
+#[cfg(test)]
+mod testing;
 pub mod unrolled;
 
 use super::{AttackConfig, Method, Reconstruction, ServerView};

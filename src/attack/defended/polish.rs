@@ -250,32 +250,9 @@ pub fn improve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attack::defended::likelihood::ErrorModel;
-    use crate::attack::{AttackConfig, Method, ServerView};
-    use crate::defense::Defense;
-    use crate::simulate::{self, SimConfig};
 
     fn problem(noise: Option<f64>) -> (Mat<f64>, TwoLayer) {
-        let cfg = SimConfig {
-            batch: 4,
-            width: 128,
-            init: crate::model::Init::TorchDefault,
-            defenses: noise.map(Defense::NoiseRel).into_iter().collect(),
-            attack: AttackConfig::new(Method::Analytic, 1),
-            ..SimConfig::default()
-        };
-        let out = simulate::run(&cfg).unwrap();
-        let mut view =
-            ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64).unwrap();
-        let weights = match out.report.defense.as_ref().and_then(|d| d.noise_std) {
-            Some(sd) => {
-                view.noise_std = Some(sd);
-                view.defenses = cfg.defenses.clone();
-                ErrorModel::of(&view, &out.gradient).unwrap().weights()
-            }
-            None => vec![(1.0, 1.0), (1.0, 1.0)],
-        };
-        (out.batch.x.clone(), TwoLayer::new(&view, &weights).unwrap())
+        crate::attack::defended::testing::two_layer(4, noise)
     }
 
     /// With rows held, the sub-problem's objective at the free rows is the full one.

@@ -228,14 +228,10 @@ pub fn apply(
 
 #[cfg(test)]
 mod tests {
-    use faer::Mat;
-    use rand::SeedableRng;
-    use rand_distr::{Distribution, StandardNormal};
-
-    use crate::Dtype;
+    use super::super::testing::deficient_case;
     use crate::attack::params::{AttackConfig, Method};
-    use crate::attack::{ServerView, subspace::RankRule};
-    use crate::model::{Activation, Init, InitConfig, Loss, Mlp, Targets};
+    use crate::attack::subspace::RankRule;
+    use crate::model::{Activation, Loss};
 
     /// d = 8 inputs whose last two coordinates are 0 in every sample, B = 8: x~ spans
     /// at most 7 dimensions, and x_7 = 0.5 x_0 + 0.3 x_1 + 0.2 x_2 makes the one linear
@@ -244,37 +240,8 @@ mod tests {
     /// off their cross-entropy residuals, and 0, 1, 2, 7 reported as not separable.
     #[test]
     fn blank_coordinates_cap_the_rank_and_the_residuals_give_the_batch() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let (d, m, k, b) = (8, 400, 3, 8);
-        let model: Mlp<f64> = InitConfig {
-            input_dim: d,
-            width: m,
-            hidden: 16,
-            depth: 1,
-            outputs: k,
-            init: Init::TorchDefault,
-            activation: Activation::Tanh,
-            prior_mean: 0.0,
-            prior_sq_norm: d as f64,
-            prior_centred_sq_norm: d as f64,
-        }
-        .build(&mut rng)
-        .unwrap();
-        let mut x = Mat::from_fn(b, d, |_, j| {
-            if j < 6 {
-                StandardNormal.sample(&mut rng)
-            } else {
-                0.0
-            }
-        });
-        for j in 0..d {
-            x[(7, j)] = 0.5 * x[(0, j)] + 0.3 * x[(1, j)] + 0.2 * x[(2, j)];
-        }
-        let y: Vec<usize> = (0..b).map(|i| i % k).collect();
-        let g = model
-            .gradient(x.as_ref(), &Targets::Classes(y.clone()), Loss::Ce)
-            .unwrap();
-        let view = ServerView::from_memory(&model, &g, Dtype::F64).unwrap();
+        let (d, b) = (8, 8);
+        let (view, x, y) = deficient_case(Activation::Tanh, d, 400, b);
         let mut cfg = AttackConfig::new(Method::Span, 1);
         cfg.loss = Some(Loss::Ce);
         cfg.search.max_starts = 60;
