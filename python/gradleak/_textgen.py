@@ -211,18 +211,37 @@ def train_lm(arch: str, config, seed: int, steps: int, tok, texts, seq_len=32, b
     return base_of(lm).state_dict()
 
 
-def client_gradient(model, ids, labels=None):
-    """One forward and loss.backward() on the client's batch. Returns
-    ({name: grad} in named_parameters order, names that got no gradient (zeros), loss)."""
+def _chunk_losses(model, ids, labels, chunk):
+    """The batch loss as a sum of per-chunk losses (each the model's mean loss times its
+    share: sequences for cls, predicted tokens for LM), so backward over chunks gives the
+    whole batch's gradient with the activations of one chunk in memory."""
     pad = model.config.pad_token_id
-    x, m = pad_batch(ids, pad)
-    model.zero_grad(set_to_none=True)
+    B = len(ids)
+    chunk = chunk or B
     if labels is None:
-        y = x.masked_fill(m == 0, -100)
-    else:
-        y = torch.as_tensor(labels, dtype=torch.long)
-    loss = model(input_ids=x, attention_mask=m, labels=y).loss
-    loss.backward()
+        n_pred = sum(len(s) - 1 for s in ids)
+    for i in range(0, B, chunk):
+        sub = ids[i: i + chunk]
+        x, m = pad_batch(sub, pad)
+        if labels is None:
+            y = x.masked_fill(m == 0, -100)
+            share = sum(len(s) - 1 for s in sub) / n_pred
+        else:
+            y = torch.as_tensor(labels[i: i + chunk], dtype=torch.long)
+            share = len(sub) / B
+        loss = model(input_ids=x, attention_mask=m, labels=y).loss
+        yield loss if share == 1 else loss * share
+
+
+def client_gradient(model, ids, labels=None, chunk=None):
+    """One forward and loss.backward() on the client's batch (chunk: sequences per
+    backward, the gradient accumulated; None = the whole batch at once). Returns
+    ({name: grad} in named_parameters order, names that got no gradient (zeros), loss)."""
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for loss in _chunk_losses(model, ids, labels, chunk):
+        loss.backward()
+        total += loss.item()
     grads, none = {}, []
     for n, p in model.named_parameters():
         if p.grad is None:
@@ -230,7 +249,8 @@ def client_gradient(model, ids, labels=None):
             grads[n] = torch.zeros_like(p)
         else:
             grads[n] = p.grad.detach().clone()
-    return grads, none, loss.item()
+            p.grad = None
+    return grads, none, total
 
 
 def save_case(out, model, grads, truth, tok=None, write_model=True):
@@ -272,7 +292,7 @@ def _check_names(folder, grads):
 
 
 def make_case(arch="gpt2", head="cls", batch=8, seq_len=32, seed=1, vocab=GPT2_VOCAB, dtype="float32",
-              preset=None, trained=0, texts=None, trained_cache=None, log=print, **dims):
+              preset=None, trained=0, texts=None, trained_cache=None, log=print, chunk=None, **dims):
     """Everything for one client: (model, tok, ids, labels, grads, truth). Seeds: the model
     init torch.manual_seed(seed); the texts torch.Generator(seed); the labels
     torch.Generator(seed + 1); training batches torch.Generator(10000 + seed)."""
@@ -297,7 +317,7 @@ def make_case(arch="gpt2", head="cls", batch=8, seq_len=32, seed=1, vocab=GPT2_V
     if head == "cls":
         g = torch.Generator().manual_seed(seed + 1)
         labels = torch.randint(0, 2, (batch,), generator=g).tolist()
-    grads, none, loss = client_gradient(model, ids, labels)
+    grads, none, loss = client_gradient(model, ids, labels, chunk=chunk)
     _, mask = pad_batch(ids, config.pad_token_id)
     truth = {
         "ids": ids,
@@ -315,6 +335,7 @@ def make_case(arch="gpt2", head="cls", batch=8, seq_len=32, seed=1, vocab=GPT2_V
         "vocab_size": vocab,
         "pad_token_id": config.pad_token_id,
         "trained_steps": trained,
+        "chunk": chunk,
         "loss": loss,
         "no_grad": none,
         "distinct_tokens": len({t for s in ids for t in s}),
