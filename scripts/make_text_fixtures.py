@@ -35,12 +35,15 @@ tg = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tg)
 
 TINY_VOCAB = 4096
-# name: make_case arguments. d = 64, 2 layers, vocab 4096 (GPT-2's first 4095 ids +
-# <|endoftext|> at 4095), 16 tokens, B = 3: each folder about 3 MB.
+# name: make_case arguments. d = 64, vocab 4096 (GPT-2's first 4095 ids + <|endoftext|>
+# at 4095), 16 tokens, B = 3: each folder about 3 MB. Classification models get 3 layers:
+# in the LAST block only the pooled position's query has a gradient, so that block's
+# c_attn gradient has rank <= B (2 heads + 1) (27 at B = 3, 4 heads), not the number of
+# inputs; the attack reads blocks 0 and 1, so block 1 must not be the last.
 TINY = {
-    "gpt2-cls-tiny": dict(arch="gpt2", head="cls", batch=3, seq_len=16, seed=1),
+    "gpt2-cls-tiny": dict(arch="gpt2", head="cls", batch=3, seq_len=16, seed=1, layers=3),
     "gpt2-lm-tiny": dict(arch="gpt2", head="lm", batch=3, seq_len=16, seed=2),
-    "bert-cls-tiny": dict(arch="bert", head="cls", batch=3, seq_len=16, seed=3),
+    "bert-cls-tiny": dict(arch="bert", head="cls", batch=3, seq_len=16, seed=3, layers=3),
     "llama-lm-tiny": dict(arch="llama", head="lm", batch=3, seq_len=16, seed=4),
 }
 
