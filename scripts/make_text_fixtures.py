@@ -61,7 +61,7 @@ def large_cases():
         for b in (1, 8, 32, 64):
             for s in (1, 2, 3):
                 out[f"gpt2-{head}-trained300-b{b}-s{s}"] = dict(arch="gpt2", head=head, batch=b, seed=s, trained=300)
-    out["gpt2large-cls-b64-s1"] = dict(arch="gpt2", head="cls", batch=64, seed=1, preset="gpt2-large")
+    out["gpt2large-cls-b64-s1"] = dict(arch="gpt2", head="cls", batch=64, seed=1, preset="gpt2-large", chunk=16)
     for b in (8, 32):
         out[f"bert-cls-b{b}-s1"] = dict(arch="bert", head="cls", batch=b, seed=1)
         out[f"llama-lm-b{b}-s1"] = dict(arch="llama", head="lm", batch=b, seed=1)
@@ -81,7 +81,8 @@ def run_case(name, args, out_root, shared_models, log=print):
     kw = dict(args)
     cache = None
     if kw.get("trained"):
-        cache = Path(out_root) / "_trained" / (model_key(kw) + ".pt")
+        # the trained body is shared by the cls and LM heads of one seed
+        cache = Path(out_root) / "_trained" / (model_key(dict(kw, head="body")) + ".pt")
     model, tok, ids, labels, grads, truth = tg.make_case(trained_cache=cache, log=log, **kw)
     write_tok = kw["arch"] != "gpt2" or kw.get("vocab", tg.GPT2_VOCAB) < tg.GPT2_VOCAB
     if shared_models:

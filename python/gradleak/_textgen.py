@@ -187,7 +187,7 @@ def base_of(model):
     raise ValueError(f"{type(model).__name__}: no transformer body")
 
 
-def train_lm(arch: str, config, seed: int, steps: int, tok, texts, seq_len=32, batch=8, lr=1e-3, log=print):
+def train_lm(arch: str, config, seed: int, steps: int, tok, texts, seq_len=32, batch=4, lr=1e-3, log=print):
     """A few hundred AdamW steps of causal LM training on the texts (GPT-2, LLaMA):
     returns the trained body's state_dict. Seeded (init, batch order)."""
     if arch == "bert":

@@ -348,7 +348,6 @@ fn load_data<'py>(
 /// model.safetensors), a safetensors of parameter name -> gradient, and optionally a
 /// tokenizer.json. Returns the JSON report (`"certified"`, `"sequences"`, per-stage
 /// evidence) as a string; gradleak.text wraps it.
-#[cfg(feature = "text")]
 #[pyfunction]
 #[pyo3(signature = (model_dir, gradient, tokenizer=None))]
 fn text_attack(
@@ -363,7 +362,7 @@ fn text_attack(
     );
     let t = tokenizer.map(std::path::PathBuf::from);
     py.detach(|| gradleak::text::attack_json(&m, &g, t.as_deref()))
-        .map_err(err)
+        .map_err(|e| bad(e.to_string()))
 }
 
 #[pymodule]
@@ -373,7 +372,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attack, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(load_data, m)?)?;
-    #[cfg(feature = "text")]
     m.add_function(wrap_pyfunction!(text_attack, m)?)?;
     sweep::register(m)?;
     Ok(())
