@@ -273,3 +273,20 @@ def test_lm_last_tokens_are_read_from_the_output_layer(name, monkeypatch):
     prefixes[:] = bad
     rec = gt.attack(model, grads)
     assert not rec.certified and not any(rec.exact)
+
+
+@needs_rust
+def test_simulate_command_line_prints_the_metrics(capsys):
+    rc = gt._main(["simulate", "--arch", "gpt2", "--head", "lm", "--batch", "2", "--seq-len", "10", "--seed", "3",
+                   "--vocab", "4096", "--preset", "tiny", "--json"])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["exact"] == 2 and m["certified"] and m["token_accuracy"] == 1.0
+
+
+def test_simulate_command_line_rejects_bad_input(capsys):
+    assert gt._main(["simulate", "--arch", "bert", "--head", "lm", "--batch", "2", "--vocab", "4096",
+                     "--preset", "tiny"]) == 2
+    assert "bert: only the classification head" in capsys.readouterr().err
+    assert gt._main(["simulate", "--batch", "100000", "--vocab", "4096", "--preset", "tiny"]) == 2
+    assert "distinct texts fit" in capsys.readouterr().err
