@@ -216,6 +216,7 @@ def _chunk_losses(model, ids, labels, chunk):
     share: sequences for cls, predicted tokens for LM), so backward over chunks gives the
     whole batch's gradient with the activations of one chunk in memory."""
     pad = model.config.pad_token_id
+    dev = next(model.parameters()).device
     B = len(ids)
     chunk = chunk or B
     if labels is None:
@@ -223,11 +224,12 @@ def _chunk_losses(model, ids, labels, chunk):
     for i in range(0, B, chunk):
         sub = ids[i: i + chunk]
         x, m = pad_batch(sub, pad)
+        x, m = x.to(dev), m.to(dev)
         if labels is None:
             y = x.masked_fill(m == 0, -100)
             share = sum(len(s) - 1 for s in sub) / n_pred
         else:
-            y = torch.as_tensor(labels[i: i + chunk], dtype=torch.long)
+            y = torch.as_tensor(labels[i: i + chunk], dtype=torch.long, device=dev)
             share = len(sub) / B
         loss = model(input_ids=x, attention_mask=m, labels=y).loss
         yield loss if share == 1 else loss * share

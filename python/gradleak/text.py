@@ -228,6 +228,8 @@ def solve_labels(model, ids, grads):
     name, head = _head(model)
     pad = model.config.pad_token_id
     x, m = _textgen.pad_batch(ids, pad)
+    dev = next(model.parameters()).device
+    x, m = x.to(dev), m.to(dev)
     feats = {}
 
     def hook(mod, inp, out):
@@ -240,12 +242,12 @@ def solve_labels(model, ids, grads):
             logits = model(input_ids=x, attention_mask=m).logits
     finally:
         hd.remove()
-    h = feats["h"]
+    h = feats["h"].cpu()
     if h.dim() == 3:  # decoder: the head sees every position, the last non-pad one is pooled
-        last = m.sum(1) - 1
+        last = m.cpu().sum(1) - 1
         h = h[torch.arange(h.shape[0]), last]
     B = h.shape[0]
-    p = torch.softmax(logits.to(torch.float64), -1)
+    p = torch.softmax(logits.cpu().to(torch.float64), -1)
     gw = grads[f"{name}.weight"].to(torch.float64)
     H = h.to(torch.float64)
     G = gw
@@ -294,8 +296,9 @@ def rel_diff(a, b) -> float:
     """|a - b|_F / |b|_F over all tensors of two {name: grad} dicts, in float64."""
     import torch
 
-    num = sum(float(((a[n].to(torch.float64) - b[n].to(torch.float64)) ** 2).sum()) for n in b)
-    den = sum(float((b[n].to(torch.float64) ** 2).sum()) for n in b)
+    f = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    num = sum(float(((f(a[n]) - f(b[n])) ** 2).sum()) for n in b)
+    den = sum(float((f(b[n]) ** 2).sum()) for n in b)
     return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
@@ -352,6 +355,8 @@ def complete_last_tokens(model, prefixes, grads):
 
     pad = model.config.pad_token_id
     x, m = _textgen.pad_batch(prefixes, pad)
+    dev = next(model.parameters()).device
+    x, m = x.to(dev), m.to(dev)
     out_emb = model.get_output_embeddings()
     wname = _param_name(model, out_emb.weight)
     feats = {}
@@ -367,7 +372,7 @@ def complete_last_tokens(model, prefixes, grads):
             t = len(s) - 1
             if t > 0:
                 terms.append(torch.nn.functional.cross_entropy(
-                    logits[b, :t], torch.tensor(s[1:], dtype=torch.long), reduction="sum"))
+                    logits[b, :t], torch.tensor(s[1:], dtype=torch.long, device=dev), reduction="sum"))
             z = logits[b, t]
             terms.append((torch.softmax(z, -1).detach() * z).sum())
         known = torch.stack(terms).sum() / N
@@ -376,8 +381,8 @@ def complete_last_tokens(model, prefixes, grads):
         hd.remove()
         model.train(was)
     last = torch.tensor([len(s) - 1 for s in prefixes])
-    H = feats["h"].detach()[torch.arange(len(prefixes)), last].to(torch.float64)  # (B, d)
-    R = grads[wname].to(torch.float64) - gw.to(torch.float64)  # (V, d)
+    H = feats["h"].detach().cpu()[torch.arange(len(prefixes)), last].to(torch.float64)  # (B, d)
+    R = grads[wname].to(torch.float64) - gw.detach().cpu().to(torch.float64)  # (V, d)
     C = torch.linalg.lstsq(H.T, -N * R.T).solution  # (B, V)
     top = torch.topk(C, 2, dim=1)
     ys = top.indices[:, 0].tolist()
