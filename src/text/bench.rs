@@ -27,7 +27,12 @@ pub fn run(
 ) -> Result<TextBench, TextError> {
     let report = super::attack(model_dir, gradient, &TextParams::default())?;
     let loaded = super::Loaded::read(model_dir, gradient)?;
-    let span0 = super::span::RowSpan::of(loaded.g0.as_ref(), loaded.dtype, "block 0 c_attn")?;
+    let span0 = super::span::RowSpan::of(
+        loaded.g0.as_ref(),
+        loaded.dtype,
+        "block 0 c_attn",
+        loaded.model.hidden(),
+    )?;
     let t = Instant::now();
     let filter = super::filter::TokenFilter::new(&loaded.model, &span0);
     let setup = t.elapsed().as_secs_f64();

@@ -21,8 +21,10 @@ pub struct LayerCheck {
     /// sigma_rank / sigma_(rank+1).
     pub cliff: f64,
     pub floor: f64,
-    /// The distance a true input stays within.
+    /// The worst-case threshold (each input has its own, at most this).
     pub tau: f64,
+    /// The largest threshold that discriminates.
+    pub max_tau: f64,
     /// Distinct recovered inputs of this block.
     pub recovered_inputs: usize,
     /// Rank of the recovered inputs (exact f64 vectors).
@@ -47,16 +49,16 @@ pub(crate) fn check(
     u: f64,
     need_count: bool,
 ) -> LayerCheck {
-    let dist = span.distances(inputs.as_ref());
-    let max_distance = dist.iter().copied().fold(0.0, f64::max);
+    let tests = span.test(inputs.as_ref());
+    let max_distance = tests.iter().map(|t| t.distance).fold(0.0, f64::max);
+    let all_in = tests.iter().all(|&t| span.accepts(t));
     let basis = super::span::orthonormal_rows(inputs.as_ref());
     let unexplained = span.unexplained(g, inputs.as_ref());
     let tolerance = RESIDUAL_FACTOR * u;
     let recovered_rank = basis.ncols();
     let count_ok = !need_count || inputs.nrows() == span.rank;
     let passed = !span.is_full()
-        && span.tau <= super::span::MAX_TAU
-        && max_distance <= span.tau
+        && all_in
         && unexplained <= tolerance
         && recovered_rank == span.rank
         && count_ok;
@@ -67,6 +69,7 @@ pub(crate) fn check(
         cliff: span.cliff(),
         floor: span.floor,
         tau: span.tau,
+        max_tau: span.max_tau(),
         recovered_inputs: inputs.nrows(),
         recovered_rank,
         max_distance,

@@ -167,13 +167,13 @@ impl<'a> TokenFilter<'a> {
         let mut distances = Vec::new();
         if !near.is_empty() {
             let x = augment(self.model.block0_input(&near, p).as_ref());
-            let dist = self.span.distances(x.as_ref());
+            let tests = self.span.test(x.as_ref());
             for (i, &t) in near.iter().enumerate() {
-                if dist[i] <= tau {
+                if self.span.accepts(tests[i]) {
                     tokens.push(t);
-                    distances.push(dist[i]);
+                    distances.push(tests[i].distance);
                 } else {
-                    min_rejected = min_rejected.min(dist[i]);
+                    min_rejected = min_rejected.min(tests[i].distance);
                 }
             }
         }

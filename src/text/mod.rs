@@ -129,12 +129,19 @@ pub struct TextReport {
     pub hidden: usize,
     pub vocab: usize,
     /// Storage precision of the gradient.
+    pub storage: Dtype,
+    /// The precision the gradient was computed in, which sets the floors: f64 storage
+    /// whose values are all exact f32 numbers is f32.
     pub dtype: Dtype,
     /// Every sequence recovered, and the recovered inputs explain both blocks' gradients.
     pub certified: bool,
     pub sequences: Vec<RecoveredSequence>,
     pub layers: Vec<LayerCheck>,
     pub token_filter: Vec<FilterStep>,
+    /// The distinct tokens that passed the filter at some position (the batch's token
+    /// bag), given when block 1's span is full and sequences cannot be searched.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub token_bag: Vec<u32>,
     pub search: Vec<search::SearchStep>,
     pub seconds: StageSeconds,
     pub notes: Vec<String>,
@@ -211,6 +218,7 @@ pub fn attack_with_progress(
         model,
         g0,
         g1,
+        storage,
         dtype,
     } = Loaded::read_with(model_dir, gradient, cfg)?;
     let d = model.hidden();
@@ -224,8 +232,9 @@ pub fn attack_with_progress(
     ));
 
     let t = Instant::now();
-    let span0 = RowSpan::of(g0.as_ref(), dtype, "block 0 c_attn")?;
-    let span1 = RowSpan::of(g1.as_ref(), dtype, "block 1 c_attn")?;
+    // both projections are fed by a LayerNorm: the inputs span at most d dimensions
+    let span0 = RowSpan::of(g0.as_ref(), dtype, "block 0 c_attn", d)?;
+    let span1 = RowSpan::of(g1.as_ref(), dtype, "block 1 c_attn", d)?;
     seconds.span = t.elapsed().as_secs_f64();
     progress(&format!(
         "text: spans: block 0 rank {} of {} (tau {:.1e}), block 1 rank {} (tau {:.1e}) in {:.1} s",
@@ -236,11 +245,13 @@ pub fn attack_with_progress(
         head,
         hidden: d,
         vocab,
+        storage,
         dtype,
         certified: false,
         sequences: Vec::new(),
         layers: Vec::new(),
         token_filter: Vec::new(),
+        token_bag: Vec::new(),
         search: Vec::new(),
         seconds: StageSeconds::default(),
         notes,
@@ -248,18 +259,12 @@ pub fn attack_with_progress(
     for (name, s) in [("block 0", &span0), ("block 1", &span1)] {
         if s.is_full() {
             report.notes.push(format!(
-                "{name}'s input-projection gradient has full rank {}: the batch has at least d + 1 = {} distinct inputs there, so its span contains every input and cannot tell true from false; no sequence can be vouched for",
-                s.rank, s.dim
-            ));
-        } else if s.tau > span::MAX_TAU {
-            report.notes.push(format!(
-                "{name}: the last signal singular value is too close to the rounding floor (tau {:.2e} > {:.2}): its span test cannot tell inputs apart",
-                s.tau,
-                span::MAX_TAU
+                "{name}'s input-projection gradient has full rank {}: the batch has at least d = {} distinct inputs there (LayerNorm outputs span d dimensions), so its span contains every input and cannot tell true from false; no sequence can be vouched for",
+                s.rank, s.effective_dim
             ));
         }
     }
-    if span0.is_full() || span0.tau > span::MAX_TAU {
+    if span0.is_full() {
         report.seconds = seconds;
         return Ok(report);
     }
@@ -291,7 +296,18 @@ pub fn attack_with_progress(
         positions.iter().map(|p| p.tokens.len()).max().unwrap_or(0),
         seconds.filter
     ));
-    if span1.is_full() || span1.tau > span::MAX_TAU {
+    if span1.is_full() {
+        let bag: std::collections::BTreeSet<u32> = positions
+            .iter()
+            .flat_map(|p| p.tokens.iter().copied())
+            .collect();
+        report.notes.push(format!(
+            "what is still identifiable: block 0's span (rank {}) gives the bag of {} distinct tokens of the batch (every token passing the filter at some position; report.token_bag), and that the longest sequence has {} tokens; their order is not identified by a span test",
+            span0.rank,
+            bag.len(),
+            positions.len()
+        ));
+        report.token_bag = bag.into_iter().collect();
         report.seconds = seconds;
         return Ok(report);
     }
@@ -373,6 +389,8 @@ pub(crate) struct Loaded {
     pub g0: Mat<f64>,
     pub g1: Mat<f64>,
     /// Storage precision of the gradient.
+    pub storage: Dtype,
+    /// The precision it was computed in (f32 values in f64 storage are f32).
     pub dtype: Dtype,
 }
 
@@ -399,14 +417,85 @@ impl Loaded {
             names.block(1, "attn.c_attn.weight"),
             names.block(1, "attn.c_attn.bias"),
         );
-        let dtype = grads.dtype(&w0)?;
+        let storage = grads.dtype(&w0)?;
+        let dtype = grads.working_dtype(&w0)?;
         let g0 = grads.augmented(&w0, &b0, d, 3 * d)?;
         let g1 = grads.augmented(&w1, &b1, d, 3 * d)?;
         Ok(Loaded {
             model,
             g0,
             g1,
+            storage,
             dtype,
         })
     }
+}
+
+/// Check claimed sequences against the gradient with the attack's certificate: both
+/// blocks' inputs of `sequences` computed from the model, then [`certificate::check`].
+/// Returns the two blocks' checks; a sequence with a wrong token fails block 1.
+pub fn verify(
+    model_dir: &Path,
+    gradient: &Path,
+    sequences: &[Vec<u32>],
+) -> Result<Vec<LayerCheck>, TextError> {
+    let loaded = Loaded::read(model_dir, gradient)?;
+    let model = &loaded.model;
+    let d = model.hidden();
+    if let Some(&bad) = sequences
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= model.cfg.vocab)
+    {
+        return Err(TextError::Unsupported(format!(
+            "token id {bad} is outside the vocabulary ({})",
+            model.cfg.vocab
+        )));
+    }
+    let span0 = RowSpan::of(loaded.g0.as_ref(), loaded.dtype, "block 0 c_attn", d)?;
+    let span1 = RowSpan::of(loaded.g1.as_ref(), loaded.dtype, "block 1 c_attn", d)?;
+    let mut pairs = std::collections::BTreeSet::new();
+    let mut prefixes: std::collections::BTreeMap<Vec<u32>, Vec<f64>> = Default::default();
+    // the last position of a sequence carries no gradient under a language-model head
+    let drop_last = usize::from(model.cfg.head == Head::LanguageModel);
+    for seq in sequences {
+        let n = seq.len().saturating_sub(drop_last).min(model.cfg.positions);
+        let mut keys = Mat::<f64>::zeros(0, d);
+        let mut values = Mat::<f64>::zeros(0, d);
+        for p in 0..n {
+            pairs.insert((p, seq[p]));
+            let (h0, qkv) = model.qkv(&seq[p..=p], p);
+            let x = augment(
+                model
+                    .extend(keys.as_ref(), values.as_ref(), h0.as_ref(), qkv.as_ref())
+                    .as_ref(),
+            );
+            prefixes.insert(seq[..=p].to_vec(), (0..=d).map(|j| x[(0, j)]).collect());
+            keys = stack(&keys, qkv.subcols(d, d));
+            values = stack(&values, qkv.subcols(2 * d, d));
+        }
+    }
+    let pairs: Vec<_> = pairs.into_iter().collect();
+    let mut x0 = Mat::<f64>::zeros(pairs.len(), d + 1);
+    for (i, &(p, tok)) in pairs.iter().enumerate() {
+        let row = augment(model.block0_input(&[tok], p).as_ref());
+        x0.row_mut(i).copy_from(row.row(0));
+    }
+    let rows: Vec<&Vec<f64>> = prefixes.values().collect();
+    let x1 = Mat::from_fn(rows.len(), d + 1, |i, j| rows[i][j]);
+    let u = loaded.dtype.epsilon() / 2.0;
+    Ok(vec![
+        certificate::check("block 0 c_attn", &span0, loaded.g0.as_ref(), &x0, u, false),
+        certificate::check("block 1 c_attn", &span1, loaded.g1.as_ref(), &x1, u, true),
+    ])
+}
+
+fn stack(a: &Mat<f64>, b: faer::MatRef<'_, f64>) -> Mat<f64> {
+    Mat::from_fn(a.nrows() + b.nrows(), a.ncols(), |i, j| {
+        if i < a.nrows() {
+            a[(i, j)]
+        } else {
+            b[(i - a.nrows(), j)]
+        }
+    })
 }

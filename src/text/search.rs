@@ -112,6 +112,9 @@ pub(crate) fn search(
             let path = prefix.map(|n| path_of(&nodes, n)).unwrap_or_default();
             let keys = Mat::from_fn(path.len(), d, |i, j| nodes[path[i]].key[j]);
             let values = Mat::from_fn(path.len(), d, |i, j| nodes[path[i]].value[j]);
+            if overflow {
+                break;
+            }
             for start in (0..pt.tokens.len()).step_by(CHUNK) {
                 let len = CHUNK.min(pt.tokens.len() - start);
                 let x = model.extend(
@@ -121,9 +124,10 @@ pub(crate) fn search(
                     qkv.subrows(start, len),
                 );
                 let xa = augment(x.as_ref());
-                let dist = span.distances(xa.as_ref());
-                for (i, &dist_i) in dist.iter().enumerate() {
-                    if dist_i <= span.tau {
+                let tests = span.test(xa.as_ref());
+                for (i, &test) in tests.iter().enumerate() {
+                    let dist_i = test.distance;
+                    if span.accepts(test) {
                         let r = start + i;
                         step.accepted += 1;
                         step.max_accepted = step.max_accepted.max(dist_i);
@@ -141,6 +145,9 @@ pub(crate) fn search(
                             children: 0,
                         });
                         next.push(Some(nodes.len() - 1));
+                        if nodes.len() > span.rank {
+                            overflow = true;
+                        }
                     } else {
                         step.min_rejected = step.min_rejected.min(dist_i);
                     }
@@ -150,9 +157,8 @@ pub(crate) fn search(
         progress(&step);
         steps.push(step);
         // every accepted prefix is a distinct input of the second block: more than the
-        // span's dimension cannot all be true
-        if nodes.len() > span.rank {
-            overflow = true;
+        // span's rank cannot all be true
+        if overflow {
             break;
         }
         live = next;

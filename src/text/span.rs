@@ -13,15 +13,28 @@ use crate::attack::subspace::ROUNDING_FACTOR;
 /// factor as the rank floor (`subspace::ROUNDING_FACTOR`).
 pub const TAU_FACTOR: f64 = ROUNDING_FACTOR;
 
-/// Beyond this the span test no longer tells inputs apart (a random direction in the
-/// complement would be as close): the threshold is refused.
-pub const MAX_TAU: f64 = 0.05;
+/// A candidate's threshold must stay this far below the distance of a random input,
+/// sqrt((D - rank) / D) (D the dimension the inputs live in): false inputs measured at
+/// 0.15 of that level (GPT-2 small, block 1, B = 32), so 0.01 leaves a factor 15.
+pub const MARGIN: f64 = 0.01;
+
+/// One candidate's test: its distance from the span and its own threshold.
+#[derive(Clone, Copy, Debug)]
+pub struct Test {
+    pub distance: f64,
+    pub tau: f64,
+}
 
 /// The span of one layer's inputs, read at the gradient's own rounding floor.
 #[derive(Clone, Debug)]
 pub struct RowSpan {
     /// Rows of G~ (d + 1).
     pub dim: usize,
+    /// The dimension the inputs can span: d for a LayerNorm's outputs augmented with 1
+    /// (they lie in the hyperplane ((x - beta) / gamma) . 1 = 0), d + 1 otherwise.
+    pub effective_dim: usize,
+    /// U_r Sigma_r^-1 ((d+1) x rank): a candidate's own tilt (see `test`).
+    weighted: Mat<f64>,
     /// Number of singular values above `floor`.
     pub rank: usize,
     /// Orthonormal basis of the complement ((d+1) x (d+1-rank)).
@@ -34,7 +47,7 @@ pub struct RowSpan {
     pub edge: f64,
     /// Singular values above ROUNDING_FACTOR * edge are signal.
     pub floor: f64,
-    /// A true input lies within tau (relative distance) of the span: TAU_FACTOR * edge / sigma_rank.
+    /// The worst case of a candidate's threshold: TAU_FACTOR * edge / sigma_rank.
     pub tau: f64,
     /// ||G~||_F, for the certificate's residuals.
     pub fro: f64,
@@ -43,7 +56,12 @@ pub struct RowSpan {
 impl RowSpan {
     /// The span of `g` ((d+1) x n_out, the weight gradient with the bias gradient as its
     /// last row), computed in f64, with the floor of the gradient's storage `dtype`.
-    pub fn of(g: MatRef<'_, f64>, dtype: Dtype, layer: &str) -> Result<Self, TextError> {
+    pub fn of(
+        g: MatRef<'_, f64>,
+        dtype: Dtype,
+        layer: &str,
+        effective_dim: usize,
+    ) -> Result<Self, TextError> {
         let (rows, cols) = (g.nrows(), g.ncols());
         let fro = g.norm_l2();
         if fro == 0.0 {
@@ -77,8 +95,11 @@ impl RowSpan {
         let basis = uu.subcols(0, rank).to_owned();
         let complement = uu.subcols(rank, rows - rank).to_owned();
         let tau = TAU_FACTOR * edge.max(svd_err) / sigma[rank - 1];
+        let weighted = Mat::from_fn(rows, rank, |i, j| basis[(i, j)] / sigma[j]);
         Ok(RowSpan {
             dim: rows,
+            effective_dim: effective_dim.min(rows),
+            weighted,
             rank,
             complement,
             basis,
@@ -90,9 +111,51 @@ impl RowSpan {
         })
     }
 
-    /// True when the span fills the space: every input is in it and nothing can be tested.
+    /// True when the span fills the space the inputs live in: every input is in it and
+    /// nothing can be tested.
     pub fn is_full(&self) -> bool {
-        self.rank >= self.dim
+        self.rank >= self.effective_dim
+    }
+
+    /// The largest threshold that still tells inputs apart (`MARGIN`).
+    pub fn max_tau(&self) -> f64 {
+        if self.is_full() {
+            return 0.0;
+        }
+        let k = (self.effective_dim - self.rank) as f64;
+        MARGIN * (k / self.effective_dim as f64).sqrt()
+    }
+
+    /// Each row's distance and own threshold. A true input x~ = U c tilts off the
+    /// computed span by about ||N^T E V Sigma^-1 c|| <= ||E|| ||Sigma^-1 U^T x~||, so its
+    /// threshold is TAU_FACTOR * edge * ||Sigma_r^-1 U_r^T x~|| / ||x~|| (at most `tau`):
+    /// small for inputs carried by strong directions, large only along weak ones.
+    pub fn test(&self, x: MatRef<'_, f64>) -> Vec<Test> {
+        let p = x * self.complement.as_ref();
+        let w = x * self.weighted.as_ref();
+        (0..x.nrows())
+            .map(|i| {
+                let num: f64 = (0..p.ncols()).map(|j| p[(i, j)] * p[(i, j)]).sum();
+                let den: f64 = (0..x.ncols()).map(|j| x[(i, j)] * x[(i, j)]).sum();
+                let tilt: f64 = (0..w.ncols()).map(|j| w[(i, j)] * w[(i, j)]).sum();
+                if den > 0.0 {
+                    Test {
+                        distance: (num / den).sqrt(),
+                        tau: TAU_FACTOR * self.edge * (tilt / den).sqrt(),
+                    }
+                } else {
+                    Test {
+                        distance: 1.0,
+                        tau: 0.0,
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// A candidate passes: within its own threshold, and that threshold discriminates.
+    pub fn accepts(&self, t: Test) -> bool {
+        t.distance <= t.tau && t.tau <= self.max_tau()
     }
 
     /// The ratio of the last signal singular value to the first noise one (the cliff).
