@@ -174,7 +174,7 @@ def heldout(out):
 def relu32(out):
     """Issue 22: a PyTorch client's float32 gradient of colour photo crops (32 x 32 x 3,
     channel-first) through 3072-m-10 ReLU / leaky ReLU, torch-default init, CE, seeded
-    uniform labels; B = 16, 64 (m = 8192) and 128 (m = 16384), and a depth-2 net. Each case
+    uniform labels; B = 16, 64 (m = 8192) and 128 (m = 16384), and depth-2 nets. Each case
     is ~100-200 MB: write them to /tmp, not the repository. The crops are every colour
     crop of the `images:` data spec (213 of them at 32 x 32), written first by
     gradleak simulate --data images:../shared/data/photos:32 --batch 213 --width 300 \
@@ -190,6 +190,8 @@ def relu32(out):
          "torch-default", 72, data=pool)
     make(out, "rgb32-relu-ce-depth2-b64", "relu", [8192, 1024, 10], "ce", 64, "float32",
          "torch-default", 73, data=pool)
+    make(out, "rgb32-leaky_relu-ce-depth2-b64", "leaky_relu", [8192, 1024, 10], "ce", 64,
+         "float32", "torch-default", 74, data=pool)
 
 
 def deep(out):
