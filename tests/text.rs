@@ -310,3 +310,26 @@ fn tiny_llama_true_prefixes_pass_both_blocks() {
         assert!(c.passed, "{c:?}");
     }
 }
+
+#[test]
+fn tiny_llama_lm_returns_every_prefix() {
+    let dir = fixture("llama-lm-tiny");
+    let r = text::attack(
+        &dir,
+        &dir.join("gradient.safetensors"),
+        &TextParams::default(),
+    )
+    .unwrap();
+    let mut got: Vec<Vec<u32>> = r.sequences.iter().map(|s| s.ids.clone()).collect();
+    let mut want: Vec<Vec<u32>> = truth(&dir)
+        .into_iter()
+        .map(|s| s[..s.len() - 1].to_vec())
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(r.layers.iter().all(|l| l.passed), "{:?}", r.layers);
+    // a token repeated from the start gives its first position's input again: not kept
+    assert!(r.search.iter().map(|s| s.repeats).sum::<usize>() > 0);
+    assert!(!r.certified && r.sequences.iter().all(|s| !s.exact));
+}
