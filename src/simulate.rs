@@ -156,6 +156,12 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
             model = m32.cast();
             (cast_mat(x32.as_ref()), g)
         }
+        Dtype::Bf16 | Dtype::F16 => {
+            return Err(Error::Invalid(format!(
+                "simulate computes in f32 or f64, not {}",
+                cfg.dtype
+            )));
+        }
     };
     let ctx = ClientContext {
         model: &model,

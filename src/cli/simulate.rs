@@ -118,6 +118,16 @@ pub struct SimulateArgs {
 
 pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let mut cfg = a.sim.config()?;
+    // outputs are checked before the round runs
+    if let Some(p) = &a.report {
+        gradleak::io::outputs::check_writable([p.as_path()])?;
+    }
+    if let Some(d) = &a.save
+        && d.exists()
+        && !d.is_dir()
+    {
+        anyhow::bail!("--save {}: exists and is not a directory", d.display());
+    }
     cfg.attack.set_observer(super::progress::Bars::default());
     let out = super::with_spinner("simulating", || simulate::run(&cfg))?;
     super::table::print_simulation(&out);
