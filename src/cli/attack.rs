@@ -200,7 +200,7 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
     if n == 0 {
         anyhow::bail!(
             "no sample recovered{}: {}",
-            if choice.is_none() {
+            if choice.is_none() && matches!(cfg.method(), Method::Auto | Method::Span) {
                 format!(
                     " (is the activation {} right? try --activation auto)",
                     view.activation
