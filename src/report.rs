@@ -7,12 +7,14 @@ use crate::attack::{AttackConfig, Diagnostics, RankRule, Reconstruction, ServerV
 use crate::defense::{Defense, DefenseReport};
 use crate::metrics::{Metrics, SampleMetrics};
 
-/// Wall-clock seconds of each stage.
+/// Wall-clock seconds of each stage, and the CPU seconds of the whole command when the
+/// command line measured them (the comparable figure on a shared machine).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Seconds {
     pub gradient: f64,
     pub attack: f64,
     pub total: f64,
+    pub cpu: Option<f64>,
 }
 
 /// What the attack said about itself (beyond the samples).

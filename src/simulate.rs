@@ -241,6 +241,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
             gradient: grad_seconds,
             attack: attack_seconds,
             total: t0.elapsed().as_secs_f64(),
+            cpu: None,
         },
         attack: AttackSummary::from(&rec),
     };
@@ -308,9 +309,10 @@ impl SimOutput {
                 .map(|i| Some((0..d).map(|j| self.batch.x[(i, j)]).collect()))
                 .collect();
             let zoom = (96 / shape.height.max(1)).max(1);
-            png::write_grid(
+            png::write_grid_labelled(
                 dir.join("grid.png"),
                 &[truth, rec],
+                &["truth", "recovered"],
                 shape,
                 self.range.unwrap_or((0.0, 1.0)),
                 zoom,

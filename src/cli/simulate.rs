@@ -48,7 +48,8 @@ pub struct SimArgs {
     /// The attack (auto: the best available route for the case).
     #[arg(long, value_enum, default_value_t = Method::Auto)]
     pub method: Method,
-    /// Defence applied by the client, repeatable, in order (e.g. clip:1, noise:0.5, prune:0.9).
+    /// Defence applied by the client, repeatable, in order: clip:C noise:SIGMA noise-rel:S
+    /// prune:P topk:K quantize:BITS local-steps:E:LR (e.g. --defense clip:1 --defense noise:0.5).
     #[arg(long = "defense")]
     pub defenses: Vec<String>,
     /// Public prior over input values: mean=..,std=..,min=..,max=.. (default: the data's statistics).
@@ -129,7 +130,9 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         anyhow::bail!("--save {}: exists and is not a directory", d.display());
     }
     cfg.attack.set_observer(super::progress::Bars::default());
-    let out = super::with_spinner("simulating", || simulate::run(&cfg))?;
+    let c0 = super::progress::cpu_seconds();
+    let mut out = super::with_spinner("simulating", || simulate::run(&cfg))?;
+    out.report.seconds.cpu = Some(super::progress::cpu_seconds() - c0);
     super::table::print_simulation(&out);
     if let Some(p) = &a.report {
         let json = serde_json::to_vec_pretty(&out.report)?;

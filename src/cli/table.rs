@@ -58,7 +58,7 @@ pub fn print_simulation(out: &SimOutput) {
         );
     }
     println!(
-        "median rel. error {:.3e} | max {:.3e} | recovered within {:.0e}: {}/{} | missing {}{}{} | attack {:.2} s, total {:.2} s",
+        "median rel. error {:.3e} | max {:.3e} | recovered within {:.0e}: {}/{} | missing {}{}{} | attack {:.2} s, total {:.2} s{}",
         r.median_rel_error,
         r.max_rel_error,
         r.tol,
@@ -72,7 +72,10 @@ pub fn print_simulation(out: &SimOutput) {
         r.mean_psnr
             .map_or(String::new(), |p| format!(" | mean PSNR {p:.1} dB")),
         r.seconds.attack,
-        r.seconds.total
+        r.seconds.total,
+        r.seconds
+            .cpu
+            .map_or(String::new(), |c| format!(" ({c:.2} s CPU)"))
     );
     if let Some(c) = &r.attack.certificate {
         println!("{}", certificate_line(c));
