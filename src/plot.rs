@@ -77,6 +77,29 @@ fn tick(v: f64) -> String {
     }
 }
 
+/// Draw text captions (left-aligned, vertically centred on each point) on an RGB8 buffer.
+pub(crate) fn draw_captions<'a>(
+    rgb: &mut [u8],
+    size: (u32, u32),
+    captions: impl Iterator<Item = (&'a str, (i32, i32))>,
+) -> Result<()> {
+    REGISTER.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+    let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
+    let style = TextStyle::from(("sans-serif", 16).into_font())
+        .color(&BLACK)
+        .pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Left,
+            plotters::style::text_anchor::VPos::Center,
+        ));
+    for (text, at) in captions {
+        root.draw_text(text, &style, at).map_err(plot_err)?;
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
 /// Series from a sweep CSV: x = a setting, y = a metric, one series per value of
 /// `series` (or one in all), aggregated over the remaining rows (seeds) by median
 /// and min-max. `filters` keep only rows with key == value.

@@ -7,12 +7,14 @@ use crate::attack::{AttackConfig, Diagnostics, RankRule, Reconstruction, ServerV
 use crate::defense::{Defense, DefenseReport};
 use crate::metrics::{Metrics, SampleMetrics};
 
-/// Wall-clock seconds of each stage.
+/// Wall-clock seconds of each stage, and the CPU seconds of the whole command when the
+/// command line measured them (the comparable figure on a shared machine).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Seconds {
     pub gradient: f64,
     pub attack: f64,
     pub total: f64,
+    pub cpu: Option<f64>,
 }
 
 /// What the attack said about itself (beyond the samples).
@@ -144,7 +146,15 @@ pub struct AttackReport {
     pub labels: Option<Vec<Option<usize>>>,
     pub samples: Vec<AttackSample>,
     pub seconds: f64,
+    /// CPU seconds (user + system) of the whole command, when the caller measured them.
+    pub cpu_seconds: Option<f64>,
     pub attack: AttackSummary,
+    /// What reading the files found (storage and working precision, layer names).
+    pub files: Option<crate::attack::ReadInfo>,
+    /// The evidence for a detected activation.
+    pub activation_fit: Option<crate::attack::activation_fit::Choice>,
+    /// Matched metrics against a true batch given to the command.
+    pub truth: Option<Metrics>,
 }
 
 impl AttackReport {
@@ -196,7 +206,11 @@ impl AttackReport {
                 })
                 .collect(),
             seconds,
+            cpu_seconds: None,
             attack: AttackSummary::from(rec),
+            files: None,
+            activation_fit: None,
+            truth: None,
         }
     }
 }

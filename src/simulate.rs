@@ -156,6 +156,12 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
             model = m32.cast();
             (cast_mat(x32.as_ref()), g)
         }
+        Dtype::Bf16 | Dtype::F16 => {
+            return Err(Error::Invalid(format!(
+                "simulate computes in f32 or f64, not {}",
+                cfg.dtype
+            )));
+        }
     };
     let ctx = ClientContext {
         model: &model,
@@ -235,6 +241,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
             gradient: grad_seconds,
             attack: attack_seconds,
             total: t0.elapsed().as_secs_f64(),
+            cpu: None,
         },
         attack: AttackSummary::from(&rec),
     };
@@ -302,9 +309,10 @@ impl SimOutput {
                 .map(|i| Some((0..d).map(|j| self.batch.x[(i, j)]).collect()))
                 .collect();
             let zoom = (96 / shape.height.max(1)).max(1);
-            png::write_grid(
+            png::write_grid_labelled(
                 dir.join("grid.png"),
                 &[truth, rec],
+                &["truth", "recovered"],
                 shape,
                 self.range.unwrap_or((0.0, 1.0)),
                 zoom,

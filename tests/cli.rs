@@ -17,10 +17,19 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-/// Run and expect failure: exactly one stderr line mentioning `needle`, no panic.
+/// Stderr without the progress lines a piped run prints (`gradleak: <stage>: ...`).
+fn without_progress(err: &str) -> String {
+    err.lines()
+        .filter(|l| !l.starts_with("gradleak: ") || l.starts_with("gradleak: error: "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Run and expect failure: exactly one stderr line (besides progress lines)
+/// mentioning `needle`, no panic.
 fn fails(args: &[&str], needle: &str) {
     let out = Command::new(BIN).args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = without_progress(&String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{args:?} succeeded");
     assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
     assert_eq!(
@@ -305,7 +314,7 @@ fn mutated_gradients_fail_cleanly_or_run() {
             .arg(&out)
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&run.stderr);
+        let err = without_progress(&String::from_utf8_lossy(&run.stderr));
         assert!(!err.contains("panicked"), "seed {seed}: {err}");
         if run.status.success() {
             assert!(out.exists(), "seed {seed}: success without output");
@@ -318,4 +327,388 @@ fn mutated_gradients_fail_cleanly_or_run() {
         }
     }
     eprintln!("mutated gradients: {ok} valid runs, {failed} clean failures");
+}
+
+// ---- what a PyTorch user brings (issue 20) ----
+
+use gradleak::Dtype;
+use gradleak::io::safetensors::{OutTensor, TensorFile, write_tensors};
+
+/// ../shared/fixtures/pytorch/digits-tanh-ce (float32, B = 8, 64-4096-10, tanh, CE).
+fn shared_tanh() -> PathBuf {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+    ["../shared", "../../shared"]
+        .iter()
+        .map(|s| base.join(s).join("fixtures/pytorch/digits-tanh-ce"))
+        .find(|p| p.exists())
+        .expect("../shared/fixtures/pytorch/digits-tanh-ce")
+}
+
+/// Copy a safetensors file in `dtype` with renamed tensors and extra ones.
+fn convert(
+    src: &Path,
+    dst: &Path,
+    dtype: Dtype,
+    rename: impl Fn(&str) -> String,
+    extra: Vec<OutTensor>,
+) {
+    let f = TensorFile::open(src).unwrap();
+    let mut t: Vec<OutTensor> = f
+        .names()
+        .map(|n| {
+            let (shape, values) = f.values(n).unwrap();
+            OutTensor {
+                name: rename(n),
+                shape,
+                values,
+            }
+        })
+        .collect();
+    t.extend(extra);
+    write_tensors(dst, &t, dtype).unwrap();
+}
+
+/// Run `attack` on (model, gradient) with `extra` flags; the JSON report and stdout.
+fn attack_report(
+    dir: &Path,
+    model: &Path,
+    grad: &Path,
+    extra: &[&str],
+) -> (serde_json::Value, String, String) {
+    let rep = dir.join("rep.json");
+    let out = Command::new(BIN)
+        .args([
+            "attack",
+            "--model",
+            model.to_str().unwrap(),
+            "--gradient",
+            grad.to_str().unwrap(),
+            "--loss",
+            "ce",
+            "--out",
+            dir.join("rec.npy").to_str().unwrap(),
+            "--report",
+            rep.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "{extra:?}: {se}");
+    let v = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    (v, so, se)
+}
+
+fn all_exact_certified(v: &serde_json::Value, b: u64) {
+    assert_eq!(v["batch_estimated"], b, "{}", v["attack"]["notes"]);
+    assert_eq!(v["exact"], b, "{}", v["attack"]["notes"]);
+    assert_eq!(v["certified"], true);
+}
+
+#[test]
+fn float32_gradient_stored_as_float64_is_attacked_at_float32() {
+    let dir = tmpdir("upcast");
+    let f = shared_tanh();
+    let (m, g) = (dir.join("m64.safetensors"), dir.join("g64.safetensors"));
+    convert(
+        &f.join("model.safetensors"),
+        &m,
+        Dtype::F64,
+        str::to_string,
+        vec![],
+    );
+    convert(
+        &f.join("gradient.safetensors"),
+        &g,
+        Dtype::F64,
+        str::to_string,
+        vec![],
+    );
+    let truth = f.join("batch.safetensors");
+    let (v, so, _) = attack_report(
+        &dir,
+        &m,
+        &g,
+        &["--activation", "tanh", "--truth", truth.to_str().unwrap()],
+    );
+    all_exact_certified(&v, 8);
+    assert_eq!(v["files"]["storage"], "f64");
+    assert_eq!(v["files"]["precision"], "f32");
+    assert_eq!(v["files"]["precision_rule"], "detected");
+    assert_eq!(v["dtype"], "f32");
+    // recovered to float32's precision: the float32 fixture's own figure (<= 1.5e-8
+    // measured) with room for the conditioning, far below any float64 claim
+    let max = v["truth"]["max_rel_error"].as_f64().unwrap();
+    assert!(max <= 64.0 * f32::EPSILON as f64, "{max}");
+    assert!(so.contains("stored f64, attacked at f32"), "{so}");
+    assert!(so.contains("recovered within 1e-3: 8/8"), "{so}");
+    // a float32 model beside the float64 gradient: the same
+    let (v, _, _) = attack_report(
+        &dir,
+        &f.join("model.safetensors"),
+        &g,
+        &["--activation", "tanh"],
+    );
+    all_exact_certified(&v, 8);
+    // --precision f64 overrides the detection (and so misreads rounding as samples)
+    let (v, _, _) = attack_report(
+        &dir,
+        &m,
+        &g,
+        &[
+            "--activation",
+            "tanh",
+            "--precision",
+            "f64",
+            "--search-starts",
+            "8",
+        ],
+    );
+    assert_eq!(v["files"]["precision_rule"], "given");
+    assert_eq!(v["dtype"], "f64");
+    assert!(v["batch_estimated"].as_u64().unwrap() > 8);
+}
+
+#[test]
+fn half_precision_files_are_read_and_attacked_at_their_precision() {
+    let dir = tmpdir("half");
+    let f = shared_tanh();
+    let truth = f.join("batch.safetensors");
+    for (dt, name) in [(Dtype::F16, "f16"), (Dtype::Bf16, "bf16")] {
+        let (m, g) = (dir.join("m.safetensors"), dir.join("g.safetensors"));
+        convert(&f.join("model.safetensors"), &m, dt, str::to_string, vec![]);
+        convert(
+            &f.join("gradient.safetensors"),
+            &g,
+            dt,
+            str::to_string,
+            vec![],
+        );
+        let (v, _, _) = attack_report(
+            &dir,
+            &m,
+            &g,
+            &["--activation", "tanh", "--truth", truth.to_str().unwrap()],
+        );
+        assert_eq!(v["files"]["storage"], name);
+        assert_eq!(v["dtype"], name);
+        assert_eq!(v["recovered"], 8);
+        assert_eq!(v["truth"]["missing"], 0);
+        // each input to a few units of the half type's roundoff (1.2 eps measured)
+        let max = v["truth"]["max_rel_error"].as_f64().unwrap();
+        assert!(max <= 8.0 * dt.epsilon(), "{name}: {max}");
+        assert_eq!(v["truth"]["label_accuracy"], 1.0);
+    }
+}
+
+#[test]
+fn custom_module_names_prefixes_and_buffers_attack_like_sequential() {
+    let dir = tmpdir("names");
+    let f = shared_tanh();
+    let buffers = || {
+        vec![
+            OutTensor {
+                name: "bn.running_mean".into(),
+                shape: vec![4096],
+                values: vec![0.0; 4096],
+            },
+            OutTensor {
+                name: "extra".into(),
+                shape: vec![3, 3],
+                values: vec![1.0; 9],
+            },
+        ]
+    };
+    // fc1/fc2 (a custom nn.Module), module.0/module.2 (DataParallel), and names whose
+    // natural order is backwards (head before input): ordered by their shapes
+    type Rename = fn(&str) -> String;
+    let renames: [(&str, Rename); 3] = [
+        ("fc", |n| {
+            n.replacen("0.", "fc1.", 1).replacen("2.", "fc2.", 1)
+        }),
+        ("module", |n| format!("module.{n}")),
+        ("shapes", |n| {
+            n.replacen("0.", "input.", 1).replacen("2.", "head.", 1)
+        }),
+    ];
+    for (what, rename) in renames {
+        let (m, g) = (dir.join("m.safetensors"), dir.join("g.safetensors"));
+        convert(
+            &f.join("model.safetensors"),
+            &m,
+            Dtype::F32,
+            rename,
+            buffers(),
+        );
+        convert(
+            &f.join("gradient.safetensors"),
+            &g,
+            Dtype::F32,
+            rename,
+            vec![],
+        );
+        let (v, so, _) = attack_report(&dir, &m, &g, &["--activation", "tanh"]);
+        all_exact_certified(&v, 8);
+        assert!(so.contains("ignored 2 tensor(s)"), "{what}: {so}");
+    }
+    // an explicit map; a name that is not there is a one-line error
+    let (m, g) = (dir.join("m.safetensors"), dir.join("g.safetensors"));
+    let rename = |n: &str| n.replacen("0.", "enc.", 1).replacen("2.", "dec.", 1);
+    convert(&f.join("model.safetensors"), &m, Dtype::F32, rename, vec![]);
+    convert(
+        &f.join("gradient.safetensors"),
+        &g,
+        Dtype::F32,
+        rename,
+        vec![],
+    );
+    let (v, _, _) = attack_report(
+        &dir,
+        &m,
+        &g,
+        &["--activation", "tanh", "--names", "enc,dec"],
+    );
+    all_exact_certified(&v, 8);
+    let (ms, gs) = (m.to_str().unwrap(), g.to_str().unwrap());
+    let mut a = attack_args(ms, gs, "tanh", "/tmp/x.npy", "/tmp/x.json");
+    a.extend(["--names", "enc,nope"]);
+    fails(&a, "nope.weight");
+}
+
+#[test]
+fn a_failed_run_leaves_no_output_file() {
+    let dir = tmpdir("outputs");
+    let f = fixture();
+    let (m, g) = (f.join("model.safetensors"), f.join("gradient.safetensors"));
+    let (out, rep) = (dir.join("r.npy"), dir.join("r.json"));
+    let labels = dir.join("nodir/l.npy");
+    let mut a = attack_args(
+        m.to_str().unwrap(),
+        g.to_str().unwrap(),
+        "elu",
+        out.to_str().unwrap(),
+        rep.to_str().unwrap(),
+    );
+    a.extend(["--labels", labels.to_str().unwrap()]);
+    fails(&a, "nodir");
+    // simulate checks --report before the round runs (no progress line printed first)
+    fails(
+        &[
+            "simulate",
+            "--data",
+            "gaussian:8",
+            "--batch",
+            "2",
+            "--width",
+            "64",
+            "--report",
+            dir.join("nodir/r.json").to_str().unwrap(),
+        ],
+        "nodir",
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "left files behind"
+    );
+}
+
+#[test]
+fn activation_is_detected_and_a_wrong_one_refused() {
+    let dir = tmpdir("act");
+    let f = shared_tanh();
+    let (m, g) = (f.join("model.safetensors"), f.join("gradient.safetensors"));
+    // no --activation: auto, with the evidence
+    let (v, so, se) = attack_report(&dir, &m, &g, &[]);
+    all_exact_certified(&v, 8);
+    assert_eq!(v["activation"], "tanh");
+    let fits = v["activation_fit"]["fits"].as_array().unwrap();
+    assert_eq!(fits.len(), 9);
+    for fit in fits {
+        let want = if fit["activation"] == "tanh" { 8 } else { 0 };
+        assert_eq!(fit["exact"], want, "{fit}");
+    }
+    assert!(so.contains("detected: tanh 8/8"), "{so}");
+    // piped stderr: one plain line per stage
+    assert!(se.contains("gradleak: activation: tanh fits"), "{se}");
+    assert!(se.contains("gradleak: attack: 8 samples in"), "{se}");
+    // a wrong activation: exit 1, one line saying so, no file
+    let (o, r) = (dir.join("w.npy"), dir.join("w.json"));
+    let mut a = attack_args(
+        m.to_str().unwrap(),
+        g.to_str().unwrap(),
+        "sigmoid",
+        o.to_str().unwrap(),
+        r.to_str().unwrap(),
+    );
+    a.extend(["--search-starts", "8", "--seed-rounds", "1", "--loss", "ce"]);
+    fails(&a, "activation");
+    assert!(!o.exists() && !r.exists());
+}
+
+#[test]
+fn a_gradient_no_activation_fits_is_refused() {
+    let dir = tmpdir("nofit");
+    let f = fixture();
+    let m = f.join("model.safetensors");
+    // the right shapes, random values: no activation's span test closes
+    let mut k = 0u64;
+    let g = dir.join("g.safetensors");
+    convert(
+        &f.join("gradient.safetensors"),
+        &g,
+        Dtype::F32,
+        str::to_string,
+        vec![],
+    );
+    let file = TensorFile::open(&g).unwrap();
+    let t: Vec<OutTensor> = file
+        .names()
+        .map(|n| {
+            let (shape, values) = file.values(n).unwrap();
+            let values = values
+                .iter()
+                .map(|_| {
+                    k = k
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (k >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+                })
+                .collect();
+            OutTensor {
+                name: n.to_string(),
+                shape,
+                values,
+            }
+        })
+        .collect();
+    drop(file);
+    let noise = dir.join("noise.safetensors");
+    write_tensors(&noise, &t, Dtype::F32).unwrap();
+    let o = dir.join("n.npy");
+    let args = [
+        "attack",
+        "--model",
+        m.to_str().unwrap(),
+        "--gradient",
+        noise.to_str().unwrap(),
+        "--out",
+        o.to_str().unwrap(),
+        "--quiet",
+    ];
+    fails(&args, "no activation fits");
+    assert!(!o.exists());
+}
+
+#[test]
+fn quiet_prints_no_stage_lines() {
+    let dir = tmpdir("quiet");
+    let f = fixture();
+    let (m, g) = (f.join("model.safetensors"), f.join("gradient.safetensors"));
+    let (_, so, se) = attack_report(&dir, &m, &g, &["--activation", "elu", "--quiet"]);
+    assert!(!se.contains("gradleak: "), "{se}");
+    assert!(so.contains("s CPU)"), "{so}");
 }

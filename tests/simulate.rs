@@ -70,8 +70,19 @@ fn report_fields_save_and_reproducibility() {
     assert_eq!(truth.shape(), (1, 64));
     assert!((&truth - &rec).norm_l2() / truth.norm_l2() < 1e-5);
     let img = image::open(save.join("grid.png")).unwrap();
-    // two rows of one 8x8 digit zoomed 12x with 2-pixel gaps
-    assert_eq!((img.width(), img.height()), (2 + 96 + 2, 2 + 2 * (96 + 2)));
+    // a 96-pixel caption column (truth / recovered), two rows of one 8x8 digit zoomed
+    // 12x with 2-pixel gaps
+    assert_eq!(
+        (img.width(), img.height()),
+        (96 + 2 + 96 + 2, 2 + 2 * (96 + 2))
+    );
+    // the captions are drawn: dark pixels in the caption column
+    let rgb = img.to_rgb8();
+    let dark = (0..96)
+        .flat_map(|x| (0..img.height()).map(move |y| (x, y)))
+        .filter(|&(x, y)| rgb.get_pixel(x, y)[0] < 128)
+        .count();
+    assert!(dark > 20, "no caption drawn ({dark} dark pixels)");
     let (model, dtype) = gradleak::io::safetensors::read_model(
         save.join("model.safetensors"),
         gradleak::model::Activation::Tanh,

@@ -35,6 +35,16 @@ def _is_torch(obj):
     return type(obj).__module__.split(".")[0] == "torch"
 
 
+def _is_module(obj):
+    """A torch nn.Module, including user subclasses defined outside torch."""
+    if _is_torch(obj):
+        return True
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
 def to_numpy(t, what):
     """A float32/float64 numpy array from a tensor or array (float32 stays float32)."""
     if t is None:
@@ -87,15 +97,81 @@ def _activation_of(m):
     return name
 
 
+def _function_module(target, args, kwargs):
+    """The activation module a functional call stands for (torch.tanh, F.relu, x.sigmoid(), ...)."""
+    nn = _torch().nn
+    name = getattr(target, "__name__", str(target))
+    simple = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+    if name in simple:
+        if name == "gelu" and kwargs.get("approximate", "none") != "none":
+            return nn.GELU(approximate=kwargs["approximate"])
+        return simple[name]()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))
+    if name == "elu":
+        return nn.ELU(args[1] if len(args) > 1 else kwargs.get("alpha", 1.0))
+    if name == "softplus":
+        return nn.Softplus(args[1] if len(args) > 1 else kwargs.get("beta", 1.0))
+    if name in ("flatten", "view", "reshape"):
+        return nn.Flatten()
+    return None
+
+
+def _traced_chain(model):
+    """The modules a custom nn.Module's forward applies, in order, traced with torch.fx;
+    (modules, {id(Linear): its name}). Raises unless forward is one chain from the input."""
+    import torch.fx
+
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "not a plain chain"
+        raise GradleakError(
+            f"invalid argument: the model is a {type(model).__name__} whose forward torch.fx cannot trace "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); gradleak takes a chain of Linear layers and activations"
+        ) from None
+    mods = dict(gm.named_modules())
+    chain, prev = [], None
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if prev is not None:
+                raise GradleakError("invalid argument: the model's forward takes more than one input")
+            prev = node
+            continue
+        if node.op == "output":
+            if node.args[0] is not prev:
+                raise GradleakError("invalid argument: the model's forward does not return the end of its chain")
+            break
+        if node.op == "get_attr" or not node.args or node.args[0] is not prev:
+            raise GradleakError(
+                f"invalid argument: the model's forward is not a chain of layers (at '{node.name}'); "
+                "gradleak takes Linear layers and activations applied one after another"
+            )
+        if node.op == "call_module":
+            m = mods[node.target]
+            chain.append((node.target, m))
+        else:
+            m = _function_module(node.target, node.args, node.kwargs)
+            if m is None:
+                raise GradleakError(
+                    f"unknown operation '{getattr(node.target, '__name__', node.target)}' in the model's forward "
+                    "(gradleak takes a chain of Linear layers and activations)"
+                )
+            chain.append((None, m))
+        prev = node
+    return chain
+
+
 def _torch_layers(model):
     nn = _torch().nn
-    if not isinstance(model, nn.Sequential):
-        raise GradleakError(
-            f"invalid argument: the model is a {type(model).__name__}; gradleak takes an nn.Sequential of "
-            "nn.Linear layers and one activation module between them"
-        )
-    linears, gaps, cur = [], [], []
-    for m in _leaves(model):
+    if isinstance(model, nn.Sequential):
+        named = dict((id(m), n) for n, m in model.named_modules())
+        leaves = [(named.get(id(m)), m) for m in _leaves(model)]
+    else:
+        leaves = _traced_chain(model)
+    linears, gaps, cur, lin_names = [], [], [], []
+    for mname, m in leaves:
+        if isinstance(m, nn.Linear):
+            lin_names.append(mname)
         if isinstance(m, nn.Linear):
             if linears:
                 gaps.append(cur)
@@ -134,13 +210,24 @@ def _torch_layers(model):
             "invalid argument: mixed activations (" + " ".join(sorted(acts)) + "); gradleak needs the same one after every hidden layer"
         )
     activation = acts.pop() if acts else "identity"
-    layers = []
-    for i, lin in enumerate(linears):
+    layers, names = [], []
+    for i, (lin, lname) in enumerate(zip(linears, lin_names)):
         w = to_numpy(lin.weight, f"weight of Linear layer {i}")
         b = None if lin.bias is None else to_numpy(lin.bias, f"bias of Linear layer {i}")
         layers.append((w, b))
-    names = [n for n, _ in model.named_parameters()]
-    return layers, activation, names
+        names.append(f"{lname}.weight")
+        if b is not None:
+            names.append(f"{lname}.bias")
+    # a gradient list comes in parameters() order, which for a custom module is its
+    # definition order, not necessarily the order of the chain
+    order = [n for n, _ in model.named_parameters()]
+    if sorted(order) != sorted(names):
+        raise GradleakError(
+            "invalid argument: the model has parameters outside its Linear layers ("
+            + ", ".join(n for n in order if n not in names)
+            + ")"
+        )
+    return layers, activation, (names, order)
 
 
 _KEY = re.compile(r"^(?:.*\.)?(\d+)\.(weight|bias)$")
@@ -177,13 +264,13 @@ def read_model(model, activation=None):
     """(layers [(W, b or None)], activation name, parameter names in parameters() order)."""
     if isinstance(model, dict):
         return _dict_layers(model, activation)
-    if _is_torch(model):
+    if _is_module(model):
         layers, act, names = _torch_layers(model)
         if activation is not None and activation != act:
             raise GradleakError(f"invalid argument: activation='{activation}' but the model's modules say '{act}'")
         return layers, act, names
     raise GradleakError(
-        f"invalid argument: the model is a {type(model).__name__}; expected a torch nn.Sequential or a dict of arrays"
+        f"invalid argument: the model is a {type(model).__name__}; expected a torch nn.Module (a chain of Linear layers and activations) or a dict of arrays"
     )
 
 
@@ -195,7 +282,13 @@ def _strip(name, known):
 
 
 def read_gradient(gradients, layers, names):
-    """The gradient shaped like `layers`, from a list/tuple in parameters() order or a {name: tensor} dict."""
+    """The gradient shaped like `layers`, from a list/tuple in parameters() order or a {name: tensor} dict.
+    `names` are the layers' parameter names in chain order, or (those, parameters() order)."""
+    order = names
+    if isinstance(names, tuple):
+        names, order = names
+    if isinstance(gradients, (list, tuple)) and order != names and len(gradients) == len(order):
+        gradients = dict(zip(order, gradients))
     shapes = []
     for w, b in layers:
         shapes.append(w.shape)

@@ -30,7 +30,9 @@ log = logging.getLogger("gradleak.flower")
 
 class _Auditor:
     def __init__(self, model, lr=None, gradient_key="gradients", activation=None, **attack_kwargs):
-        _, self.activation, self.names = read_model(model, activation)
+        _, self.activation, names = read_model(model, activation)
+        # parameters() order (a custom module's names come with the chain order too)
+        self.names = names[1] if isinstance(names, tuple) else names
         self.lr = lr
         self.gradient_key = gradient_key
         self.attack_kwargs = attack_kwargs

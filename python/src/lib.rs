@@ -213,6 +213,13 @@ fn attack<'py>(
     let mlp = Mlp::new(mlayers, act).map_err(err)?;
     let grad = Gradient { layers: glayers };
     let mut view = ServerView::from_memory(&mlp, &grad, dtype).map_err(err)?;
+    // a float32 gradient handed over as float64 is attacked at float32's floor
+    view.dtype = gradleak::attack::precision::detect(
+        &view.first.grad_weight,
+        view.first.grad_bias.as_ref(),
+        dtype,
+    )
+    .map_err(err)?;
     view.noise_std = noise_std;
     let rec = run_interruptible(py, &view, &cfg)?;
 

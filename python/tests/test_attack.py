@@ -141,6 +141,62 @@ def test_bad_gradients_raise_one_line_errors():
         gradleak.attack(model, [None, g[1], g[2], g[3]])
 
 
+class _Net(nn.Module):
+    """A custom module: the head is defined before the input layer, so parameters()
+    order is not the forward order; forward uses torch.tanh, not a Tanh module."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2048, 10)
+        self.fc1 = nn.Linear(625, 2048)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc1(x)))
+
+
+def test_custom_module_traced_with_fx(face_batch):
+    xs, _ = face_batch
+    x = torch.tensor(xs)
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    torch.manual_seed(3)
+    model = _Net()
+    one_step(model, x, y, nn.CrossEntropyLoss())
+    rec = gradleak.attack(model, [p.grad for p in model.parameters()], loss="ce")
+    assert rec.report["activation"] == "tanh"
+    check_all_back(xs, y.numpy(), rec)
+    # the same with a {name: grad} dict, and wrapped as DataParallel names would be
+    grads = {f"module.{n}": p.grad for n, p in model.named_parameters()}
+    check_all_back(xs, y.numpy(), gradleak.attack(model, grads, loss="ce"))
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h + h)
+
+
+def test_custom_module_that_is_not_a_chain_raises():
+    with pytest.raises(gradleak.GradleakError, match="chain"):
+        gradleak.attack(_Branchy(), [torch.zeros(8, 4), torch.zeros(8), torch.zeros(2, 8), torch.zeros(2)])
+
+
+def test_float32_gradient_as_float64_is_attacked_as_float32(face_batch):
+    xs, _ = face_batch
+    x = torch.tensor(xs)
+    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(625, 2048), nn.Tanh(), nn.Linear(2048, 10))
+    one_step(model, x, y, nn.CrossEntropyLoss())
+    rec = gradleak.attack(model.double(), [p.grad.double() for p in model.parameters()], loss="ce")
+    assert rec.report["dtype"] == "f32"
+    check_all_back(xs, y.numpy(), rec)
+
+
 def colour_crops():
     """The 213 colour 32x32 crops of ../shared/data/photos (the `images:DIR:32` spec),
     flattened channel-first as torchvision's ToTensor gives them; None without the photos."""

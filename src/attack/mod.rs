@@ -7,22 +7,26 @@
 //! (search statistics, certificate); the law of the weights: [`law`]; progress:
 //! [`observer`].
 
+pub mod activation_fit;
 pub mod baseline;
 pub mod blocks;
 pub mod cancel;
 pub mod defended;
 pub mod evidence;
 pub mod exact;
+pub mod files;
 pub mod law;
 pub mod moment;
 pub mod observer;
 pub mod params;
+pub mod precision;
 pub mod prior;
 pub mod reconstruction;
 pub mod subspace;
 pub mod view;
 
 pub use cancel::Cancel;
+pub use files::{ReadInfo, ReadOptions};
 pub use observer::{Flow, Observer};
 pub use params::{AttackConfig, AttackParams, Method};
 pub use prior::Prior;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use faer::{Col, Mat};
 
-use crate::io::safetensors::{MappedMatrix, TensorFile, check_like};
+use crate::io::safetensors::{MappedMatrix, check_like};
 use crate::model::{Activation, Dense, Gradient, Mlp};
 use crate::{Dtype, Error, Result};
 
@@ -112,62 +112,21 @@ impl ServerView {
         })
     }
 
-    /// A view on safetensors files: the first layer stays mapped.
+    /// A view on safetensors files: the first layer stays mapped; layers matched by
+    /// structure, the precision detected ([`ServerView::open`] says what it found).
     pub fn from_files(model: &Path, gradient: &Path, activation: Activation) -> Result<Self> {
-        let mf = TensorFile::open(model)?;
-        let gf = TensorFile::open(gradient)?;
-        mf.common_dtype()?;
-        let dtype = gf.common_dtype()?;
-        let mi = mf.layer_indices()?;
-        let gi = gf.layer_indices()?;
-        if mi != gi {
-            return Err(Error::Shape(format!(
-                "{} has layers {mi:?}, {} has layers {gi:?}",
-                model.display(),
-                gradient.display()
-            )));
-        }
-        let vec = |f: &TensorFile, n: usize| -> Result<Option<Col<f64>>> {
-            let name = format!("{n}.bias");
-            if f.contains(&name) {
-                f.vector(&name).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
-        let dense = |f: &TensorFile, n: usize| -> Result<Dense<f64>> {
-            Ok(Dense {
-                weight: f.matrix(&format!("{n}.weight"))?,
-                bias: vec(f, n)?,
-            })
-        };
-        let first_name = format!("{}.weight", mi[0]);
-        let w = mf.mapped(&first_name)?;
-        let gw = gf.mapped(&first_name)?;
-        if (w.nrows(), w.ncols()) != (gw.nrows(), gw.ncols()) {
-            return Err(Error::Shape(format!(
-                "first-layer weight is {} x {} but its gradient is {} x {}",
-                w.nrows(),
-                w.ncols(),
-                gw.nrows(),
-                gw.ncols()
-            )));
-        }
-        let upper: Vec<Dense<f64>> = mi[1..]
-            .iter()
-            .map(|&n| dense(&mf, n))
-            .collect::<Result<_>>()?;
-        let upper_grad: Vec<Dense<f64>> = mi[1..]
-            .iter()
-            .map(|&n| dense(&gf, n))
-            .collect::<Result<_>>()?;
-        let first = FirstLayer {
-            bias: vec(&mf, mi[0])?,
-            grad_bias: vec(&gf, mi[0])?,
-            weight: Rows::Mapped(w),
-            grad_weight: Rows::Mapped(gw),
-        };
-        let view = ServerView {
+        Self::open(model, gradient, activation, &Default::default()).map(|(v, _)| v)
+    }
+
+    /// A view from its parts, without defences or known noise.
+    pub(crate) fn from_parts(
+        activation: Activation,
+        dtype: Dtype,
+        first: FirstLayer,
+        upper: Vec<Dense<f64>>,
+        upper_grad: Vec<Dense<f64>>,
+    ) -> Self {
+        ServerView {
             activation,
             dtype,
             first,
@@ -175,9 +134,12 @@ impl ServerView {
             upper_grad,
             noise_std: None,
             defenses: Vec::new(),
-        };
-        view.check()?;
-        Ok(view)
+        }
+    }
+
+    /// Check that the layers' shapes chain and the gradient has the model's shapes.
+    pub(crate) fn check_shapes(&self) -> Result<()> {
+        self.check()
     }
 
     fn check(&self) -> Result<()> {

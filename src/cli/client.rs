@@ -73,8 +73,9 @@ pub fn run(a: ClientArgs) -> anyhow::Result<()> {
     let batch = read_batch(&a.batch)?;
     let targets = targets_from(batch.y.as_ref(), loss, model.output_dim(), batch.x.nrows())
         .with_context(|| format!("{}", a.batch.display()))?;
-    match dtype {
-        Dtype::F32 => {
+    // half-precision models are computed (and the gradient written) in f32
+    match dtype.compute() {
+        Dtype::Bf16 | Dtype::F16 | Dtype::F32 => {
             let m: Mlp<f32> = model.cast();
             let x: Mat<f32> = cast_mat(batch.x.as_ref());
             write_gradient(&a.out, &m.gradient(x.as_ref(), &targets, loss)?)?;

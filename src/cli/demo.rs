@@ -40,7 +40,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         cfg.width,
         cfg.attack.method()
     );
-    let out = super::with_spinner("running the round", || simulate::run(&cfg))?;
+    let c0 = super::progress::cpu_seconds();
+    let mut out = super::with_spinner("running the round", || simulate::run(&cfg))?;
+    out.report.seconds.cpu = Some(super::progress::cpu_seconds() - c0);
     super::table::print_simulation(&out);
     out.save(&a.out)?;
     println!(

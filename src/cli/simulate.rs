@@ -48,7 +48,8 @@ pub struct SimArgs {
     /// The attack (auto: the best available route for the case).
     #[arg(long, value_enum, default_value_t = Method::Auto)]
     pub method: Method,
-    /// Defence applied by the client, repeatable, in order (e.g. clip:1, noise:0.5, prune:0.9).
+    /// Defence applied by the client, repeatable, in order: clip:C noise:SIGMA noise-rel:S
+    /// prune:P topk:K quantize:BITS local-steps:E:LR (e.g. --defense clip:1 --defense noise:0.5).
     #[arg(long = "defense")]
     pub defenses: Vec<String>,
     /// Public prior over input values: mean=..,std=..,min=..,max=.. (default: the data's statistics).
@@ -118,8 +119,20 @@ pub struct SimulateArgs {
 
 pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     let mut cfg = a.sim.config()?;
+    // outputs are checked before the round runs
+    if let Some(p) = &a.report {
+        gradleak::io::outputs::check_writable([p.as_path()])?;
+    }
+    if let Some(d) = &a.save
+        && d.exists()
+        && !d.is_dir()
+    {
+        anyhow::bail!("--save {}: exists and is not a directory", d.display());
+    }
     cfg.attack.set_observer(super::progress::Bars::default());
-    let out = super::with_spinner("simulating", || simulate::run(&cfg))?;
+    let c0 = super::progress::cpu_seconds();
+    let mut out = super::with_spinner("simulating", || simulate::run(&cfg))?;
+    out.report.seconds.cpu = Some(super::progress::cpu_seconds() - c0);
     super::table::print_simulation(&out);
     if let Some(p) = &a.report {
         let json = serde_json::to_vec_pretty(&out.report)?;

@@ -58,7 +58,7 @@ pub fn print_simulation(out: &SimOutput) {
         );
     }
     println!(
-        "median rel. error {:.3e} | max {:.3e} | recovered within {:.0e}: {}/{} | missing {}{}{} | attack {:.2} s, total {:.2} s",
+        "median rel. error {:.3e} | max {:.3e} | recovered within {:.0e}: {}/{} | missing {}{}{} | attack {:.2} s, total {:.2} s{}",
         r.median_rel_error,
         r.max_rel_error,
         r.tol,
@@ -72,7 +72,10 @@ pub fn print_simulation(out: &SimOutput) {
         r.mean_psnr
             .map_or(String::new(), |p| format!(" | mean PSNR {p:.1} dB")),
         r.seconds.attack,
-        r.seconds.total
+        r.seconds.total,
+        r.seconds
+            .cpu
+            .map_or(String::new(), |c| format!(" ({c:.2} s CPU)"))
     );
     if let Some(c) = &r.attack.certificate {
         println!("{}", certificate_line(c));
@@ -97,4 +100,47 @@ pub fn certificate_line(c: &gradleak::attack::evidence::Certificate) -> String {
         c.closure_tolerance,
         c.why
     )
+}
+
+/// Matched metrics of a reconstruction against a true batch (`attack --truth`).
+pub fn print_matched(m: &gradleak::metrics::Metrics) {
+    let psnr = m.mean_psnr.is_some();
+    println!(
+        "{:>6} {:>12} {:>10} {:>8} {:>7}",
+        "truth",
+        "rel.error",
+        "cosine",
+        if psnr { "PSNR dB" } else { "" },
+        "label"
+    );
+    for s in &m.per_sample {
+        let label = match (s.label_true, s.label_recovered) {
+            (Some(t), Some(g)) => format!("{g}/{t}{}", if g == t { "" } else { "!" }),
+            (Some(t), None) => format!("-/{t}"),
+            (None, Some(g)) => format!("{g}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:>6} {:>12} {:>10} {:>8} {:>7}",
+            s.truth,
+            s.rel_error.map_or("missing".into(), |e| format!("{e:.3e}")),
+            s.cosine.map_or("-".into(), |c| format!("{c:.6}")),
+            s.psnr.map_or(String::new(), |p| format!("{p:.1}")),
+            label,
+        );
+    }
+    println!(
+        "median rel. error {:.3e} | max {:.3e} | recovered within {:.0e}: {}/{} | missing {} | unmatched {}{}",
+        m.median_rel_error,
+        m.max_rel_error,
+        m.tol,
+        (m.recovered_fraction * m.per_sample.len() as f64).round(),
+        m.per_sample.len(),
+        m.missing,
+        m.unmatched,
+        m.label_accuracy.map_or(String::new(), |a| format!(
+            " | label accuracy {:.0}%",
+            100.0 * a
+        )),
+    );
 }

@@ -1,7 +1,9 @@
 //! File formats users hold: safetensors (PyTorch), NumPy .npy, PNG.
 //! Every writer goes through [`write_atomic`]: no half-written output.
 
+pub mod layout;
 pub mod npy;
+pub mod outputs;
 pub mod png;
 pub mod safetensors;
 

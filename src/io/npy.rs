@@ -30,24 +30,32 @@ pub fn read_matrix(path: impl AsRef<Path>) -> Result<Mat<f64>> {
     Ok(Mat::from_fn(arr.nrows(), arr.ncols(), |i, j| arr[(i, j)]))
 }
 
-/// Write an f64 matrix as a 2-D float64 .npy array, atomically.
-pub fn write_matrix(path: impl AsRef<Path>, m: &Mat<f64>) -> Result<()> {
-    let path = path.as_ref();
+/// An f64 matrix encoded as a 2-D float64 .npy array.
+pub fn matrix_bytes(m: &Mat<f64>) -> Result<Vec<u8>> {
     let arr = Array2::from_shape_fn(m.shape(), |(i, j)| m[(i, j)]);
     let mut buf = Vec::new();
     arr.write_npy(&mut buf)
-        .map_err(|e| Error::Invalid(format!("cannot encode {}: {e}", path.display())))?;
-    write_atomic(path, &buf)
+        .map_err(|e| Error::Invalid(format!("cannot encode a .npy array: {e}")))?;
+    Ok(buf)
+}
+
+/// Integer labels encoded as a 1-D int64 .npy array.
+pub fn labels_bytes(labels: &[i64]) -> Result<Vec<u8>> {
+    let arr = ndarray::Array1::from(labels.to_vec());
+    let mut buf = Vec::new();
+    arr.write_npy(&mut buf)
+        .map_err(|e| Error::Invalid(format!("cannot encode a .npy array: {e}")))?;
+    Ok(buf)
+}
+
+/// Write an f64 matrix as a 2-D float64 .npy array, atomically.
+pub fn write_matrix(path: impl AsRef<Path>, m: &Mat<f64>) -> Result<()> {
+    write_atomic(path.as_ref(), &matrix_bytes(m)?)
 }
 
 /// Write integer labels as a 1-D int64 .npy array, atomically.
 pub fn write_labels(path: impl AsRef<Path>, labels: &[i64]) -> Result<()> {
-    let path = path.as_ref();
-    let arr = ndarray::Array1::from(labels.to_vec());
-    let mut buf = Vec::new();
-    arr.write_npy(&mut buf)
-        .map_err(|e| Error::Invalid(format!("cannot encode {}: {e}", path.display())))?;
-    write_atomic(path, &buf)
+    write_atomic(path.as_ref(), &labels_bytes(labels)?)
 }
 
 #[cfg(test)]

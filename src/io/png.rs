@@ -35,15 +35,31 @@ pub fn write_grid(
     range: (f64, f64),
     zoom: usize,
 ) -> Result<()> {
+    write_grid_labelled(path, rows, &[], shape, range, zoom)
+}
+
+/// Width in pixels of the caption column of a labelled grid.
+const LABEL_WIDTH: usize = 96;
+
+/// [`write_grid`] with a caption left of each row (e.g. "truth", "recovered").
+pub fn write_grid_labelled(
+    path: impl AsRef<Path>,
+    rows: &[Vec<Option<Vec<f64>>>],
+    labels: &[&str],
+    shape: ImageShape,
+    range: (f64, f64),
+    zoom: usize,
+) -> Result<()> {
     let path = path.as_ref();
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     if cols == 0 || shape.is_empty() {
         return Err(Error::Invalid("nothing to draw".into()));
     }
     let gap = 2;
+    let left = if labels.is_empty() { 0 } else { LABEL_WIDTH };
     let (cw, ch) = (shape.width * zoom + gap, shape.height * zoom + gap);
     let mut img = ImageBuffer::from_pixel(
-        (cols * cw + gap) as u32,
+        (left + cols * cw + gap) as u32,
         (rows.len() * ch + gap) as u32,
         Rgb([255u8, 255, 255]),
     );
@@ -67,10 +83,28 @@ pub fn write_grid(
                             }
                         }
                     };
-                    img.put_pixel((gap + c * cw + x) as u32, (gap + r * ch + y) as u32, px);
+                    img.put_pixel(
+                        (left + gap + c * cw + x) as u32,
+                        (gap + r * ch + y) as u32,
+                        px,
+                    );
                 }
             }
         }
+    }
+    if !labels.is_empty() {
+        let (w, h) = img.dimensions();
+        let mut raw = img.into_raw();
+        crate::plot::draw_captions(
+            &mut raw,
+            (w, h),
+            labels
+                .iter()
+                .enumerate()
+                .map(|(r, l)| (*l, (6, (gap + r * ch + ch / 2) as i32))),
+        )?;
+        img = ImageBuffer::from_raw(w, h, raw)
+            .ok_or_else(|| Error::Invalid("grid buffer size".into()))?;
     }
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)

@@ -1,5 +1,6 @@
-//! Safetensors in and out, with PyTorch's `nn.Sequential` names
-//! (`0.weight`, `0.bias`, `2.weight`, ...).
+//! Safetensors in and out. Written files use PyTorch's `nn.Sequential` names
+//! (`0.weight`, `0.bias`, `2.weight`, ...); read files are matched to layers by
+//! structure ([`super::layout`]).
 //!
 //! Files are memory-mapped. Small tensors are converted to f64 matrices; the
 //! first layer of a large model can stay mapped as a [`MappedMatrix`] and be read
@@ -14,6 +15,7 @@ use faer::{Col, Mat};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+use super::layout::Layout;
 use super::write_atomic;
 use crate::model::{Activation, Dense, Gradient, Mlp};
 use crate::{Dtype, Error, Real, Result};
@@ -24,9 +26,11 @@ pub struct TensorFile {
     map: Arc<Mmap>,
     /// name -> (dtype, shape, absolute byte range in the file)
     index: BTreeMap<String, (StDtype, Vec<usize>, Range<usize>)>,
+    /// The header's free-form `__metadata__` (e.g. `activation`).
+    metadata: BTreeMap<String, String>,
 }
 
-/// A 2-D f32/f64 tensor that stays in the mapped file; rows are read on demand.
+/// A 2-D float tensor (bf16, f16, f32, f64) that stays in the mapped file; rows are read on demand.
 #[derive(Clone)]
 pub struct MappedMatrix {
     map: Arc<Mmap>,
@@ -39,17 +43,27 @@ pub struct MappedMatrix {
 
 fn dtype_of(path: &Path, name: &str, dt: StDtype) -> Result<Dtype> {
     match dt {
+        StDtype::BF16 => Ok(Dtype::Bf16),
+        StDtype::F16 => Ok(Dtype::F16),
         StDtype::F32 => Ok(Dtype::F32),
         StDtype::F64 => Ok(Dtype::F64),
         other => Err(Error::format(
             path,
-            format!("tensor '{name}' has dtype {other:?}; gradleak reads F32 and F64"),
+            format!("tensor '{name}' has dtype {other:?}; gradleak reads BF16, F16, F32 and F64"),
         )),
     }
 }
 
 fn read_value(bytes: &[u8], dtype: Dtype, k: usize) -> f64 {
     match dtype {
+        Dtype::Bf16 => {
+            let b: [u8; 2] = bytes[2 * k..2 * k + 2].try_into().expect("2 bytes");
+            half::bf16::from_le_bytes(b).to_f64()
+        }
+        Dtype::F16 => {
+            let b: [u8; 2] = bytes[2 * k..2 * k + 2].try_into().expect("2 bytes");
+            half::f16::from_le_bytes(b).to_f64()
+        }
         Dtype::F32 => {
             let b: [u8; 4] = bytes[4 * k..4 * k + 4].try_into().expect("4 bytes");
             f32::from_le_bytes(b) as f64
@@ -81,10 +95,17 @@ impl TensorFile {
             let (a, b) = info.data_offsets;
             index.insert(name, (info.dtype, info.shape.clone(), start + a..start + b));
         }
+        let metadata = meta
+            .metadata()
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         Ok(TensorFile {
             path,
             map: Arc::new(map),
             index,
+            metadata,
         })
     }
 
@@ -95,6 +116,11 @@ impl TensorFile {
     /// Names of the tensors, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
+    }
+
+    /// A value of the header's `__metadata__`.
+    pub fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -151,7 +177,7 @@ impl TensorFile {
         let data = &self.map[bytes.clone()];
         let n: usize = shape.iter().product();
         let v: Vec<f64> = match dt {
-            StDtype::F32 | StDtype::F64 => {
+            StDtype::BF16 | StDtype::F16 | StDtype::F32 | StDtype::F64 => {
                 let dtype = dtype_of(&self.path, name, *dt)?;
                 (0..n).map(|k| read_value(data, dtype, k)).collect()
             }
@@ -272,10 +298,7 @@ impl MappedMatrix {
     }
 
     fn row_bytes(&self, rows: &Range<usize>) -> Range<usize> {
-        let w = match self.dtype {
-            Dtype::F32 => 4,
-            Dtype::F64 => 8,
-        } * self.cols;
+        let w = self.dtype.bytes() * self.cols;
         self.bytes.start + rows.start * w..self.bytes.start + rows.end * w
     }
 
@@ -329,33 +352,48 @@ pub fn layer_name(l: usize, part: &str) -> String {
     format!("{}.{part}", 2 * l)
 }
 
-fn layers_from(file: &TensorFile) -> Result<Vec<Dense<f64>>> {
-    let idx = file.layer_indices()?;
-    let mut layers = Vec::with_capacity(idx.len());
-    for n in idx {
-        let weight = file.matrix(&format!("{n}.weight"))?;
-        if file.shape(&format!("{n}.weight"))?.len() != 2 {
-            return Err(Error::Shape(format!(
-                "{}: '{n}.weight' is not a matrix",
-                file.path().display()
-            )));
+/// The layers named by `layout`, as f64.
+pub fn dense_layers(file: &TensorFile, layout: &Layout) -> Result<Vec<Dense<f64>>> {
+    layout
+        .layers
+        .iter()
+        .map(|l| {
+            Ok(Dense {
+                weight: file.matrix(&l.weight)?,
+                bias: l.bias.as_deref().map(|b| file.vector(b)).transpose()?,
+            })
+        })
+        .collect()
+}
+
+/// The file's tensors as layers; buffers and other tensors are ignored (the float
+/// dtype shared by the layers is returned).
+fn layers_from(file: &TensorFile) -> Result<(Vec<Dense<f64>>, Dtype)> {
+    let layout = Layout::of(file, None)?;
+    let dtype = layer_dtype(file, &layout)?;
+    Ok((dense_layers(file, &layout)?, dtype))
+}
+
+/// The storage dtype shared by the tensors of `layout`.
+pub fn layer_dtype(file: &TensorFile, layout: &Layout) -> Result<Dtype> {
+    let mut dt = None;
+    for l in &layout.layers {
+        for n in std::iter::once(&l.weight).chain(&l.bias) {
+            let d = file.dtype(n)?;
+            if dt.is_some_and(|x| x != d) {
+                return Err(Error::format(file.path(), "layer tensors of mixed dtypes"));
+            }
+            dt = Some(d);
         }
-        let bname = format!("{n}.bias");
-        let bias = if file.contains(&bname) {
-            Some(file.vector(&bname)?)
-        } else {
-            None
-        };
-        layers.push(Dense { weight, bias });
     }
-    Ok(layers)
+    dt.ok_or_else(|| Error::format(file.path(), "the file holds no layers"))
 }
 
 /// Read a model (all layers, as f64) and its storage dtype.
 pub fn read_model(path: impl AsRef<Path>, activation: Activation) -> Result<(Mlp<f64>, Dtype)> {
     let file = TensorFile::open(path)?;
-    let dtype = file.common_dtype()?;
-    let mlp = Mlp::new(layers_from(&file)?, activation).map_err(|e| match e {
+    let (layers, dtype) = layers_from(&file)?;
+    let mlp = Mlp::new(layers, activation).map_err(|e| match e {
         Error::Shape(s) => Error::Shape(format!("{}: {s}", file.path().display())),
         other => other,
     })?;
@@ -365,8 +403,7 @@ pub fn read_model(path: impl AsRef<Path>, activation: Activation) -> Result<(Mlp
 /// Read a gradient and check it has the model's shapes.
 pub fn read_gradient(path: impl AsRef<Path>, model: &Mlp<f64>) -> Result<(Gradient<f64>, Dtype)> {
     let file = TensorFile::open(path)?;
-    let dtype = file.common_dtype()?;
-    let layers = layers_from(&file)?;
+    let (layers, dtype) = layers_from(&file)?;
     check_like(file.path(), &layers, model)?;
     Ok((Gradient { layers }, dtype))
 }
@@ -438,6 +475,16 @@ pub fn write_tensors(path: impl AsRef<Path>, tensors: &[OutTensor], dtype: Dtype
     let bufs: Vec<Vec<u8>> = tensors
         .iter()
         .map(|t| match dtype {
+            Dtype::Bf16 => t
+                .values
+                .iter()
+                .flat_map(|v| half::bf16::from_f64(*v).to_le_bytes())
+                .collect(),
+            Dtype::F16 => t
+                .values
+                .iter()
+                .flat_map(|v| half::f16::from_f64(*v).to_le_bytes())
+                .collect(),
             Dtype::F32 => t
                 .values
                 .iter()
@@ -447,6 +494,8 @@ pub fn write_tensors(path: impl AsRef<Path>, tensors: &[OutTensor], dtype: Dtype
         })
         .collect();
     let st = match dtype {
+        Dtype::Bf16 => StDtype::BF16,
+        Dtype::F16 => StDtype::F16,
         Dtype::F32 => StDtype::F32,
         Dtype::F64 => StDtype::F64,
     };

@@ -261,8 +261,8 @@ pub(crate) fn closure_in(
     x: &Mat<f64>,
     r: Option<&Mat<f64>>,
 ) -> Option<(Vec<f64>, f64, Mat<f64>)> {
-    match dtype {
-        Dtype::F32 => closure::<f32>(model, grad, x, r),
+    match dtype.compute() {
+        Dtype::Bf16 | Dtype::F16 | Dtype::F32 => closure::<f32>(model, grad, x, r),
         Dtype::F64 => closure::<f64>(model, grad, x, r),
     }
 }
