@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{csv_line, header, read_csv, setting};
+use super::csv::{csv_line, header, read_csv, setting};
 use crate::simulate::{KEYS, SimConfig};
 use crate::{Error, Result};
 

@@ -154,9 +154,9 @@ impl Problem {
         let (g, tape) = self.map().eval(&x, &lam)?;
         let s = 1.0 / (self.observed_norm * self.observed_norm).max(f64::MIN_POSITIVE);
         let mut diff = g;
-        crate::defense::axpy(&mut diff, -1.0, &self.observed);
+        crate::model::ops::axpy(&mut diff, -1.0, &self.observed);
         let f = s * dot(&diff, &diff);
-        crate::defense::for_each_layer_scale(&mut diff, 2.0 * s);
+        crate::model::ops::for_each_layer_scale(&mut diff, 2.0 * s);
         let (ax, al) = self.map().vjp(&tape, &diff);
         Ok((f, self.pack(&ax, &al)))
     }

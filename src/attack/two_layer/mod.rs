@@ -24,11 +24,7 @@ use faer::{Col, Mat};
 use crate::attack::ServerView;
 use crate::{Error, Result};
 
-/// Alternating iterations (each an R-step and an X-step). Measured on digits B = 8
-/// under noise-rel:1e-3: the weighted residual stops falling after about 30.
-pub const ITERATIONS: usize = 30;
-/// Stop once X moves by less than this (relative).
-pub const TOL: f64 = 1e-13;
+pub mod gauss_newton;
 
 /// The two-layer problem.
 pub struct TwoLayer {
