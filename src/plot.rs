@@ -52,7 +52,7 @@ pub struct PlotSpec {
 }
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
-    Error::Invalid(format!("plotting failed: {e}"))
+    Error::encode("plotting failed", e)
 }
 
 /// Numeric value of a setting for the x axis: the number itself, or the last number in
@@ -156,10 +156,10 @@ pub fn series_from_csv(
         out.push(Series { name, points });
     }
     if out.is_empty() {
-        return Err(Error::Invalid(format!(
-            "no rows of {} have a numeric '{y}'",
-            csv.display()
-        )));
+        return Err(Error::NoNumericRows {
+            csv: csv.to_path_buf(),
+            column: y.to_string(),
+        });
     }
     Ok((out, (!numeric_x).then_some(cats)))
 }

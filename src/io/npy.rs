@@ -36,7 +36,7 @@ pub fn write_matrix(path: impl AsRef<Path>, m: &Mat<f64>) -> Result<()> {
     let arr = Array2::from_shape_fn(m.shape(), |(i, j)| m[(i, j)]);
     let mut buf = Vec::new();
     arr.write_npy(&mut buf)
-        .map_err(|e| Error::Invalid(format!("cannot encode {}: {e}", path.display())))?;
+        .map_err(|e| Error::encode(format!("cannot encode {}", path.display()), e))?;
     write_atomic(path, &buf)
 }
 
@@ -46,7 +46,7 @@ pub fn write_labels(path: impl AsRef<Path>, labels: &[i64]) -> Result<()> {
     let arr = ndarray::Array1::from(labels.to_vec());
     let mut buf = Vec::new();
     arr.write_npy(&mut buf)
-        .map_err(|e| Error::Invalid(format!("cannot encode {}: {e}", path.display())))?;
+        .map_err(|e| Error::encode(format!("cannot encode {}", path.display()), e))?;
     write_atomic(path, &buf)
 }
 

@@ -38,7 +38,7 @@ pub fn write_grid(
     let path = path.as_ref();
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     if cols == 0 || shape.is_empty() {
-        return Err(Error::Invalid("nothing to draw".into()));
+        return Err(Error::Empty("nothing to draw"));
     }
     let gap = 2;
     let (cw, ch) = (shape.width * zoom + gap, shape.height * zoom + gap);
@@ -74,6 +74,6 @@ pub fn write_grid(
     }
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| Error::Invalid(format!("cannot encode {}: {e}", path.display())))?;
+        .map_err(|e| Error::encode(format!("cannot encode {}", path.display()), e))?;
     write_atomic(path, buf.get_ref())
 }

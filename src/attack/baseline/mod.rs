@@ -211,8 +211,8 @@ impl Problem {
 
 fn check_budget(iters: usize, restarts: usize) -> Result<()> {
     if iters == 0 || restarts == 0 {
-        return Err(Error::Invalid(
-            "the baselines need at least one iteration and one start".into(),
+        return Err(Error::Empty(
+            "the baselines need at least one iteration and one start",
         ));
     }
     Ok(())

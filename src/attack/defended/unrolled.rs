@@ -278,9 +278,10 @@ impl LocalFit {
         u: Mat<f64>,
     ) -> Result<Self> {
         if view.depth() != 1 {
-            return Err(Error::Invalid(
-                "the E-step model needs one hidden layer".into(),
-            ));
+            return Err(Error::Needs {
+                what: "the E-step model",
+                needs: "one hidden layer",
+            });
         }
         let bias = |b: &Option<Col<f64>>, n: usize| b.clone().unwrap_or_else(|| Col::zeros(n));
         let m = view.width();

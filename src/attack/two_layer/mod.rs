@@ -55,14 +55,15 @@ impl TwoLayer {
     /// (weight, bias) weights.
     pub fn new(view: &ServerView, weights: &[(f64, f64)]) -> Result<Self> {
         if view.depth() != 1 || weights.len() != 2 {
-            return Err(Error::Invalid(
-                "the alternating fit needs one hidden layer".into(),
-            ));
+            return Err(Error::Needs {
+                what: "the alternating fit",
+                needs: "one hidden layer",
+            });
         }
-        let b =
-            view.first.bias.clone().ok_or_else(|| {
-                Error::Invalid("the alternating fit needs a first-layer bias".into())
-            })?;
+        let b = view.first.bias.clone().ok_or_else(|| Error::Needs {
+            what: "the alternating fit",
+            needs: "a first-layer bias",
+        })?;
         let m = view.width();
         let k = view.outputs();
         Ok(TwoLayer {
