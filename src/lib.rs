@@ -60,6 +60,7 @@ pub mod rng;
 mod scalar;
 pub mod simulate;
 pub mod sweep;
+pub mod text;
 
 pub use attack::{
     AttackConfig, AttackParams, Flow, Method, Observer, Reconstruction, Sample, ServerView, Stage,

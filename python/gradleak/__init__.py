@@ -6,7 +6,9 @@
     gradleak.evaluate(true_inputs, rec)
 
 The work is done by the Rust library (gradleak._native); torch is optional.
-`gradleak.flower` (a Flower strategy wrapper) is imported on first use.
+`gradleak.flower` (a Flower strategy wrapper) and `gradleak.text` (transformer text
+attack: `gradleak.text.attack(model, grads)`, needs torch + transformers) are imported
+on first use.
 """
 
 from ._native import GradleakError, __version__
@@ -17,8 +19,8 @@ __all__ = ["GradleakError", "Reconstruction", "attack", "evaluate", "load_data",
 
 
 def __getattr__(name):
-    if name == "flower":
+    if name in ("flower", "text"):
         import importlib
 
-        return importlib.import_module(".flower", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'gradleak' has no attribute '{name}'")

@@ -344,6 +344,27 @@ fn load_data<'py>(
     Ok((x, labels, image, data.range))
 }
 
+/// The transformer text attack on files: a `save_pretrained` folder (config.json,
+/// model.safetensors), a safetensors of parameter name -> gradient, and optionally a
+/// tokenizer.json. Returns the JSON report (`"certified"`, `"sequences"`, per-stage
+/// evidence) as a string; gradleak.text wraps it.
+#[pyfunction]
+#[pyo3(signature = (model_dir, gradient, tokenizer=None))]
+fn text_attack(
+    py: Python<'_>,
+    model_dir: &str,
+    gradient: &str,
+    tokenizer: Option<&str>,
+) -> PyResult<String> {
+    let (m, g) = (
+        std::path::PathBuf::from(model_dir),
+        std::path::PathBuf::from(gradient),
+    );
+    let t = tokenizer.map(std::path::PathBuf::from);
+    py.detach(|| gradleak::text::attack_json(&m, &g, t.as_deref()))
+        .map_err(|e| bad(e.to_string()))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GradleakError", m.py().get_type::<GradleakError>())?;
@@ -351,6 +372,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attack, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(load_data, m)?)?;
+    m.add_function(wrap_pyfunction!(text_attack, m)?)?;
     sweep::register(m)?;
     Ok(())
 }

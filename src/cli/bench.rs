@@ -81,7 +81,7 @@ fn run_scale_case(data: &str, act: &str, b: usize, m: usize) -> anyhow::Result<(
     Ok(())
 }
 
-fn machine() -> String {
+pub(super) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -10,6 +10,7 @@ mod progress;
 mod simulate;
 mod sweep;
 mod table;
+mod text;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Hermite coefficients E[act^(k+1)(z)] of every activation and the tensor order used.
     Activations(activations::ActivationsArgs),
+    /// Text: a client's sentences from one transformer gradient (GPT-2).
+    Text(text::TextArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(a) => audit::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Activations(a) => activations::run(a),
+        Command::Text(a) => text::run(a),
     }
 }
 

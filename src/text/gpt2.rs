@@ -1,0 +1,242 @@
+//! GPT-2's embeddings and first block, run forward in f64 for candidate inputs
+//! (docs/DESIGN.md, "Text: sequences from the second block"). Only what the attack
+//! needs: the first block's LayerNorm and projections, and the second block's ln_1.
+
+use faer::{Mat, MatRef};
+
+use super::TextError;
+use super::config::{FfnActivation, TextConfig};
+use super::tensors::Tensors;
+
+/// A LayerNorm's gain and shift.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerNorm {
+    pub gamma: Vec<f64>,
+    pub beta: Vec<f64>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// (x - mean) / sqrt(var + eps) * gamma + beta, row by row, in place.
+    pub fn apply_rows(&self, x: &mut Mat<f64>) {
+        let d = x.ncols() as f64;
+        for i in 0..x.nrows() {
+            let mean = (0..x.ncols()).map(|j| x[(i, j)]).sum::<f64>() / d;
+            let var = (0..x.ncols())
+                .map(|j| (x[(i, j)] - mean).powi(2))
+                .sum::<f64>()
+                / d;
+            let inv = 1.0 / (var + self.eps).sqrt();
+            for j in 0..x.ncols() {
+                x[(i, j)] = (x[(i, j)] - mean) * inv * self.gamma[j] + self.beta[j];
+            }
+        }
+    }
+}
+
+/// The weights of GPT-2 the attack reads, as f64.
+pub(crate) struct Gpt2 {
+    pub cfg: TextConfig,
+    /// Token embeddings (V x d).
+    pub wte: Mat<f64>,
+    /// Position embeddings (P x d).
+    pub wpe: Mat<f64>,
+    pub ln_1: LayerNorm,
+    /// c_attn: d x 3d (Conv1D: in x out) and its bias.
+    pub attn_w: Mat<f64>,
+    pub attn_b: Vec<f64>,
+    pub proj_w: Mat<f64>,
+    pub proj_b: Vec<f64>,
+    pub ln_2: LayerNorm,
+    pub fc_w: Mat<f64>,
+    pub fc_b: Vec<f64>,
+    pub mlp_proj_w: Mat<f64>,
+    pub mlp_proj_b: Vec<f64>,
+    /// The second block's ln_1: its output is the input of the second block's c_attn.
+    pub next_ln_1: LayerNorm,
+}
+
+/// Names of GPT-2's parameters under a prefix (`transformer.` for the heads, empty for
+/// a bare `GPT2Model`).
+pub(crate) struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn wte(&self) -> String {
+        format!("{}wte.weight", self.prefix)
+    }
+    pub fn wpe(&self) -> String {
+        format!("{}wpe.weight", self.prefix)
+    }
+    pub fn block(&self, l: usize, rest: &str) -> String {
+        format!("{}h.{l}.{rest}", self.prefix)
+    }
+    /// Find the prefix from the name of the token embedding.
+    pub fn detect<'a>(names: impl Iterator<Item = &'a str>) -> Option<Self> {
+        for n in names {
+            if let Some(p) = n.strip_suffix("wte.weight") {
+                return Some(Names {
+                    prefix: p.to_string(),
+                });
+            }
+        }
+        None
+    }
+}
+
+impl Gpt2 {
+    pub fn load(cfg: TextConfig, weights: &Tensors, names: &Names) -> Result<Self, TextError> {
+        let (d, v, ffn) = (cfg.hidden, cfg.vocab, cfg.ffn);
+        if cfg.layers < 2 {
+            return Err(TextError::Unsupported(format!(
+                "a GPT-2 with {} layer: the sequence search needs the second block's gradient",
+                cfg.layers
+            )));
+        }
+        let ln = |l: usize, which: &str| -> Result<LayerNorm, TextError> {
+            Ok(LayerNorm {
+                gamma: weights.vector(&names.block(l, &format!("{which}.weight")), d)?,
+                beta: weights.vector(&names.block(l, &format!("{which}.bias")), d)?,
+                eps: cfg.layer_norm_eps,
+            })
+        };
+        Ok(Gpt2 {
+            wte: weights.matrix(&names.wte(), v, d)?,
+            wpe: weights.matrix(&names.wpe(), cfg.positions, d)?,
+            ln_1: ln(0, "ln_1")?,
+            attn_w: weights.matrix(&names.block(0, "attn.c_attn.weight"), d, 3 * d)?,
+            attn_b: weights.vector(&names.block(0, "attn.c_attn.bias"), 3 * d)?,
+            proj_w: weights.matrix(&names.block(0, "attn.c_proj.weight"), d, d)?,
+            proj_b: weights.vector(&names.block(0, "attn.c_proj.bias"), d)?,
+            ln_2: ln(0, "ln_2")?,
+            fc_w: weights.matrix(&names.block(0, "mlp.c_fc.weight"), d, ffn)?,
+            fc_b: weights.vector(&names.block(0, "mlp.c_fc.bias"), ffn)?,
+            mlp_proj_w: weights.matrix(&names.block(0, "mlp.c_proj.weight"), ffn, d)?,
+            mlp_proj_b: weights.vector(&names.block(0, "mlp.c_proj.bias"), d)?,
+            next_ln_1: ln(1, "ln_1")?,
+            cfg,
+        })
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.cfg.hidden
+    }
+
+    /// The residual stream wte[t] + wpe[p] (T x d) for `tokens` at position `p`.
+    pub fn embed(&self, tokens: &[u32], p: usize) -> Mat<f64> {
+        Mat::from_fn(tokens.len(), self.hidden(), |i, j| {
+            self.wte[(tokens[i] as usize, j)] + self.wpe[(p, j)]
+        })
+    }
+
+    /// The first block's c_attn input LN_1(wte[t] + wpe[p]) for `tokens` at `p`.
+    pub fn block0_input(&self, tokens: &[u32], p: usize) -> Mat<f64> {
+        let mut x = self.embed(tokens, p);
+        self.ln_1.apply_rows(&mut x);
+        x
+    }
+
+    /// q, k, v (T x 3d) of `tokens` at position `p`, and their residual stream (T x d).
+    pub fn qkv(&self, tokens: &[u32], p: usize) -> (Mat<f64>, Mat<f64>) {
+        let h0 = self.embed(tokens, p);
+        let mut a = h0.clone();
+        self.ln_1.apply_rows(&mut a);
+        let mut qkv = &a * &self.attn_w;
+        add_bias(&mut qkv, &self.attn_b);
+        (h0, qkv)
+    }
+
+    /// The second block's c_attn input LN_1'(block_0(prefix + t)) at the new position,
+    /// for each candidate token t (rows of `h0`, `qkv` from [`Gpt2::qkv`]) after a prefix
+    /// whose keys and values are `keys`, `values` (p x d each, p = 0 for the first position).
+    pub fn extend(
+        &self,
+        keys: MatRef<'_, f64>,
+        values: MatRef<'_, f64>,
+        h0: MatRef<'_, f64>,
+        qkv: MatRef<'_, f64>,
+    ) -> Mat<f64> {
+        let d = self.hidden();
+        let heads = self.cfg.heads;
+        let hd = d / heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (t, p) = (h0.nrows(), keys.nrows());
+        let mut attn = Mat::<f64>::zeros(t, d);
+        for h in 0..heads {
+            let c = h * hd;
+            let q = qkv.subcols(c, hd);
+            let k_self = qkv.subcols(d + c, hd);
+            let v_self = qkv.subcols(2 * d + c, hd);
+            let mut s = if p > 0 {
+                q * keys.subcols(c, hd).transpose()
+            } else {
+                Mat::zeros(t, 0)
+            };
+            let mut w_self = vec![0.0; t];
+            for i in 0..t {
+                let own: f64 = (0..hd).map(|j| q[(i, j)] * k_self[(i, j)]).sum::<f64>() * scale;
+                let mut mx = own;
+                for j in 0..p {
+                    s[(i, j)] *= scale;
+                    mx = mx.max(s[(i, j)]);
+                }
+                let mut z = (own - mx).exp();
+                for j in 0..p {
+                    s[(i, j)] = (s[(i, j)] - mx).exp();
+                    z += s[(i, j)];
+                }
+                for j in 0..p {
+                    s[(i, j)] /= z;
+                }
+                w_self[i] = (own - mx).exp() / z;
+            }
+            let mut out = if p > 0 {
+                &s * values.subcols(c, hd)
+            } else {
+                Mat::zeros(t, hd)
+            };
+            for i in 0..t {
+                for j in 0..hd {
+                    out[(i, j)] += w_self[i] * v_self[(i, j)];
+                }
+            }
+            attn.subcols_mut(c, hd).copy_from(&out);
+        }
+        let mut h1 = &attn * &self.proj_w;
+        add_bias(&mut h1, &self.proj_b);
+        h1 += h0;
+        let mut m = h1.clone();
+        self.ln_2.apply_rows(&mut m);
+        let mut f = &m * &self.fc_w;
+        add_bias(&mut f, &self.fc_b);
+        apply(&mut f, self.cfg.activation);
+        let mut h2 = &f * &self.mlp_proj_w;
+        add_bias(&mut h2, &self.mlp_proj_b);
+        h2 += &h1;
+        self.next_ln_1.apply_rows(&mut h2);
+        h2
+    }
+}
+
+fn add_bias(x: &mut Mat<f64>, b: &[f64]) {
+    for j in 0..x.ncols() {
+        for i in 0..x.nrows() {
+            x[(i, j)] += b[j];
+        }
+    }
+}
+
+fn apply(x: &mut Mat<f64>, act: FfnActivation) {
+    for j in 0..x.ncols() {
+        for i in 0..x.nrows() {
+            x[(i, j)] = act.apply(x[(i, j)]);
+        }
+    }
+}
+
+/// Rows augmented with the bias coordinate: (x, 1).
+pub(crate) fn augment(x: MatRef<'_, f64>) -> Mat<f64> {
+    let d = x.ncols();
+    Mat::from_fn(x.nrows(), d + 1, |i, j| if j < d { x[(i, j)] } else { 1.0 })
+}

@@ -1,0 +1,501 @@
+//! Text: a client's sentences from one transformer gradient (docs/DESIGN.md, "Text").
+//!
+//! The pipeline, one module per stage: [`config`] and the model's tensors ->
+//! [`span`] (the row space of the first block's input projection, at the gradient's
+//! floor) -> [`filter`] (the tokens whose input lies in it, per position) ->
+//! [`search`] (prefixes extended through the first block, kept when the second block's
+//! input lies in its span) -> [`certificate`] (the recovered inputs explain both
+//! gradients) -> [`TextReport`].
+//!
+//! ```no_run
+//! use std::path::Path;
+//! let report = gradleak::text::attack(
+//!     Path::new("model_dir"),          // config.json + model.safetensors (save_pretrained)
+//!     Path::new("gradient.safetensors"), // {parameter name: gradient}
+//!     &gradleak::text::TextParams::default(),
+//! )?;
+//! for s in &report.sequences {
+//!     println!("{} {:?}", s.exact, s.text);
+//! }
+//! # Ok::<(), gradleak::text::TextError>(())
+//! ```
+
+pub mod bench;
+pub mod certificate;
+pub mod config;
+pub mod filter;
+pub(crate) mod gpt2;
+pub mod search;
+pub mod span;
+pub(crate) mod tensors;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use faer::Mat;
+
+use self::certificate::LayerCheck;
+use self::config::{Head, TextConfig};
+use self::gpt2::{Gpt2, Names, augment};
+use self::span::RowSpan;
+use self::tensors::Tensors;
+use self::tokenizer::{Decoder, GPT2_VOCAB};
+use crate::Dtype;
+
+/// What can go wrong in the text route.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("{}: not a model folder (expected config.json and model.safetensors from save_pretrained)", path.display())]
+    NotAModelFolder { path: PathBuf },
+    #[error("{}: no {what} file", path.display())]
+    Missing { path: PathBuf, what: &'static str },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {reason}", path.display())]
+    Config { path: PathBuf, reason: String },
+    #[error("{}: the {role} has no tensor '{name}' (is it of this model?)", path.display())]
+    MissingTensor {
+        path: PathBuf,
+        role: &'static str,
+        name: String,
+    },
+    #[error("{}: tensor '{name}' has shape {got:?}, the config says {expected:?}", path.display())]
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("the gradient of {layer} is zero: nothing to reconstruct")]
+    NoSignal { layer: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("numerical failure: {0}")]
+    Numerical(String),
+    #[error(transparent)]
+    Read(#[from] crate::Error),
+}
+
+/// Options of the text attack.
+#[derive(Clone, Debug, Default)]
+pub struct TextParams {
+    /// A `tokenizer.json` to decode with; GPT-2's embedded BPE when None and the
+    /// vocabulary is GPT-2's.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// One recovered sequence.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecoveredSequence {
+    pub ids: Vec<u32>,
+    pub text: Option<String>,
+    /// Vouched for by the certificate, token for token.
+    pub exact: bool,
+    /// Largest distance of its positions' second-block inputs from the span.
+    pub max_distance: f64,
+}
+
+/// Seconds per stage (wall).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StageSeconds {
+    pub load: f64,
+    pub span: f64,
+    pub filter: f64,
+    pub search: f64,
+    pub certificate: f64,
+}
+
+/// Per-position summary of the token filter.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FilterStep {
+    pub position: usize,
+    pub tokens: usize,
+    pub max_distance: f64,
+    pub min_rejected: f64,
+}
+
+/// The attack's result: sequences, the certificate's evidence and per-stage figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TextReport {
+    pub arch: config::Arch,
+    pub head: Head,
+    pub hidden: usize,
+    pub vocab: usize,
+    /// Storage precision of the gradient.
+    pub storage: Dtype,
+    /// The precision the gradient was computed in, which sets the floors: f64 storage
+    /// whose values are all exact f32 numbers is f32.
+    pub dtype: Dtype,
+    /// Every sequence recovered, and the recovered inputs explain both blocks' gradients.
+    pub certified: bool,
+    pub sequences: Vec<RecoveredSequence>,
+    pub layers: Vec<LayerCheck>,
+    pub token_filter: Vec<FilterStep>,
+    /// The distinct tokens that passed the filter at some position (the batch's token
+    /// bag), given when block 1's span is full and sequences cannot be searched.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub token_bag: Vec<u32>,
+    pub search: Vec<search::SearchStep>,
+    pub seconds: StageSeconds,
+    pub notes: Vec<String>,
+}
+
+impl TextReport {
+    /// One JSON line per sequence: `{"ids": [...], "text": "...", "exact": bool}`.
+    pub fn to_jsonl(&self) -> String {
+        let mut s = String::new();
+        for q in &self.sequences {
+            let line = serde_json::json!({"ids": q.ids, "text": q.text, "exact": q.exact});
+            s.push_str(&line.to_string());
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// The attack on the files a server holds: `model_dir` (config.json, model.safetensors)
+/// and `gradient` (safetensors of parameter name -> gradient).
+pub fn attack(
+    model_dir: &Path,
+    gradient: &Path,
+    params: &TextParams,
+) -> Result<TextReport, TextError> {
+    attack_with_progress(model_dir, gradient, params, &mut |_| {})
+}
+
+/// [`attack`] returning the report as a JSON string (for the Python package).
+pub fn attack_json(
+    model_dir: &Path,
+    gradient: &Path,
+    tokenizer: Option<&Path>,
+) -> Result<String, TextError> {
+    let params = TextParams {
+        tokenizer: tokenizer.map(Path::to_path_buf),
+    };
+    let r = attack(model_dir, gradient, &params)?;
+    serde_json::to_string(&r).map_err(|e| TextError::Numerical(format!("report: {e}")))
+}
+
+/// [`attack`], telling `progress` one line per stage.
+pub fn attack_with_progress(
+    model_dir: &Path,
+    gradient: &Path,
+    params: &TextParams,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TextReport, TextError> {
+    let t0 = Instant::now();
+    let mut seconds = StageSeconds::default();
+    let mut notes = Vec::new();
+    let cfg = TextConfig::read(model_dir)?;
+    let decoder = match &params.tokenizer {
+        Some(p) => Some(Decoder::from_file(p)?),
+        None if cfg.vocab == GPT2_VOCAB => Some(Decoder::gpt2()?),
+        None => {
+            notes.push(format!(
+                "no tokenizer given and the vocabulary ({}) is not GPT-2's: ids only",
+                cfg.vocab
+            ));
+            None
+        }
+    };
+    if let Some(Decoder::ByteLevel(t) | Decoder::WordPiece(t)) = &decoder
+        && t.len() > cfg.vocab
+    {
+        return Err(TextError::Tokenizer(format!(
+            "the tokenizer has {} tokens, the model's vocabulary {}",
+            t.len(),
+            cfg.vocab
+        )));
+    }
+    let Loaded {
+        model,
+        g0,
+        g1,
+        storage,
+        dtype,
+    } = Loaded::read_with(model_dir, gradient, cfg)?;
+    let d = model.hidden();
+    let head = model.cfg.head;
+    let arch = model.cfg.arch;
+    let vocab = model.cfg.vocab;
+    seconds.load = t0.elapsed().as_secs_f64();
+    progress(&format!(
+        "text: read the model (d = {d}, vocab {vocab}) and the gradient ({dtype}) in {:.1} s",
+        seconds.load
+    ));
+
+    let t = Instant::now();
+    // both projections are fed by a LayerNorm: the inputs span at most d dimensions
+    let span0 = RowSpan::of(g0.as_ref(), dtype, "block 0 c_attn", d)?;
+    let span1 = RowSpan::of(g1.as_ref(), dtype, "block 1 c_attn", d)?;
+    seconds.span = t.elapsed().as_secs_f64();
+    progress(&format!(
+        "text: spans: block 0 rank {} of {} (tau {:.1e}), block 1 rank {} (tau {:.1e}) in {:.1} s",
+        span0.rank, span0.dim, span0.tau, span1.rank, span1.tau, seconds.span
+    ));
+    let mut report = TextReport {
+        arch,
+        head,
+        hidden: d,
+        vocab,
+        storage,
+        dtype,
+        certified: false,
+        sequences: Vec::new(),
+        layers: Vec::new(),
+        token_filter: Vec::new(),
+        token_bag: Vec::new(),
+        search: Vec::new(),
+        seconds: StageSeconds::default(),
+        notes,
+    };
+    for (name, s) in [("block 0", &span0), ("block 1", &span1)] {
+        if s.is_full() {
+            report.notes.push(format!(
+                "{name}'s input-projection gradient has full rank {}: the batch has at least d = {} distinct inputs there (LayerNorm outputs span d dimensions), so its span contains every input and cannot tell true from false; no sequence can be vouched for",
+                s.rank, s.effective_dim
+            ));
+        }
+    }
+    if span0.is_full() {
+        report.seconds = seconds;
+        return Ok(report);
+    }
+
+    let t = Instant::now();
+    let filter = filter::TokenFilter::new(&model, &span0);
+    let mut positions = Vec::new();
+    for p in 0..model.cfg.positions {
+        let pt = filter.at(p);
+        if pt.tokens.is_empty() {
+            break;
+        }
+        positions.push(pt);
+    }
+    seconds.filter = t.elapsed().as_secs_f64();
+    report.token_filter = positions
+        .iter()
+        .map(|p| FilterStep {
+            position: p.position,
+            tokens: p.tokens.len(),
+            max_distance: p.max_distance,
+            min_rejected: p.min_rejected,
+        })
+        .collect();
+    progress(&format!(
+        "text: token filter: {} positions, {} to {} tokens each, in {:.1} s",
+        positions.len(),
+        positions.iter().map(|p| p.tokens.len()).min().unwrap_or(0),
+        positions.iter().map(|p| p.tokens.len()).max().unwrap_or(0),
+        seconds.filter
+    ));
+    if span1.is_full() {
+        let bag: std::collections::BTreeSet<u32> = positions
+            .iter()
+            .flat_map(|p| p.tokens.iter().copied())
+            .collect();
+        report.notes.push(format!(
+            "what is still identifiable: block 0's span (rank {}) gives the bag of {} distinct tokens of the batch (every token passing the filter at some position; report.token_bag), and that the longest sequence has {} tokens; their order is not identified by a span test",
+            span0.rank,
+            bag.len(),
+            positions.len()
+        ));
+        report.token_bag = bag.into_iter().collect();
+        report.seconds = seconds;
+        return Ok(report);
+    }
+
+    let t = Instant::now();
+    let trie = search::search(&model, &span1, &positions, |s| {
+        progress(&format!(
+            "text: position {}: {} prefixes x tokens = {} candidates, {} kept ({:.1} s)",
+            s.position,
+            s.prefixes,
+            s.candidates,
+            s.accepted,
+            t.elapsed().as_secs_f64()
+        ))
+    });
+    seconds.search = t.elapsed().as_secs_f64();
+    if trie.overflow {
+        report.notes.push(format!(
+            "more prefixes passed the block-1 test than its rank ({}): the test does not discriminate here",
+            span1.rank
+        ));
+    }
+
+    let t = Instant::now();
+    // block 0's inputs: the distinct (token, position) pairs of the recovered prefixes
+    let mut pairs: Vec<(usize, u32)> = trie.nodes.iter().map(|n| (n.position, n.token)).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut x0 = Mat::<f64>::zeros(pairs.len(), d + 1);
+    for (i, &(p, tok)) in pairs.iter().enumerate() {
+        let row = augment(model.block0_input(&[tok], p).as_ref());
+        x0.row_mut(i).copy_from(row.row(0));
+    }
+    let x1 = Mat::from_fn(trie.nodes.len(), d + 1, |i, j| trie.nodes[i].input[j]);
+    let u = dtype.epsilon() / 2.0;
+    let c0 = certificate::check("block 0 c_attn", &span0, g0.as_ref(), &x0, u, false);
+    let c1 = certificate::check("block 1 c_attn", &span1, g1.as_ref(), &x1, u, true);
+    seconds.certificate = t.elapsed().as_secs_f64();
+    let complete = head != Head::LanguageModel;
+    if !complete {
+        report.notes.push(
+            "language-model head: the last position of each sequence predicts nothing, so its input carries no gradient in the blocks; each sequence is recovered without its last token and not marked exact".into(),
+        );
+    }
+    report.certified = c0.passed && c1.passed && !trie.overflow && complete;
+    for leaf in trie.leaves() {
+        let ids = trie.sequence(leaf);
+        let max_distance = trie
+            .path(leaf)
+            .iter()
+            .map(|&n| trie.nodes[n].distance)
+            .fold(0.0, f64::max);
+        report.sequences.push(RecoveredSequence {
+            text: decoder.as_ref().and_then(|dec| dec.decode(&ids)),
+            ids,
+            exact: report.certified,
+            max_distance,
+        });
+    }
+    progress(&format!(
+        "text: {} sequences, certified: {} (unexplained {:.1e} / {:.1e}, tolerance {:.1e}) in {:.1} s",
+        report.sequences.len(),
+        report.certified,
+        c0.unexplained,
+        c1.unexplained,
+        c1.tolerance,
+        t0.elapsed().as_secs_f64()
+    ));
+    report.layers = vec![c0, c1];
+    report.search = trie.steps;
+    report.seconds = seconds;
+    Ok(report)
+}
+
+/// The model and the two gradients the attack reads.
+pub(crate) struct Loaded {
+    pub model: Gpt2,
+    /// G~ of the first and second blocks' c_attn ((d+1) x 3d).
+    pub g0: Mat<f64>,
+    pub g1: Mat<f64>,
+    /// Storage precision of the gradient.
+    pub storage: Dtype,
+    /// The precision it was computed in (f32 values in f64 storage are f32).
+    pub dtype: Dtype,
+}
+
+impl Loaded {
+    pub fn read(model_dir: &Path, gradient: &Path) -> Result<Self, TextError> {
+        Self::read_with(model_dir, gradient, TextConfig::read(model_dir)?)
+    }
+
+    fn read_with(model_dir: &Path, gradient: &Path, cfg: TextConfig) -> Result<Self, TextError> {
+        let weights = Tensors::open(&model_dir.join("model.safetensors"), "model")?;
+        let grads = Tensors::open(gradient, "gradient")?;
+        let names = Names::detect(weights.names()).ok_or_else(|| TextError::MissingTensor {
+            path: model_dir.join("model.safetensors"),
+            role: "model",
+            name: "wte.weight".into(),
+        })?;
+        let d = cfg.hidden;
+        let model = Gpt2::load(cfg, &weights, &names)?;
+        let (w0, b0) = (
+            names.block(0, "attn.c_attn.weight"),
+            names.block(0, "attn.c_attn.bias"),
+        );
+        let (w1, b1) = (
+            names.block(1, "attn.c_attn.weight"),
+            names.block(1, "attn.c_attn.bias"),
+        );
+        let storage = grads.dtype(&w0)?;
+        let dtype = grads.working_dtype(&w0)?;
+        let g0 = grads.augmented(&w0, &b0, d, 3 * d)?;
+        let g1 = grads.augmented(&w1, &b1, d, 3 * d)?;
+        Ok(Loaded {
+            model,
+            g0,
+            g1,
+            storage,
+            dtype,
+        })
+    }
+}
+
+/// Check claimed sequences against the gradient with the attack's certificate: both
+/// blocks' inputs of `sequences` computed from the model, then [`certificate::check`].
+/// Returns the two blocks' checks; a sequence with a wrong token fails block 1.
+pub fn verify(
+    model_dir: &Path,
+    gradient: &Path,
+    sequences: &[Vec<u32>],
+) -> Result<Vec<LayerCheck>, TextError> {
+    let loaded = Loaded::read(model_dir, gradient)?;
+    let model = &loaded.model;
+    let d = model.hidden();
+    if let Some(&bad) = sequences
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= model.cfg.vocab)
+    {
+        return Err(TextError::Unsupported(format!(
+            "token id {bad} is outside the vocabulary ({})",
+            model.cfg.vocab
+        )));
+    }
+    let span0 = RowSpan::of(loaded.g0.as_ref(), loaded.dtype, "block 0 c_attn", d)?;
+    let span1 = RowSpan::of(loaded.g1.as_ref(), loaded.dtype, "block 1 c_attn", d)?;
+    let mut pairs = std::collections::BTreeSet::new();
+    let mut prefixes: std::collections::BTreeMap<Vec<u32>, Vec<f64>> = Default::default();
+    // the last position of a sequence carries no gradient under a language-model head
+    let drop_last = usize::from(model.cfg.head == Head::LanguageModel);
+    for seq in sequences {
+        let n = seq.len().saturating_sub(drop_last).min(model.cfg.positions);
+        let mut keys = Mat::<f64>::zeros(0, d);
+        let mut values = Mat::<f64>::zeros(0, d);
+        for p in 0..n {
+            pairs.insert((p, seq[p]));
+            let (h0, qkv) = model.qkv(&seq[p..=p], p);
+            let x = augment(
+                model
+                    .extend(keys.as_ref(), values.as_ref(), h0.as_ref(), qkv.as_ref())
+                    .as_ref(),
+            );
+            prefixes.insert(seq[..=p].to_vec(), (0..=d).map(|j| x[(0, j)]).collect());
+            keys = stack(&keys, qkv.subcols(d, d));
+            values = stack(&values, qkv.subcols(2 * d, d));
+        }
+    }
+    let pairs: Vec<_> = pairs.into_iter().collect();
+    let mut x0 = Mat::<f64>::zeros(pairs.len(), d + 1);
+    for (i, &(p, tok)) in pairs.iter().enumerate() {
+        let row = augment(model.block0_input(&[tok], p).as_ref());
+        x0.row_mut(i).copy_from(row.row(0));
+    }
+    let rows: Vec<&Vec<f64>> = prefixes.values().collect();
+    let x1 = Mat::from_fn(rows.len(), d + 1, |i, j| rows[i][j]);
+    let u = loaded.dtype.epsilon() / 2.0;
+    Ok(vec![
+        certificate::check("block 0 c_attn", &span0, loaded.g0.as_ref(), &x0, u, false),
+        certificate::check("block 1 c_attn", &span1, loaded.g1.as_ref(), &x1, u, true),
+    ])
+}
+
+fn stack(a: &Mat<f64>, b: faer::MatRef<'_, f64>) -> Mat<f64> {
+    Mat::from_fn(a.nrows() + b.nrows(), a.ncols(), |i, j| {
+        if i < a.nrows() {
+            a[(i, j)]
+        } else {
+            b[(i - a.nrows(), j)]
+        }
+    })
+}

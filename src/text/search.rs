@@ -1,0 +1,181 @@
+//! The sequence search (docs/DESIGN.md, "Text: sequences from the second block"):
+//! a prefix is extended by the tokens that passed the filter at the next position and
+//! kept only if the second block's input at that position, after the first block run
+//! causally over the prefix, lies in the span of the second block's c_attn gradient.
+//! Each prefix keeps its keys and values, so an extension costs one position.
+
+use faer::Mat;
+
+use super::filter::PositionTokens;
+use super::gpt2::{Gpt2, augment};
+use super::span::RowSpan;
+
+/// One accepted prefix: its last token, position and parent.
+#[derive(Clone, Debug)]
+pub(crate) struct Node {
+    pub parent: Option<usize>,
+    pub token: u32,
+    pub position: usize,
+    /// The first block's key and value rows at this position (d each).
+    pub key: Vec<f64>,
+    pub value: Vec<f64>,
+    /// The second block's c_attn input here, augmented (d + 1).
+    pub input: Vec<f64>,
+    /// Relative distance of `input` from the second block's span.
+    pub distance: f64,
+    pub children: usize,
+}
+
+/// What the search did at one position.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SearchStep {
+    pub position: usize,
+    pub prefixes: usize,
+    pub candidates: usize,
+    pub accepted: usize,
+    /// Largest distance accepted and smallest rejected: the margin of the test.
+    pub max_accepted: f64,
+    pub min_rejected: f64,
+}
+
+/// The accepted prefixes (a trie) and the steps.
+pub(crate) struct Trie {
+    pub nodes: Vec<Node>,
+    pub steps: Vec<SearchStep>,
+    /// The search stopped early because more prefixes passed than the span has dimensions.
+    pub overflow: bool,
+}
+
+impl Trie {
+    /// Token ids from the root to `n`.
+    pub fn sequence(&self, mut n: usize) -> Vec<u32> {
+        let mut ids = vec![self.nodes[n].token];
+        while let Some(p) = self.nodes[n].parent {
+            ids.push(self.nodes[p].token);
+            n = p;
+        }
+        ids.reverse();
+        ids
+    }
+
+    /// The nodes from the root to `n`.
+    pub fn path(&self, mut n: usize) -> Vec<usize> {
+        let mut path = vec![n];
+        while let Some(p) = self.nodes[n].parent {
+            path.push(p);
+            n = p;
+        }
+        path.reverse();
+        path
+    }
+
+    /// Leaves: prefixes no token extends, i.e. the recovered sequences.
+    pub fn leaves(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].children == 0)
+            .collect()
+    }
+}
+
+/// Candidates per block of the forward pass (bounds memory: rows x 4d f64).
+const CHUNK: usize = 512;
+
+/// Run the search over `positions` (the filter's output, position 0 first).
+pub(crate) fn search(
+    model: &Gpt2,
+    span: &RowSpan,
+    positions: &[PositionTokens],
+    mut progress: impl FnMut(&SearchStep),
+) -> Trie {
+    let d = model.hidden();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut steps = Vec::new();
+    // live prefixes: None = the empty prefix
+    let mut live: Vec<Option<usize>> = vec![None];
+    let mut overflow = false;
+    for pt in positions {
+        let p = pt.position;
+        if pt.tokens.is_empty() || live.is_empty() {
+            break;
+        }
+        let (h0, qkv) = model.qkv(&pt.tokens, p);
+        let mut next = Vec::new();
+        let mut step = SearchStep {
+            position: p,
+            prefixes: live.len(),
+            candidates: live.len() * pt.tokens.len(),
+            accepted: 0,
+            max_accepted: 0.0,
+            min_rejected: f64::INFINITY,
+        };
+        for &prefix in &live {
+            let path = prefix.map(|n| path_of(&nodes, n)).unwrap_or_default();
+            let keys = Mat::from_fn(path.len(), d, |i, j| nodes[path[i]].key[j]);
+            let values = Mat::from_fn(path.len(), d, |i, j| nodes[path[i]].value[j]);
+            if overflow {
+                break;
+            }
+            for start in (0..pt.tokens.len()).step_by(CHUNK) {
+                let len = CHUNK.min(pt.tokens.len() - start);
+                let x = model.extend(
+                    keys.as_ref(),
+                    values.as_ref(),
+                    h0.subrows(start, len),
+                    qkv.subrows(start, len),
+                );
+                let xa = augment(x.as_ref());
+                let tests = span.test(xa.as_ref());
+                for (i, &test) in tests.iter().enumerate() {
+                    let dist_i = test.distance;
+                    if span.accepts(test) {
+                        let r = start + i;
+                        step.accepted += 1;
+                        step.max_accepted = step.max_accepted.max(dist_i);
+                        if let Some(n) = prefix {
+                            nodes[n].children += 1;
+                        }
+                        nodes.push(Node {
+                            parent: prefix,
+                            token: pt.tokens[r],
+                            position: p,
+                            key: (0..d).map(|j| qkv[(r, d + j)]).collect(),
+                            value: (0..d).map(|j| qkv[(r, 2 * d + j)]).collect(),
+                            input: (0..d + 1).map(|j| xa[(i, j)]).collect(),
+                            distance: dist_i,
+                            children: 0,
+                        });
+                        next.push(Some(nodes.len() - 1));
+                        if nodes.len() > span.rank {
+                            overflow = true;
+                        }
+                    } else {
+                        step.min_rejected = step.min_rejected.min(dist_i);
+                    }
+                }
+            }
+        }
+        progress(&step);
+        steps.push(step);
+        // every accepted prefix is a distinct input of the second block: more than the
+        // span's rank cannot all be true
+        if overflow {
+            break;
+        }
+        live = next;
+    }
+    Trie {
+        nodes,
+        steps,
+        overflow,
+    }
+}
+
+fn path_of(nodes: &[Node], mut n: usize) -> Vec<usize> {
+    let mut path = vec![n];
+    while let Some(p) = nodes[n].parent {
+        path.push(p);
+        n = p;
+    }
+    path.reverse();
+    path
+}

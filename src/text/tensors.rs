@@ -1,0 +1,107 @@
+//! Named tensors of a model folder or a gradient file, read as f64 with their shapes checked.
+
+use std::path::Path;
+
+use faer::Mat;
+
+use super::TextError;
+use crate::Dtype;
+use crate::io::safetensors::TensorFile;
+
+/// One safetensors file of `{name: tensor}` (a model's weights or its gradient).
+pub(crate) struct Tensors {
+    file: TensorFile,
+    /// What the file is, for messages ("model", "gradient").
+    role: &'static str,
+}
+
+impl Tensors {
+    pub fn open(path: &Path, role: &'static str) -> Result<Self, TextError> {
+        if !path.exists() {
+            return Err(TextError::Missing {
+                path: path.to_path_buf(),
+                what: role,
+            });
+        }
+        Ok(Tensors {
+            file: TensorFile::open(path)?,
+            role,
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.file.names()
+    }
+
+    /// The storage precision of tensor `name`.
+    pub fn dtype(&self, name: &str) -> Result<Dtype, TextError> {
+        self.require(name)?;
+        Ok(self.file.dtype(name)?)
+    }
+
+    fn require(&self, name: &str) -> Result<(), TextError> {
+        if self.file.contains(name) {
+            Ok(())
+        } else {
+            Err(TextError::MissingTensor {
+                path: self.file.path().to_path_buf(),
+                role: self.role,
+                name: name.to_string(),
+            })
+        }
+    }
+
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f64>, TextError> {
+        self.require(name)?;
+        let got = self.file.shape(name)?.to_vec();
+        if got != shape {
+            return Err(TextError::Shape {
+                path: self.file.path().to_path_buf(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got,
+            });
+        }
+        let (_, v) = self.file.values(name)?;
+        Ok(v)
+    }
+
+    /// The precision tensor `name` was computed in: its storage dtype, except that f64
+    /// values which are all exact f32 numbers (the low 29 mantissa bits zero, as after
+    /// `.double()` of a float32 gradient) were computed in f32.
+    pub fn working_dtype(&self, name: &str) -> Result<Dtype, TextError> {
+        let stored = self.dtype(name)?;
+        if stored == Dtype::F32 {
+            return Ok(Dtype::F32);
+        }
+        let (_, v) = self.file.values(name)?;
+        let all_f32 = v.iter().all(|&x| (x as f32) as f64 == x);
+        Ok(if all_f32 { Dtype::F32 } else { Dtype::F64 })
+    }
+
+    /// A rows x cols tensor.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Mat<f64>, TextError> {
+        let v = self.values(name, &[rows, cols])?;
+        Ok(Mat::from_fn(rows, cols, |i, j| v[i * cols + j]))
+    }
+
+    /// A vector of length n.
+    pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f64>, TextError> {
+        self.values(name, &[n])
+    }
+
+    /// The augmented gradient G~ = [dW; db] ((d+1) x n) of a Conv1D layer (weight d x n).
+    pub fn augmented(
+        &self,
+        weight: &str,
+        bias: &str,
+        d: usize,
+        n: usize,
+    ) -> Result<Mat<f64>, TextError> {
+        let w = self.values(weight, &[d, n])?;
+        let b = self.values(bias, &[n])?;
+        Ok(Mat::from_fn(d + 1, n, |i, j| {
+            if i < d { w[i * n + j] } else { b[j] }
+        }))
+    }
+}

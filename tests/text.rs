@@ -1,0 +1,303 @@
+//! The text route on tiny GPT-2 gradients made by PyTorch (scripts/make_text_fixtures.py):
+//! every sequence recovered token for token and certified; a planted wrong token not
+//! certified; bad input as typed errors and one-line CLI failures.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gradleak::Dtype;
+use gradleak::io::safetensors::TensorFile;
+use gradleak::text::{self, TextError, TextParams};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gradleak");
+
+fn fixture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/text")
+        .join(name);
+    assert!(
+        p.join("config.json").exists(),
+        "missing fixture {}",
+        p.display()
+    );
+    p
+}
+
+fn truth(dir: &Path) -> Vec<Vec<u32>> {
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("truth.json")).unwrap()).unwrap();
+    v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gradleak-text-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Rewrite a safetensors file with `f` applied to every value, stored as `dtype`.
+fn rewrite(src: &Path, dst: &Path, dtype: safetensors::Dtype, f: impl Fn(&str, usize, f64) -> f64) {
+    let file = TensorFile::open(src).unwrap();
+    let mut data: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for name in file.names() {
+        let (shape, v) = file.values(name).unwrap();
+        let bytes: Vec<u8> = v
+            .iter()
+            .enumerate()
+            .flat_map(|(k, &x)| {
+                let y = f(name, k, x);
+                match dtype {
+                    safetensors::Dtype::F64 => y.to_le_bytes().to_vec(),
+                    _ => (y as f32).to_le_bytes().to_vec(),
+                }
+            })
+            .collect();
+        data.insert(name.to_string(), (shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, (s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, dst).unwrap();
+}
+
+#[test]
+fn tiny_gpt2_classifier_every_sequence_certified() {
+    let dir = fixture("gpt2-cls-tiny");
+    let r = text::attack(
+        &dir,
+        &dir.join("gradient.safetensors"),
+        &TextParams {
+            tokenizer: Some(dir.join("tokenizer.json")),
+        },
+    )
+    .unwrap();
+    let mut got: Vec<Vec<u32>> = r.sequences.iter().map(|s| s.ids.clone()).collect();
+    let mut want = truth(&dir);
+    got.sort();
+    want.sort();
+    want.dedup();
+    assert_eq!(got, want);
+    assert!(r.certified);
+    assert!(r.sequences.iter().all(|s| s.exact && s.text.is_some()));
+    assert_eq!(r.dtype, Dtype::F32);
+    for l in &r.layers {
+        assert!(l.passed, "{l:?}");
+        // true inputs at their own floor, far below the worst-case threshold
+        assert!(l.max_distance < l.tau, "{l:?}");
+        assert!(l.unexplained <= l.tolerance, "{l:?}");
+    }
+    // block 1 sees one input per distinct prefix
+    let prefixes: std::collections::BTreeSet<&[u32]> = want
+        .iter()
+        .flat_map(|s| (1..=s.len()).map(move |n| &s[..n]))
+        .collect();
+    assert_eq!(r.layers[1].rank, prefixes.len());
+}
+
+#[test]
+fn planted_wrong_token_is_not_certified() {
+    let dir = fixture("gpt2-cls-tiny");
+    let grad = dir.join("gradient.safetensors");
+    let seqs = truth(&dir);
+    let ok = text::verify(&dir, &grad, &seqs).unwrap();
+    assert!(ok.iter().all(|l| l.passed), "{ok:?}");
+    for p in [0, 5, seqs[0].len() - 1] {
+        let mut bad = seqs.clone();
+        bad[0][p] = if bad[0][p] == 11 { 12 } else { 11 };
+        let checks = text::verify(&dir, &grad, &bad).unwrap();
+        assert!(!checks[1].passed, "position {p}: {:?}", checks[1]);
+    }
+    // a missing sequence leaves part of the gradient unexplained
+    let fewer = text::verify(&dir, &grad, &seqs[1..]).unwrap();
+    assert!(
+        !fewer[1].passed && fewer[1].unexplained > 100.0 * fewer[1].tolerance,
+        "{:?}",
+        fewer[1]
+    );
+}
+
+#[test]
+fn language_model_head_returns_prefixes_not_exact() {
+    let dir = fixture("gpt2-lm-tiny");
+    let r = text::attack(
+        &dir,
+        &dir.join("gradient.safetensors"),
+        &TextParams::default(),
+    )
+    .unwrap();
+    let mut got: Vec<Vec<u32>> = r.sequences.iter().map(|s| s.ids.clone()).collect();
+    let mut want: Vec<Vec<u32>> = truth(&dir)
+        .into_iter()
+        .map(|s| s[..s.len() - 1].to_vec())
+        .collect();
+    got.sort();
+    want.sort();
+    want.dedup();
+    assert_eq!(got, want);
+    assert!(r.layers.iter().all(|l| l.passed), "{:?}", r.layers);
+    assert!(!r.certified);
+    assert!(r.sequences.iter().all(|s| !s.exact));
+    assert!(r.notes.iter().any(|n| n.contains("last position")));
+}
+
+#[test]
+fn token_filter_expansion_matches_direct_distances() {
+    let dir = fixture("gpt2-cls-tiny");
+    let b = text::bench::run(&dir, &dir.join("gradient.safetensors"), 3).unwrap();
+    // the expansion cancels O(d) terms of size ~ ||x~||^2 = d + 1 in f64
+    assert!(b.max_difference < 1e-9, "{}", b.max_difference);
+}
+
+#[test]
+fn float32_values_in_float64_storage_are_attacked_at_float32() {
+    let dir = fixture("gpt2-cls-tiny");
+    let out = tmpdir("upcast");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join(f), out.join(f)).unwrap();
+    }
+    rewrite(
+        &dir.join("gradient.safetensors"),
+        &out.join("gradient.safetensors"),
+        safetensors::Dtype::F64,
+        |_, _, x| x,
+    );
+    let r = text::attack(
+        &out,
+        &out.join("gradient.safetensors"),
+        &TextParams::default(),
+    )
+    .unwrap();
+    assert_eq!(r.storage, Dtype::F64);
+    assert_eq!(r.dtype, Dtype::F32);
+    assert!(r.certified);
+    assert_eq!(r.sequences.len(), truth(&dir).len());
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let dir = fixture("gpt2-cls-tiny");
+    let grad = dir.join("gradient.safetensors");
+    let p = TextParams::default();
+    let tmp = tmpdir("bad");
+    // a folder without config.json
+    assert!(matches!(
+        text::attack(&tmp, &grad, &p),
+        Err(TextError::Io { .. })
+    ));
+    assert!(matches!(
+        text::attack(&tmp.join("nope"), &grad, &p),
+        Err(TextError::NotAModelFolder { .. })
+    ));
+    // the gradient of another model: its names are not this model's
+    let other = fixture("bert-cls-tiny");
+    assert!(matches!(
+        text::attack(&dir, &other.join("gradient.safetensors"), &p),
+        Err(TextError::MissingTensor { .. })
+    ));
+    // an architecture the route does not read
+    assert!(matches!(
+        text::attack(&other, &other.join("gradient.safetensors"), &p),
+        Err(TextError::Unsupported(_))
+    ));
+    // NaN in the gradient
+    rewrite(
+        &grad,
+        &tmp.join("nan.safetensors"),
+        safetensors::Dtype::F32,
+        |n, k, x| {
+            if n.contains("h.0.attn.c_attn.weight") && k == 7 {
+                f64::NAN
+            } else {
+                x
+            }
+        },
+    );
+    assert!(matches!(
+        text::attack(&dir, &tmp.join("nan.safetensors"), &p),
+        Err(TextError::Read(gradleak::Error::NonFinite(_)))
+    ));
+    // a config whose vocabulary does not match the weights
+    let cfg_dir = tmpdir("vocab");
+    std::fs::copy(
+        dir.join("model.safetensors"),
+        cfg_dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["vocab_size"] = Value::from(5000);
+    std::fs::write(cfg_dir.join("config.json"), cfg.to_string()).unwrap();
+    assert!(matches!(
+        text::attack(&cfg_dir, &grad, &p),
+        Err(TextError::Shape { .. })
+    ));
+}
+
+#[test]
+fn cli_text_attack_writes_jsonl_and_report() {
+    let dir = fixture("gpt2-cls-tiny");
+    let out = tmpdir("cli");
+    let o = Command::new(BIN)
+        .args(["text", "attack", "--model"])
+        .arg(&dir)
+        .arg("--gradient")
+        .arg(dir.join("gradient.safetensors"))
+        .arg("--tokenizer")
+        .arg(dir.join("tokenizer.json"))
+        .arg("--out")
+        .arg(out.join("out.jsonl"))
+        .arg("--report")
+        .arg(out.join("rep.json"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<Value> = std::fs::read_to_string(out.join("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), truth(&dir).len());
+    assert!(
+        lines.iter().all(|l| l["exact"] == Value::Bool(true)
+            && l["ids"].is_array()
+            && l["text"].is_string())
+    );
+    let rep: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("rep.json")).unwrap()).unwrap();
+    assert_eq!(rep["certified"], Value::Bool(true));
+    // bad input: one line, exit 1, no output file
+    let o = Command::new(BIN)
+        .args(["text", "attack", "--model"])
+        .arg(out.join("missing"))
+        .arg("--gradient")
+        .arg(dir.join("gradient.safetensors"))
+        .arg("--out")
+        .arg(out.join("bad.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("not a model folder"), "{err}");
+    assert!(!out.join("bad.jsonl").exists());
+}
