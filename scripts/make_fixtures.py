@@ -6,6 +6,8 @@ reduction='mean'), batch.safetensors (the private truth: x, y) and case.json.
 Run: python scripts/make_fixtures.py tests/fixtures/pytorch   (needs torch, safetensors, numpy, pillow)
      python scripts/make_fixtures.py DIR --heldout   (larger correlated cases, not committed)
      python scripts/make_fixtures.py DIR --deep      (deep smooth nets on faces, not committed)
+     python scripts/make_fixtures.py DIR --relu32    (float32 ReLU colour photo batches, B = 16-128, issue 22;
+                                                     ~100-200 MB each: DIR in /tmp)
 Photo cases read ../shared/data/photos (beside the checkout; --photos DIR to change it).
 """
 
@@ -86,6 +88,13 @@ def make(out, name, act, widths, loss, batch, dtype, init, seed, data="digits"):
         # (truth.npy: the crops of the `images:` data spec); labels drawn here
         x_all = np.load(data[len("npy:"):])
         y_all = rng.integers(0, 10, size=len(x_all))
+    elif data.startswith("chw:"):
+        # colour rows of `gradleak simulate --data images:DIR:S --save DIR` (truth.npy, each
+        # row S x S x 3 interleaved) reordered channel-first, as torchvision's ToTensor gives
+        rows = np.load(data[len("chw:"):])
+        side = int(round(np.sqrt(rows.shape[1] / 3)))
+        x_all = rows.reshape(-1, side, side, 3).transpose(0, 3, 1, 2).reshape(len(rows), -1)
+        y_all = rng.integers(0, 10, size=len(x_all))
     elif data.startswith("faces"):
         x_all, _ = face_crops(int(data[len("faces"):]), seed)
         y_all = rng.integers(0, 10, size=len(x_all))
@@ -162,6 +171,29 @@ def heldout(out):
              "torch-default", 25, data="npy:/tmp/photos64/truth.npy")
 
 
+def relu32(out):
+    """Issue 22: a PyTorch client's float32 gradient of colour photo crops (32 x 32 x 3,
+    channel-first) through 3072-m-10 ReLU / leaky ReLU, torch-default init, CE, seeded
+    uniform labels; B = 16, 64 (m = 8192) and 128 (m = 16384), and depth-2 nets. Each case
+    is ~100-200 MB: write them to /tmp, not the repository. The crops are every colour
+    crop of the `images:` data spec (213 of them at 32 x 32), written first by
+    gradleak simulate --data images:../shared/data/photos:32 --batch 213 --width 300 \
+        --activation tanh --seed 1 --method span --seed-rounds 0 --search-starts 1 --save /tmp/relu22-pool
+    """
+    pool = "chw:/tmp/relu22-pool/truth.npy"
+    for b in (16, 64):
+        make(out, f"rgb32-relu-ce-8192-b{b}", "relu", [8192, 10], "ce", b, "float32",
+             "torch-default", 70, data=pool)
+    make(out, "rgb32-leaky_relu-ce-8192-b64", "leaky_relu", [8192, 10], "ce", 64, "float32",
+         "torch-default", 71, data=pool)
+    make(out, "rgb32-relu-ce-16384-b128", "relu", [16384, 10], "ce", 128, "float32",
+         "torch-default", 72, data=pool)
+    make(out, "rgb32-relu-ce-depth2-b64", "relu", [8192, 1024, 10], "ce", 64, "float32",
+         "torch-default", 73, data=pool)
+    make(out, "rgb32-leaky_relu-ce-depth2-b64", "leaky_relu", [8192, 1024, 10], "ce", 64,
+         "float32", "torch-default", 74, data=pool)
+
+
 def deep(out):
     """Deep smooth nets on face crops (issue 12, done-when line 4): 25 x 25 grey, float32,
     torch-default init, widths >= 1024, depth 2-3; two draws (model and batch) of each."""
@@ -181,6 +213,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if "--deep" in sys.argv:
         deep(out)
+        sys.exit(0)
+    if "--relu32" in sys.argv:
+        relu32(out)
         sys.exit(0)
     if "--heldout" in sys.argv:
         heldout(out)

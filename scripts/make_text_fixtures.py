@@ -57,6 +57,8 @@ def large_cases():
         for b in (1, 8, 32, 64):
             for s in (1, 2, 3):
                 out.setdefault(f"gpt2-{head}-b{b}-s{s}", dict(arch="gpt2", head=head, batch=b, seed=s))
+    # briefly trained: 300 AdamW steps (batch 4) of LM training on fortunes, 1.1 s CPU a
+    # step with one torch thread (two threads spin on a loaded machine: > 5 s CPU a step)
     for head in ("cls", "lm"):
         for b in (1, 8, 32, 64):
             for s in (1, 2, 3):
@@ -142,7 +144,12 @@ def main():
     c.add_argument("--trained", type=int, default=0, metavar="STEPS", help="AdamW LM steps on fortunes first")
     for k in ("d", "layers", "heads", "positions", "ffn"):
         c.add_argument(f"--{k}", type=int)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core "
+                    "machine two threads spin-wait and cost 5x the CPU)")
     a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
 
     if a.cmd == "tiny":
         for name, kw in TINY.items():

@@ -301,3 +301,12 @@ fn cli_text_attack_writes_jsonl_and_report() {
     assert!(err.contains("not a model folder"), "{err}");
     assert!(!out.join("bad.jsonl").exists());
 }
+
+#[test]
+fn tiny_llama_true_prefixes_pass_both_blocks() {
+    let dir = fixture("llama-lm-tiny");
+    let checks = text::verify(&dir, &dir.join("gradient.safetensors"), &truth(&dir)).unwrap();
+    for c in &checks {
+        assert!(c.passed, "{c:?}");
+    }
+}

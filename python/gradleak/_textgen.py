@@ -193,11 +193,14 @@ def train_lm(arch: str, config, seed: int, steps: int, tok, texts, seq_len=32, b
     if arch == "bert":
         raise ValueError("trained: causal LM training is for gpt2 and llama")
     lm = make_model(arch, "lm", seed, config=config)
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
+    try:
+        opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
     pad = tok.pad_token_id
     data = [ids for ids in (tok(t).input_ids[:seq_len] for t in texts) if len(ids) > 1 and max(ids) < pad]
     g = torch.Generator().manual_seed(10_000 + seed)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     for step in range(steps):
         idx = torch.randint(len(data), (batch,), generator=g).tolist()
         x, m = pad_batch([data[i] for i in idx], pad)
@@ -206,8 +209,9 @@ def train_lm(arch: str, config, seed: int, steps: int, tok, texts, seq_len=32, b
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"  train step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)")
+        if step % 25 == 0 or step == steps - 1:
+            log(f"  train step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s wall, "
+                f"{time.process_time() - c0:.0f} s cpu)")
     return base_of(lm).state_dict()
 
 

@@ -27,14 +27,19 @@ pub fn run(
 ) -> Result<TextBench, TextError> {
     let report = super::attack(model_dir, gradient, &TextParams::default())?;
     let loaded = super::Loaded::read(model_dir, gradient)?;
+    let super::Model::Gpt2(model) = &loaded.model else {
+        return Err(TextError::Unsupported(
+            "the filter bench compares GPT-2's per-position filter; this model has none".into(),
+        ));
+    };
     let span0 = super::span::RowSpan::of(
         loaded.g0.as_ref(),
         loaded.dtype,
         "block 0 c_attn",
-        loaded.model.hidden(),
+        model.hidden(),
     )?;
     let t = Instant::now();
-    let filter = super::filter::TokenFilter::new(&loaded.model, &span0);
+    let filter = super::filter::TokenFilter::new(model, &span0);
     let setup = t.elapsed().as_secs_f64();
     let n = direct_positions
         .max(1)

@@ -12,6 +12,9 @@ use super::TextError;
 pub enum Arch {
     /// GPT-2: learned positions, pre-LayerNorm blocks, causal attention, Conv1D weights (in x out).
     Gpt2,
+    /// LLaMA-style: RMSNorm, rotary positions after the projection, grouped-query
+    /// attention, SwiGLU, no biases.
+    Llama,
 }
 
 /// What sits on top of the transformer (from `architectures`); it decides which
@@ -61,6 +64,11 @@ pub struct TextConfig {
     /// Hidden size d.
     pub hidden: usize,
     pub heads: usize,
+    /// Key/value heads (grouped-query attention; = heads for GPT-2).
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Rotary base (LLaMA; 0 for learned positions).
+    pub rope_theta: f64,
     pub layers: usize,
     pub vocab: usize,
     /// Number of learned positions.
@@ -172,6 +180,9 @@ impl TextConfig {
                     head,
                     hidden,
                     heads,
+                    kv_heads: heads,
+                    head_dim: hidden / heads,
+                    rope_theta: 0.0,
                     layers: usize_key(v, "n_layer", path)?,
                     vocab: usize_key(v, "vocab_size", path)?,
                     positions: usize_key(v, "n_positions", path)?,
@@ -187,12 +198,91 @@ impl TextConfig {
                         .map(|x| x as u32),
                 })
             }
+            "llama" => {
+                let hidden = usize_key(v, "hidden_size", path)?;
+                let heads = usize_key(v, "num_attention_heads", path)?;
+                let kv_heads = v
+                    .get("num_key_value_heads")
+                    .and_then(Value::as_u64)
+                    .map_or(heads, |x| x as usize);
+                if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+                    return Err(TextError::Config {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+                        ),
+                    });
+                }
+                let head_dim = v
+                    .get("head_dim")
+                    .and_then(Value::as_u64)
+                    .map_or(hidden / heads, |x| x as usize);
+                if !head_dim.is_multiple_of(2) {
+                    return Err(TextError::Config {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "head_dim {head_dim} is odd (rotary embeddings need pairs)"
+                        ),
+                    });
+                }
+                let act = v
+                    .get("hidden_act")
+                    .and_then(Value::as_str)
+                    .unwrap_or("silu");
+                if act != "silu" {
+                    return Err(TextError::Unsupported(format!(
+                        "LLaMA with hidden_act '{act}' (supported: silu)"
+                    )));
+                }
+                for flag in ["attention_bias", "mlp_bias"] {
+                    if v.get(flag).and_then(Value::as_bool) == Some(true) {
+                        return Err(TextError::Unsupported(format!("LLaMA with {flag} = true")));
+                    }
+                }
+                let rope = v.get("rope_parameters").or_else(|| v.get("rope_scaling"));
+                let rope_type = rope
+                    .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                if rope_type != "default" {
+                    return Err(TextError::Unsupported(format!(
+                        "LLaMA with rope_type '{rope_type}' (supported: default)"
+                    )));
+                }
+                let rope_theta = rope
+                    .and_then(|r| r.get("rope_theta"))
+                    .or_else(|| v.get("rope_theta"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(10000.0);
+                Ok(TextConfig {
+                    arch: Arch::Llama,
+                    head,
+                    hidden,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    rope_theta,
+                    layers: usize_key(v, "num_hidden_layers", path)?,
+                    vocab: usize_key(v, "vocab_size", path)?,
+                    positions: usize_key(v, "max_position_embeddings", path)?,
+                    ffn: usize_key(v, "intermediate_size", path)?,
+                    layer_norm_eps: v
+                        .get("rms_norm_eps")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(1e-6),
+                    activation: FfnActivation::Relu,
+                    pad_token_id: v
+                        .get("pad_token_id")
+                        .and_then(Value::as_u64)
+                        .map(|x| x as u32),
+                })
+            }
             "" => Err(TextError::Config {
                 path: path.to_path_buf(),
                 reason: "no 'model_type'".into(),
             }),
             other => Err(TextError::Unsupported(format!(
-                "model_type '{other}' (the text route reads: gpt2)"
+                "model_type '{other}' (the text route reads: gpt2, llama)"
             ))),
         }
     }

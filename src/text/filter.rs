@@ -10,7 +10,8 @@
 
 use faer::{Col, Mat};
 
-use super::gpt2::{Gpt2, augment};
+use super::causal::Causal;
+use super::gpt2::Gpt2;
 use super::span::RowSpan;
 
 /// A screen passes every candidate whose expanded distance is under this multiple of tau
@@ -166,7 +167,7 @@ impl<'a> TokenFilter<'a> {
         let mut tokens = Vec::new();
         let mut distances = Vec::new();
         if !near.is_empty() {
-            let x = augment(self.model.block0_input(&near, p).as_ref());
+            let x = self.model.block0_input(&near, p);
             let tests = self.span.test(x.as_ref());
             for (i, &t) in near.iter().enumerate() {
                 if self.span.accepts(tests[i]) {
@@ -191,7 +192,36 @@ impl<'a> TokenFilter<'a> {
     /// the whole vocabulary at `p`.
     pub fn direct(&self, p: usize) -> Vec<f64> {
         let all: Vec<u32> = (0..self.ce.nrows() as u32).collect();
-        let x = augment(self.model.block0_input(&all, p).as_ref());
+        let x = self.model.block0_input(&all, p);
         self.span.distances(x.as_ref())
+    }
+}
+
+/// LLaMA's filter: block 0 sees RMSNorm(e_t) with no position, so one direct pass over
+/// the vocabulary gives the bag of distinct tokens (returned as position 0).
+pub(crate) fn bag(model: &super::llama::Llama, span: &RowSpan) -> PositionTokens {
+    const CHUNK: u32 = 4096;
+    let v = model.cfg.vocab as u32;
+    let (mut tokens, mut distances) = (Vec::new(), Vec::new());
+    let mut min_rejected = f64::INFINITY;
+    for start in (0..v).step_by(CHUNK as usize) {
+        let ids: Vec<u32> = (start..(start + CHUNK).min(v)).collect();
+        let x = model.block0_input(&ids, 0);
+        for (i, t) in span.test(x.as_ref()).into_iter().enumerate() {
+            if span.accepts(t) {
+                tokens.push(ids[i]);
+                distances.push(t.distance);
+            } else {
+                min_rejected = min_rejected.min(t.distance);
+            }
+        }
+    }
+    let max_distance = distances.iter().copied().fold(0.0, f64::max);
+    PositionTokens {
+        position: 0,
+        tokens,
+        distances,
+        max_distance,
+        min_rejected,
     }
 }

@@ -4,7 +4,10 @@
 
 use faer::{Mat, MatRef};
 
+use std::ops::Range;
+
 use super::TextError;
+use super::causal::{Causal, Step, causal_attention};
 use super::config::{FfnActivation, TextConfig};
 use super::tensors::Tensors;
 
@@ -131,78 +134,60 @@ impl Gpt2 {
     }
 
     /// The first block's c_attn input LN_1(wte[t] + wpe[p]) for `tokens` at `p`.
-    pub fn block0_input(&self, tokens: &[u32], p: usize) -> Mat<f64> {
+    pub fn ln_input(&self, tokens: &[u32], p: usize) -> Mat<f64> {
         let mut x = self.embed(tokens, p);
         self.ln_1.apply_rows(&mut x);
         x
     }
+}
 
-    /// q, k, v (T x 3d) of `tokens` at position `p`, and their residual stream (T x d).
-    pub fn qkv(&self, tokens: &[u32], p: usize) -> (Mat<f64>, Mat<f64>) {
+impl Causal for Gpt2 {
+    fn kv_width(&self) -> usize {
+        self.hidden()
+    }
+
+    fn step(&self, tokens: &[u32], p: usize) -> Step {
+        let d = self.hidden();
         let h0 = self.embed(tokens, p);
         let mut a = h0.clone();
         self.ln_1.apply_rows(&mut a);
         let mut qkv = &a * &self.attn_w;
         add_bias(&mut qkv, &self.attn_b);
-        (h0, qkv)
+        Step {
+            h0,
+            q: qkv.subcols(0, d).to_owned(),
+            k: qkv.subcols(d, d).to_owned(),
+            v: qkv.subcols(2 * d, d).to_owned(),
+        }
     }
 
-    /// The second block's c_attn input LN_1'(block_0(prefix + t)) at the new position,
-    /// for each candidate token t (rows of `h0`, `qkv` from [`Gpt2::qkv`]) after a prefix
-    /// whose keys and values are `keys`, `values` (p x d each, p = 0 for the first position).
-    pub fn extend(
+    fn block0_input(&self, tokens: &[u32], p: usize) -> Mat<f64> {
+        augment(self.ln_input(tokens, p).as_ref())
+    }
+
+    /// LN_1'(block_0(prefix + t)) at the new position, augmented, for the candidate
+    /// tokens `rows` of `step` after a prefix whose keys and values are `keys`, `values`.
+    fn extend(
         &self,
         keys: MatRef<'_, f64>,
         values: MatRef<'_, f64>,
-        h0: MatRef<'_, f64>,
-        qkv: MatRef<'_, f64>,
+        step: &Step,
+        rows: Range<usize>,
     ) -> Mat<f64> {
         let d = self.hidden();
         let heads = self.cfg.heads;
         let hd = d / heads;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let (t, p) = (h0.nrows(), keys.nrows());
-        let mut attn = Mat::<f64>::zeros(t, d);
-        for h in 0..heads {
-            let c = h * hd;
-            let q = qkv.subcols(c, hd);
-            let k_self = qkv.subcols(d + c, hd);
-            let v_self = qkv.subcols(2 * d + c, hd);
-            let mut s = if p > 0 {
-                q * keys.subcols(c, hd).transpose()
-            } else {
-                Mat::zeros(t, 0)
-            };
-            let mut w_self = vec![0.0; t];
-            for i in 0..t {
-                let own: f64 = (0..hd).map(|j| q[(i, j)] * k_self[(i, j)]).sum::<f64>() * scale;
-                let mut mx = own;
-                for j in 0..p {
-                    s[(i, j)] *= scale;
-                    mx = mx.max(s[(i, j)]);
-                }
-                let mut z = (own - mx).exp();
-                for j in 0..p {
-                    s[(i, j)] = (s[(i, j)] - mx).exp();
-                    z += s[(i, j)];
-                }
-                for j in 0..p {
-                    s[(i, j)] /= z;
-                }
-                w_self[i] = (own - mx).exp() / z;
-            }
-            let mut out = if p > 0 {
-                &s * values.subcols(c, hd)
-            } else {
-                Mat::zeros(t, hd)
-            };
-            for i in 0..t {
-                for j in 0..hd {
-                    out[(i, j)] += w_self[i] * v_self[(i, j)];
-                }
-            }
-            attn.subcols_mut(c, hd).copy_from(&out);
-        }
+        let h0 = step.h0.subrows(rows.start, rows.len());
+        let attn = causal_attention(
+            keys,
+            values,
+            step.q.subrows(rows.start, rows.len()),
+            step.k.subrows(rows.start, rows.len()),
+            step.v.subrows(rows.start, rows.len()),
+            heads,
+            heads,
+            hd,
+        );
         let mut h1 = &attn * &self.proj_w;
         add_bias(&mut h1, &self.proj_b);
         h1 += h0;
@@ -215,11 +200,11 @@ impl Gpt2 {
         add_bias(&mut h2, &self.mlp_proj_b);
         h2 += &h1;
         self.next_ln_1.apply_rows(&mut h2);
-        h2
+        augment(h2.as_ref())
     }
 }
 
-fn add_bias(x: &mut Mat<f64>, b: &[f64]) {
+pub(crate) fn add_bias(x: &mut Mat<f64>, b: &[f64]) {
     for j in 0..x.ncols() {
         for i in 0..x.nrows() {
             x[(i, j)] += b[j];
@@ -227,7 +212,7 @@ fn add_bias(x: &mut Mat<f64>, b: &[f64]) {
     }
 }
 
-fn apply(x: &mut Mat<f64>, act: FfnActivation) {
+pub(crate) fn apply(x: &mut Mat<f64>, act: FfnActivation) {
     for j in 0..x.ncols() {
         for i in 0..x.nrows() {
             x[(i, j)] = act.apply(x[(i, j)]);

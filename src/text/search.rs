@@ -6,8 +6,7 @@
 
 use faer::Mat;
 
-use super::filter::PositionTokens;
-use super::gpt2::{Gpt2, augment};
+use super::causal::Causal;
 use super::span::RowSpan;
 
 /// One accepted prefix: its last token, position and parent.
@@ -19,7 +18,7 @@ pub(crate) struct Node {
     /// The first block's key and value rows at this position (d each).
     pub key: Vec<f64>,
     pub value: Vec<f64>,
-    /// The second block's c_attn input here, augmented (d + 1).
+    /// The second block's projection input here, as tested.
     pub input: Vec<f64>,
     /// Relative distance of `input` from the second block's span.
     pub distance: f64,
@@ -36,6 +35,8 @@ pub struct SearchStep {
     /// Largest distance accepted and smallest rejected: the margin of the test.
     pub max_accepted: f64,
     pub min_rejected: f64,
+    /// Candidates whose input equals one already on their prefix's path (not kept).
+    pub repeats: usize,
 }
 
 /// The accepted prefixes (a trie) and the steps.
@@ -80,33 +81,35 @@ impl Trie {
 /// Candidates per block of the forward pass (bounds memory: rows x 4d f64).
 const CHUNK: usize = 512;
 
-/// Run the search over `positions` (the filter's output, position 0 first).
-pub(crate) fn search(
-    model: &Gpt2,
+/// Run the search; `tokens_at(p)` are the tokens that passed block 0's filter at
+/// position p (None past the last position).
+pub(crate) fn search<'a>(
+    model: &dyn Causal,
     span: &RowSpan,
-    positions: &[PositionTokens],
+    tokens_at: impl Fn(usize) -> Option<&'a [u32]>,
     mut progress: impl FnMut(&SearchStep),
 ) -> Trie {
-    let d = model.hidden();
+    let d = model.kv_width();
     let mut nodes: Vec<Node> = Vec::new();
     let mut steps = Vec::new();
     // live prefixes: None = the empty prefix
     let mut live: Vec<Option<usize>> = vec![None];
     let mut overflow = false;
-    for pt in positions {
-        let p = pt.position;
-        if pt.tokens.is_empty() || live.is_empty() {
+    for p in 0.. {
+        let Some(tokens) = tokens_at(p) else { break };
+        if tokens.is_empty() || live.is_empty() {
             break;
         }
-        let (h0, qkv) = model.qkv(&pt.tokens, p);
+        let step_in = model.step(tokens, p);
         let mut next = Vec::new();
         let mut step = SearchStep {
             position: p,
             prefixes: live.len(),
-            candidates: live.len() * pt.tokens.len(),
+            candidates: live.len() * tokens.len(),
             accepted: 0,
             max_accepted: 0.0,
             min_rejected: f64::INFINITY,
+            repeats: 0,
         };
         for &prefix in &live {
             let path = prefix.map(|n| path_of(&nodes, n)).unwrap_or_default();
@@ -115,19 +118,20 @@ pub(crate) fn search(
             if overflow {
                 break;
             }
-            for start in (0..pt.tokens.len()).step_by(CHUNK) {
-                let len = CHUNK.min(pt.tokens.len() - start);
-                let x = model.extend(
-                    keys.as_ref(),
-                    values.as_ref(),
-                    h0.subrows(start, len),
-                    qkv.subrows(start, len),
-                );
-                let xa = augment(x.as_ref());
+            for start in (0..tokens.len()).step_by(CHUNK) {
+                let len = CHUNK.min(tokens.len() - start);
+                let xa = model.extend(keys.as_ref(), values.as_ref(), &step_in, start..start + len);
                 let tests = span.test(xa.as_ref());
                 for (i, &test) in tests.iter().enumerate() {
                     let dist_i = test.distance;
-                    if span.accepts(test) {
+                    // an input equal to one already on the prefix's path adds nothing the
+                    // gradient can see (LLaMA: a token repeated from the start has the
+                    // attention output of the first): the repeat is not identifiable
+                    let repeat = span.accepts(test)
+                        && path.iter().any(|&n| same_input(&nodes[n].input, xa.row(i)));
+                    if repeat {
+                        step.repeats += 1;
+                    } else if span.accepts(test) {
                         let r = start + i;
                         step.accepted += 1;
                         step.max_accepted = step.max_accepted.max(dist_i);
@@ -136,11 +140,11 @@ pub(crate) fn search(
                         }
                         nodes.push(Node {
                             parent: prefix,
-                            token: pt.tokens[r],
+                            token: tokens[r],
                             position: p,
-                            key: (0..d).map(|j| qkv[(r, d + j)]).collect(),
-                            value: (0..d).map(|j| qkv[(r, 2 * d + j)]).collect(),
-                            input: (0..d + 1).map(|j| xa[(i, j)]).collect(),
+                            key: (0..d).map(|j| step_in.k[(r, j)]).collect(),
+                            value: (0..d).map(|j| step_in.v[(r, j)]).collect(),
+                            input: (0..xa.ncols()).map(|j| xa[(i, j)]).collect(),
                             distance: dist_i,
                             children: 0,
                         });
@@ -178,4 +182,16 @@ fn path_of(nodes: &[Node], mut n: usize) -> Vec<usize> {
     }
     path.reverse();
     path
+}
+
+/// Two inputs are the same vector to rounding (relative difference under `SAME_INPUT`).
+const SAME_INPUT: f64 = 1e-9;
+
+fn same_input(a: &[f64], b: faer::RowRef<'_, f64>) -> bool {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (j, &x) in a.iter().enumerate() {
+        num += (x - b[j]).powi(2);
+        den += x * x;
+    }
+    num <= SAME_INPUT * SAME_INPUT * den
 }

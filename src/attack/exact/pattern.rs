@@ -76,6 +76,7 @@ pub fn search(
         ..Default::default()
     };
     let mut found: Vec<Found> = Vec::new();
+    let scale = RoundingScale::new(view)?;
     let alt = Alternation {
         a: &a,
         q: &sub.q,
@@ -84,8 +85,9 @@ pub fn search(
         slopes: (lo, hi),
         floor,
         floor_small,
+        stop: scale.floor(0.0),
         model: &model,
-        scale: &RoundingScale::new(view)?,
+        scale: &scale,
         sub,
     };
     let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
@@ -137,4 +139,162 @@ pub fn search(
         alt.inputs(sub, &gv, &found)
     };
     Ok((zeros, stats, model))
+}
+
+#[cfg(test)]
+mod probe {
+    //! Diagnosis of a fixture's pattern search (issue 22): `GRADLEAK_PROBE=DIR cargo test
+    //! --release --lib probe -- --ignored --nocapture`, DIR a make_fixtures.py case.
+    use super::*;
+    use crate::attack::exact::alternation::alternate;
+    use crate::attack::exact::seed;
+    use crate::attack::exact::zero::best_residual_of;
+    use crate::io::safetensors::TensorFile;
+    use faer::Mat;
+
+    #[test]
+    #[ignore]
+    fn probe() {
+        let Ok(dir) = std::env::var("GRADLEAK_PROBE") else {
+            return;
+        };
+        let dir = std::path::Path::new(&dir);
+        let act = if dir.to_string_lossy().contains("leaky") {
+            Activation::LeakyRelu
+        } else {
+            Activation::Relu
+        };
+        let view = ServerView::from_files(
+            &dir.join("model.safetensors"),
+            &dir.join("gradient.safetensors"),
+            act,
+        )
+        .unwrap();
+        let x = TensorFile::open(dir.join("batch.safetensors"))
+            .unwrap()
+            .matrix("x")
+            .unwrap();
+        let cfg = AttackConfig::new(crate::attack::params::Method::Auto, 1);
+        let sub = crate::attack::subspace::estimate(&view, &cfg.subspace_options()).unwrap();
+        let (lo, hi) = slopes(act).unwrap();
+        let model = SignalModel::new(&view, &sub).unwrap();
+        let a = model.output_weights().unwrap().clone();
+        let (m, b) = (model.width(), model.batch());
+        let all = Neurons::all(&sub.q);
+        let floor = exact_floor(&view, &sub);
+        let s = &sub.singular_values;
+        println!(
+            "B {b} m {m} kappa {:.3e} exact_floor {floor:.3e}",
+            s[0] / s[b - 1]
+        );
+        let small = {
+            let order = Subsample::new(m, &mut salted(cfg.seed, Salt::PatternNeurons));
+            Neurons::new(
+                &sub.q,
+                order.first(PATTERN_NEURONS.max(16 * (b + a.nrows()))),
+            )
+        };
+        let scale = RoundingScale::new(&view).unwrap();
+        let mk = |fl: f64| Alternation {
+            a: &a,
+            q: &sub.q,
+            small: &small,
+            all: &all,
+            slopes: (lo, hi),
+            floor,
+            floor_small: floor,
+            stop: fl,
+            model: &model,
+            scale: &scale,
+            sub: &sub,
+        };
+        let alt = mk(floor);
+        let rows: Vec<usize> = (0..m).collect();
+        let mut truth = Vec::new();
+        let mut fs = Vec::new();
+        for i in 0..b {
+            let xi: Vec<f64> = (0..x.ncols()).map(|j| x[(i, j)]).collect();
+            let c = model.coords.c_of_x(&xi);
+            let pat: Vec<bool> = model.z(&c, &rows).iter().map(|&z| z > 0.0).collect();
+            let mm = Mat::from_fn(
+                m,
+                a.nrows(),
+                |j, k| if pat[j] { hi } else { lo } * a[(k, j)],
+            );
+            let (f, r) = best_residual_of(&mm, &all).unwrap();
+            let own = alt.own_floor(&pat, &r, f);
+            let sg = alt.signal(&pat, &r);
+            let amp = scale.amplification(&sub, &(&sg * (1.0 / sg.norm_l2())));
+            fs.push((f, scale.floor(amp), own));
+            truth.push((c, pat));
+        }
+        let fmax = fs.iter().map(|v| v.0).fold(0.0, f64::max);
+        let nown = fs.iter().filter(|v| v.2).count();
+        let flo = fs.iter().map(|v| v.1).fold(f64::INFINITY, f64::min);
+        println!(
+            "true patterns: F max {fmax:.2e}, own floors >= {flo:.2e}, {nown}/{b} pass own floor"
+        );
+        let near = |p: &[bool]| -> (usize, usize) {
+            truth
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| (t.iter().zip(p).filter(|(a, b)| a != b).count(), i))
+                .min()
+                .unwrap()
+        };
+        // the first seeding round's starts, alternated with the global floor and a tight one
+        let gv = sub.projected_gradient();
+        let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
+        let seeds = seed::candidates(&gv, &vl, cfg.seed, cfg.search.ica_iterations);
+        for fl in [floor, scale.floor(0.0)] {
+            let alt = mk(fl);
+            let (mut ok, mut hit) = (0, std::collections::BTreeSet::new());
+            let mut lines = Vec::new();
+            for c in &seeds {
+                let zs = model.z(c, &rows);
+                let p0: Vec<bool> = zs.iter().map(|&z| z > 0.0).collect();
+                let (d0, i0) = near(&p0);
+                let (res, it) = alt.run_from(c);
+                let after = res
+                    .as_ref()
+                    .map(|(p, r, f)| (near(p), *f, alt.own_floor(p, r, *f)));
+                if let Some((_, _, true)) = after {
+                    ok += 1;
+                    hit.insert(after.unwrap().0.1);
+                }
+                lines.push(format!(
+                    "start: {d0} neurons off sample {i0}; {it} sweeps -> {:?}",
+                    after.map(|((d, i), f, o)| format!("{d} off {i}, F {f:.1e}, own {o}"))
+                ));
+            }
+            println!(
+                "stop floor {fl:.1e}: {} seeds, {ok} pass own floor, {} distinct samples",
+                seeds.len(),
+                hit.len()
+            );
+            for l in lines.iter().take(12) {
+                println!("  {l}");
+            }
+        }
+        // the alternation from each true pattern flipped on a share of neurons
+        let mut rng = salted(7, Salt::PatternNeurons);
+        for share in [0.01, 0.05, 0.1] {
+            for fl in [floor, scale.floor(0.0)] {
+                let mut back = 0;
+                for (_, pat) in truth.iter().take(16) {
+                    let mut p = pat.clone();
+                    let order = Subsample::new(m, &mut rng);
+                    for &j in order.first((share * m as f64) as usize).iter() {
+                        p[j] = !p[j];
+                    }
+                    let mut st = SearchStats::default();
+                    if let Some((q, _, _)) = alternate(&a, &all, p, (lo, hi), (fl, floor), &mut st)
+                    {
+                        back += (q == *pat) as usize;
+                    }
+                }
+                println!("flip {share}: stop floor {fl:.1e}: {back}/16 back to the truth");
+            }
+        }
+    }
 }

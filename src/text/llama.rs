@@ -1,0 +1,177 @@
+//! A LLaMA-style decoder's embeddings and first block (RMSNorm, rotary positions applied
+//! to queries and keys after the projection, grouped-query attention, SwiGLU MLP), in f64.
+//! The input projections have no bias and see RMSNorm(e_t): no position, so block 0
+//! yields the bag of distinct tokens and the order comes from block 1.
+
+use std::ops::Range;
+
+use faer::{Mat, MatRef};
+
+use super::TextError;
+use super::causal::{Causal, Step, causal_attention};
+use super::config::TextConfig;
+use super::tensors::Tensors;
+
+/// RMSNorm: x / sqrt(mean(x^2) + eps) * w, row by row, in place.
+pub(crate) fn rms_norm_rows(x: &mut Mat<f64>, w: &[f64], eps: f64) {
+    let d = x.ncols() as f64;
+    for i in 0..x.nrows() {
+        let ms = (0..x.ncols()).map(|j| x[(i, j)] * x[(i, j)]).sum::<f64>() / d;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for j in 0..x.ncols() {
+            x[(i, j)] *= inv * w[j];
+        }
+    }
+}
+
+/// The weights the attack reads, as f64 (Linear weights transposed to in x out).
+pub(crate) struct Llama {
+    pub cfg: TextConfig,
+    pub embed: Mat<f64>,
+    pub norm_1: Vec<f64>,
+    pub wq: Mat<f64>,
+    pub wk: Mat<f64>,
+    pub wv: Mat<f64>,
+    pub wo: Mat<f64>,
+    pub norm_2: Vec<f64>,
+    pub gate: Mat<f64>,
+    pub up: Mat<f64>,
+    pub down: Mat<f64>,
+    pub next_norm_1: Vec<f64>,
+    /// Rotary frequencies theta^(-2i/hd), i < hd/2.
+    inv_freq: Vec<f64>,
+}
+
+/// `model.` (the heads) or no prefix (a bare `LlamaModel`).
+pub(crate) fn detect_prefix<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
+    names
+        .filter_map(|n| n.strip_suffix("embed_tokens.weight"))
+        .map(str::to_string)
+        .next()
+}
+
+impl Llama {
+    pub fn load(cfg: TextConfig, w: &Tensors, prefix: &str) -> Result<Self, TextError> {
+        let (d, v, ffn) = (cfg.hidden, cfg.vocab, cfg.ffn);
+        let kv = cfg.kv_heads * cfg.head_dim;
+        let qd = cfg.heads * cfg.head_dim;
+        if cfg.layers < 2 {
+            return Err(TextError::Unsupported(format!(
+                "a LLaMA model with {} layer: the sequence search needs the second block's gradient",
+                cfg.layers
+            )));
+        }
+        let name = |l: usize, rest: &str| format!("{prefix}layers.{l}.{rest}");
+        let lin = |l: usize, rest: &str, out: usize, inp: usize| -> Result<Mat<f64>, TextError> {
+            Ok(w.matrix(&name(l, rest), out, inp)?.transpose().to_owned())
+        };
+        let hd = cfg.head_dim;
+        let inv_freq = (0..hd / 2)
+            .map(|i| cfg.rope_theta.powf(-((2 * i) as f64) / hd as f64))
+            .collect();
+        Ok(Llama {
+            embed: w.matrix(&format!("{prefix}embed_tokens.weight"), v, d)?,
+            norm_1: w.vector(&name(0, "input_layernorm.weight"), d)?,
+            wq: lin(0, "self_attn.q_proj.weight", qd, d)?,
+            wk: lin(0, "self_attn.k_proj.weight", kv, d)?,
+            wv: lin(0, "self_attn.v_proj.weight", kv, d)?,
+            wo: lin(0, "self_attn.o_proj.weight", d, qd)?,
+            norm_2: w.vector(&name(0, "post_attention_layernorm.weight"), d)?,
+            gate: lin(0, "mlp.gate_proj.weight", ffn, d)?,
+            up: lin(0, "mlp.up_proj.weight", ffn, d)?,
+            down: lin(0, "mlp.down_proj.weight", d, ffn)?,
+            next_norm_1: w.vector(&name(1, "input_layernorm.weight"), d)?,
+            inv_freq,
+            cfg,
+        })
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.cfg.hidden
+    }
+
+    /// RMSNorm_1(e_t) for `tokens` (no position).
+    pub fn norm_input(&self, tokens: &[u32]) -> Mat<f64> {
+        let mut x = Mat::from_fn(tokens.len(), self.hidden(), |i, j| {
+            self.embed[(tokens[i] as usize, j)]
+        });
+        rms_norm_rows(&mut x, &self.norm_1, self.cfg.layer_norm_eps);
+        x
+    }
+
+    /// Rotate each head of `x` (rows) to position p: HF's rotate_half convention,
+    /// x * cos + (-x2, x1) * sin with angles p * inv_freq repeated over both halves.
+    fn rope(&self, x: &mut Mat<f64>, heads: usize, p: usize) {
+        let hd = self.cfg.head_dim;
+        let half = hd / 2;
+        for h in 0..heads {
+            for i in 0..half {
+                let a = p as f64 * self.inv_freq[i];
+                let (s, c) = a.sin_cos();
+                for r in 0..x.nrows() {
+                    let x1 = x[(r, h * hd + i)];
+                    let x2 = x[(r, h * hd + half + i)];
+                    x[(r, h * hd + i)] = x1 * c - x2 * s;
+                    x[(r, h * hd + half + i)] = x2 * c + x1 * s;
+                }
+            }
+        }
+    }
+}
+
+impl Causal for Llama {
+    fn kv_width(&self) -> usize {
+        self.cfg.kv_heads * self.cfg.head_dim
+    }
+
+    fn step(&self, tokens: &[u32], p: usize) -> Step {
+        let h0 = Mat::from_fn(tokens.len(), self.hidden(), |i, j| {
+            self.embed[(tokens[i] as usize, j)]
+        });
+        let x = self.norm_input(tokens);
+        let mut q = &x * &self.wq;
+        let mut k = &x * &self.wk;
+        let v = &x * &self.wv;
+        self.rope(&mut q, self.cfg.heads, p);
+        self.rope(&mut k, self.cfg.kv_heads, p);
+        Step { h0, q, k, v }
+    }
+
+    fn block0_input(&self, tokens: &[u32], _p: usize) -> Mat<f64> {
+        self.norm_input(tokens)
+    }
+
+    fn extend(
+        &self,
+        keys: MatRef<'_, f64>,
+        values: MatRef<'_, f64>,
+        step: &Step,
+        rows: Range<usize>,
+    ) -> Mat<f64> {
+        let (a, n) = (rows.start, rows.len());
+        let attn = causal_attention(
+            keys,
+            values,
+            step.q.subrows(a, n),
+            step.k.subrows(a, n),
+            step.v.subrows(a, n),
+            self.cfg.heads,
+            self.cfg.kv_heads,
+            self.cfg.head_dim,
+        );
+        let mut h1 = &attn * &self.wo;
+        h1 += step.h0.subrows(a, n);
+        let mut m = h1.clone();
+        rms_norm_rows(&mut m, &self.norm_2, self.cfg.layer_norm_eps);
+        let g = &m * &self.gate;
+        let u = &m * &self.up;
+        let act = Mat::from_fn(g.nrows(), g.ncols(), |i, j| {
+            let z = g[(i, j)];
+            z / (1.0 + (-z).exp()) * u[(i, j)]
+        });
+        let mut h2 = &act * &self.down;
+        h2 += &h1;
+        rms_norm_rows(&mut h2, &self.next_norm_1, self.cfg.layer_norm_eps);
+        h2
+    }
+}
