@@ -278,7 +278,7 @@ pub fn run(
         ));
     }
     if cfg.methods.is_empty() {
-        return Err(Error::Invalid("an audit needs at least one method".into()));
+        return Err(Error::Empty("an audit needs at least one method"));
     }
     let range = cfg.range.unwrap_or(cfg.family.default_range());
     cfg.family.check_range(range)?;

@@ -38,6 +38,82 @@ pub enum Error {
     /// A parameter outside what the method or the model allows.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// A count that must be positive is zero (a batch, a set of methods, nodes, ...):
+    /// the message says which.
+    #[error("invalid argument: {0}")]
+    Empty(&'static str),
+    /// A method or loss given a model or targets it is not built for.
+    #[error("invalid argument: {what} needs {needs}")]
+    Needs {
+        what: &'static str,
+        needs: &'static str,
+    },
+    /// A setting outside the values a routine provides (`allowed` says which).
+    #[error("invalid argument: {what} {value} is not {allowed}")]
+    NotProvided {
+        what: &'static str,
+        value: usize,
+        allowed: String,
+    },
+    /// Output that could not be encoded; the encoder's error is the source.
+    #[error("invalid argument: {what}")]
+    Encode {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A batch larger than the data set it is drawn from.
+    #[error("invalid argument: batch of {requested} requested but {data} has only {rows} rows")]
+    NotEnoughRows {
+        requested: usize,
+        data: String,
+        rows: usize,
+    },
+    /// A class index in the targets beyond the model's outputs.
+    #[error("invalid argument: class index {index} out of range for {classes} classes")]
+    ClassOutOfRange { index: usize, classes: usize },
+    /// Too few neurons for the weight law's dimension.
+    #[error(
+        "invalid argument: {neurons} neurons are too few to estimate a {dim}-dimensional weight law"
+    )]
+    TooFewNeurons { neurons: usize, dim: usize },
+    /// A pre-activation law the moment route cannot use.
+    #[error(
+        "invalid argument: pre-activation law N({mu}, {sigma}^2) must have a finite positive scale"
+    )]
+    BadPreactivationLaw { mu: f64, sigma: f64 },
+    /// The activation's third and fourth moments vanish: the moment route has no signal.
+    #[error(
+        "invalid argument: {activation}: E[act'''] and E[act''''] both vanish under N({mu}, {sigma}^2); the moment attack has no signal"
+    )]
+    NoMomentSignal {
+        activation: String,
+        mu: f64,
+        sigma: f64,
+    },
+    /// A merge of sweep shards that lacks some of the grid's runs.
+    #[error(
+        "invalid argument: {missing} of {total} grid runs are in none of the inputs (first: {first}); run their shards first"
+    )]
+    ShardsMissing {
+        missing: usize,
+        total: usize,
+        first: String,
+    },
+    /// A merge of sweep shards with rows from another grid.
+    #[error(
+        "invalid argument: {rows} input rows are not in this grid: merge with the same settings and grid as the shards"
+    )]
+    ShardsForeign { rows: usize },
+    /// A photo folder without photos.
+    #[error("invalid argument: {}: no PNG or JPEG photos", dir.display())]
+    NoPhotos { dir: PathBuf },
+    /// A plot whose y column has no numeric row.
+    #[error("invalid argument: no rows of {} have a numeric '{column}'", csv.display())]
+    NoNumericRows { csv: PathBuf, column: String },
+    /// An output path without a file name.
+    #[error("invalid argument: {} is not a file path", path.display())]
+    NotAFilePath { path: PathBuf },
     /// An attack parameter outside its range (`name` is the parameter's name in
     /// [`AttackParams`](crate::AttackParams)).
     #[error("{name}: {reason}")]
@@ -83,6 +159,14 @@ impl Error {
         Error::Io {
             path: path.into(),
             cause: source,
+        }
+    }
+
+    /// An encoding failure of `what`, the encoder's error as its source.
+    pub fn encode(what: impl Into<String>, source: impl std::fmt::Display) -> Self {
+        Error::Encode {
+            what: what.into(),
+            source: source.to_string().into(),
         }
     }
 

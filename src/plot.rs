@@ -3,17 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Once;
 
 use plotters::prelude::*;
-use plotters::style::FontStyle;
 
 use crate::sweep::read_csv;
 use crate::{Error, Result};
-
-/// DejaVu Sans (Bitstream Vera licence), embedded so plots render on any machine.
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
-static REGISTER: Once = Once::new();
 
 /// Tableau's ten colours: distinct on white and for common colour blindness.
 const COLORS: [(u8, u8, u8); 10] = [
@@ -52,7 +46,7 @@ pub struct PlotSpec {
 }
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
-    Error::Invalid(format!("plotting failed: {e}"))
+    Error::encode("plotting failed", e)
 }
 
 /// Numeric value of a setting for the x axis: the number itself, or the last number in
@@ -75,29 +69,6 @@ fn tick(v: f64) -> String {
         let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
         format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.'))
     }
-}
-
-/// Draw text captions (left-aligned, vertically centred on each point) on an RGB8 buffer.
-pub(crate) fn draw_captions<'a>(
-    rgb: &mut [u8],
-    size: (u32, u32),
-    captions: impl Iterator<Item = (&'a str, (i32, i32))>,
-) -> Result<()> {
-    REGISTER.call_once(|| {
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    });
-    let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
-    let style = TextStyle::from(("sans-serif", 16).into_font())
-        .color(&BLACK)
-        .pos(plotters::style::text_anchor::Pos::new(
-            plotters::style::text_anchor::HPos::Left,
-            plotters::style::text_anchor::VPos::Center,
-        ));
-    for (text, at) in captions {
-        root.draw_text(text, &style, at).map_err(plot_err)?;
-    }
-    root.present().map_err(plot_err)?;
-    Ok(())
 }
 
 /// Series from a sweep CSV: x = a setting, y = a metric, one series per value of
@@ -179,10 +150,10 @@ pub fn series_from_csv(
         out.push(Series { name, points });
     }
     if out.is_empty() {
-        return Err(Error::Invalid(format!(
-            "no rows of {} have a numeric '{y}'",
-            csv.display()
-        )));
+        return Err(Error::NoNumericRows {
+            csv: csv.to_path_buf(),
+            column: y.to_string(),
+        });
     }
     Ok((out, (!numeric_x).then_some(cats)))
 }
@@ -206,9 +177,7 @@ fn range(vals: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
 
 /// Draw the series to a PNG file (written atomically).
 pub fn line_plot(path: impl AsRef<Path>, spec: &PlotSpec, series: &[Series]) -> Result<()> {
-    REGISTER.call_once(|| {
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
-    });
+    crate::io::png::register_font();
     let mut buf = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();

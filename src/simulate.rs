@@ -302,7 +302,7 @@ impl SimOutput {
             }
         }
         let json =
-            serde_json::to_vec_pretty(&self.report).map_err(|e| Error::Invalid(e.to_string()))?;
+            serde_json::to_vec_pretty(&self.report).map_err(|e| Error::encode("the report", e))?;
         crate::io::write_atomic(&dir.join("report.json"), &json)?;
         if let Some(shape) = self.image {
             let truth: Vec<Option<Vec<f64>>> = (0..self.batch.x.nrows())

@@ -5,8 +5,9 @@
 mod common;
 
 use faer::Col;
-use gradleak::attack::exact::certificate::{self, RoundingScale};
+use gradleak::attack::exact::certificate;
 use gradleak::attack::exact::floor;
+use gradleak::attack::exact::floor::RoundingScale;
 use gradleak::attack::exact::signal::{Neurons, SignalModel};
 use gradleak::attack::exact::zero::best_residual;
 use gradleak::attack::{self, AttackParams, Method, Sample, ServerView, Stage, subspace};

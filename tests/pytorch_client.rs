@@ -113,4 +113,15 @@ fn analytic_attack_recovers_a_single_pytorch_sample() {
             .sqrt();
     assert!(err < 1e-5, "relative error {err:e}");
     assert!(rec.samples[0].exact);
+    // `--method analytic` certifies (and labels) like `auto`'s single-sample branch
+    let auto = attack::run(
+        &view,
+        &AttackParams::new(Method::Auto).seed(0).check().unwrap(),
+    )
+    .unwrap();
+    assert!(rec.diagnostics.certified.is_some());
+    assert_eq!(rec.diagnostics.certified, auto.diagnostics.certified);
+    assert_eq!(rec.samples[0].exact, auto.samples[0].exact);
+    assert_eq!(rec.samples[0].label, auto.samples[0].label);
+    assert_eq!(rec.samples[0].x, auto.samples[0].x);
 }

@@ -131,9 +131,7 @@ impl Law {
     pub fn estimate(rows: MatRef<'_, f64>) -> Result<Law> {
         let (m, b) = rows.shape();
         if m < 2 * b {
-            return Err(Error::Invalid(format!(
-                "{m} neurons are too few to estimate a {b}-dimensional weight law"
-            )));
+            return Err(Error::TooFewNeurons { neurons: m, dim: b });
         }
         let mean = Col::from_fn(b, |k| (0..m).map(|j| rows[(j, k)]).sum::<f64>() / m as f64);
         let centred = Mat::from_fn(m, b, |j, k| rows[(j, k)] - mean[k]);

@@ -22,7 +22,9 @@ pub mod params;
 pub mod precision;
 pub mod prior;
 pub mod reconstruction;
+pub mod stages;
 pub mod subspace;
+pub mod two_layer;
 pub mod view;
 
 pub use cancel::Cancel;
@@ -61,32 +63,18 @@ pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
 /// multi-sample method available.
 fn auto(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     if defended::complete::applies(view) {
-        let mut rec = defended::complete_then_attack(view, cfg)?;
+        let mut rec = defended::complete_then_attack(view, cfg, run)?;
         rec.method = Method::Auto;
         return Ok(rec);
     }
     if let Some((e, lr)) = defended::local_steps::applies(view) {
-        let mut rec = defended::local_steps::attack(view, cfg, e, lr)?;
+        let mut rec = defended::local_steps::attack(view, cfg, e, lr, run)?;
         rec.method = Method::Auto;
         return Ok(rec);
     }
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
     let mut rec = if sub.batch == 1 && view.first.grad_bias.is_some() {
-        let mut rec = exact::analytic::attack_on(view, cfg, &sub)?;
-        // with one sample the output bias gradient is its residual r_1 = dL/df
-        if let (Some(s), Some(gc)) = (
-            rec.samples.first_mut(),
-            view.upper_grad.last().and_then(|l| l.bias.as_ref()),
-        ) {
-            let r = faer::Col::from_fn(gc.nrows(), |k| gc[k]);
-            s.label = exact::labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];
-            s.output_residual = Some(r.iter().copied().collect());
-        }
-        if view.depth() >= 1 && view.first.bias.is_some() {
-            let cert = exact::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
-            exact::certificate::apply(&mut rec, cert);
-        }
-        rec
+        exact::analytic::attack_certified(view, cfg, &sub)?
     } else {
         defended::refine_found(view, cfg, exact::route::attack_on(view, cfg, &sub)?)?
     };

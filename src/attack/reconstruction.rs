@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::evidence::{Certificate, SearchStats};
 use super::law::LawSource;
 use super::params::Method;
+use super::stages::DefendedDiagnostics;
 use super::subspace::{RankRule, Subspace};
 
 /// The stage that produced a sample.
@@ -70,9 +71,9 @@ pub struct Diagnostics {
     /// Expected relative error of the single-sample formula under known noise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted_rel_error: Option<f64>,
-    /// Figures of the defended-gradient stages (completion, likelihood), by name.
+    /// Figures of the defended-gradient and joint-fit stages (completion, likelihood, ...).
     #[serde(flatten)]
-    pub defended: serde_json::Map<String, serde_json::Value>,
+    pub defended: DefendedDiagnostics,
     /// The batch certificate holds (docs/DESIGN.md, "Certificate").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certified: Option<bool>,

@@ -26,10 +26,9 @@ pub(super) fn load_crops(dir: &Path, size: usize, levels: usize) -> Result<Datas
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}: no PNG or JPEG photos",
-            dir.display()
-        )));
+        return Err(Error::NoPhotos {
+            dir: dir.to_path_buf(),
+        });
     }
     let mut rows: Vec<Vec<f64>> = Vec::new();
     for f in &files {

@@ -251,14 +251,14 @@ impl Dataset {
     /// Draw `b` distinct rows with the seeded generator.
     pub fn draw_batch(&self, b: usize, rng: &mut impl rand::Rng) -> Result<Batch> {
         if b == 0 {
-            return Err(Error::Invalid("the batch size must be at least 1".into()));
+            return Err(Error::Empty("the batch size must be at least 1"));
         }
         if b > self.len() {
-            return Err(Error::Invalid(format!(
-                "batch of {b} requested but {} has only {} rows",
-                self.name,
-                self.len()
-            )));
+            return Err(Error::NotEnoughRows {
+                requested: b,
+                data: self.name.clone(),
+                rows: self.len(),
+            });
         }
         let mut idx: Vec<usize> = (0..self.len()).collect();
         idx.shuffle(rng);
@@ -402,6 +402,13 @@ mod tests {
                 assert_eq!(b1.x[(i, j)], d.x[(r, j)]);
             }
         }
-        assert!(d.draw_batch(5000, &mut rng).is_err());
+        assert!(matches!(
+            d.draw_batch(5000, &mut rng),
+            Err(Error::NotEnoughRows {
+                requested: 5000,
+                ..
+            })
+        ));
+        assert!(matches!(d.draw_batch(0, &mut rng), Err(Error::Empty(_))));
     }
 }

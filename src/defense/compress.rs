@@ -1,8 +1,8 @@
 //! Compression defences, each per tensor (every weight and every bias on its own):
 //! magnitude pruning, top-k sparsification, uniform quantisation.
 
-use super::for_each_tensor;
 use crate::model::Gradient;
+use crate::model::ops::for_each_tensor;
 
 /// Indices of `v` ordered by increasing magnitude (ties by position, so the result
 /// is deterministic).

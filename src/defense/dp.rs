@@ -8,7 +8,8 @@
 
 use rand_distr::{Distribution, StandardNormal};
 
-use super::{ClientContext, axpy, zeros_like};
+use super::ClientContext;
+use crate::model::ops::{axpy, zeros_like};
 use crate::model::{Gradient, Targets};
 use crate::{Error, Result};
 
@@ -58,7 +59,7 @@ pub fn clip(g: &Gradient<f64>, c: f64) -> Gradient<f64> {
 
 fn zeros_like_gradient(g: &Gradient<f64>) -> Gradient<f64> {
     let mut z = g.clone();
-    super::for_each_tensor(&mut z, |v| v.iter_mut().for_each(|x| *x = 0.0));
+    crate::model::ops::for_each_tensor(&mut z, |v| v.iter_mut().for_each(|x| *x = 0.0));
     z
 }
 
@@ -86,7 +87,7 @@ pub fn add_gaussian(g: &mut Gradient<f64>, sd: f64, rng: &mut impl rand::Rng) {
     if sd == 0.0 {
         return;
     }
-    super::for_each_tensor(g, |v| {
+    crate::model::ops::for_each_tensor(g, |v| {
         for x in v.iter_mut() {
             let n: f64 = StandardNormal.sample(rng);
             *x += sd * n;

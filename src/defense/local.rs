@@ -2,9 +2,10 @@
 //! descent with rate LR and sends its weight change; the server divides it by -LR,
 //! so E = 1 is the gradient itself and E > 1 is the sum of the E step gradients.
 
-use super::{ClientContext, axpy, zeros_like};
+use super::ClientContext;
 use crate::Result;
 use crate::model::Gradient;
+use crate::model::ops::{axpy, zeros_like};
 
 /// (w_0 - w_E) / LR after E steps w_{t+1} = w_t - LR g(w_t) on the client's batch.
 pub fn local_update(ctx: &ClientContext<'_>, steps: usize, lr: f64) -> Result<Gradient<f64>> {

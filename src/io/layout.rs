@@ -13,7 +13,15 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::safetensors::TensorFile;
+/// What the layout needs of a tensor file (implemented by `safetensors::TensorFile`):
+/// the layout reads names and shapes only, so it does not depend on the file format.
+pub trait TensorIndex {
+    fn path(&self) -> &std::path::Path;
+    fn tensor_names(&self) -> Vec<&str>;
+    fn tensor_shape(&self, name: &str) -> Result<&[usize]>;
+    /// A float tensor the readers can convert.
+    fn is_float(&self, name: &str) -> bool;
+}
 use crate::{Error, Result};
 
 /// Prefixes that wrappers put in front of a module's own names.
@@ -122,11 +130,11 @@ fn shape_orders(c: &[Candidate]) -> Vec<Vec<usize>> {
 impl Layout {
     /// The layers of `file`; `given` lists the layer names in forward order (wrapper
     /// prefixes optional), overriding the structural match.
-    pub fn of(file: &TensorFile, given: Option<&[String]>) -> Result<Layout> {
+    pub fn of(file: &impl TensorIndex, given: Option<&[String]>) -> Result<Layout> {
         let fail = |reason: String| Error::format(file.path(), reason);
         // stripped name -> name in the file
         let mut by_key: BTreeMap<String, String> = BTreeMap::new();
-        for n in file.names() {
+        for n in file.tensor_names().into_iter() {
             if let Some(prev) = by_key.insert(strip(n).to_string(), n.to_string()) {
                 return Err(fail(format!(
                     "'{prev}' and '{n}' are the same tensor once wrapper prefixes are stripped"
@@ -142,8 +150,8 @@ impl Layout {
             let Some(w) = by_key.get(&wkey) else {
                 return Ok(None);
             };
-            let shape = file.shape(w)?;
-            if shape.len() != 2 || file.dtype(w).is_err() {
+            let shape = file.tensor_shape(w)?;
+            if shape.len() != 2 || !file.is_float(w) {
                 return Ok(None);
             }
             let bkey = if key.is_empty() {
@@ -153,7 +161,7 @@ impl Layout {
             };
             let bias = by_key
                 .get(&bkey)
-                .filter(|b| file.shape(b).is_ok_and(|s| s == [shape[0]]) && file.dtype(b).is_ok())
+                .filter(|b| file.tensor_shape(b).is_ok_and(|s| s == [shape[0]]) && file.is_float(b))
                 .cloned();
             Ok(Some(Candidate {
                 names: LayerNames {
@@ -174,7 +182,10 @@ impl Layout {
                     let c = candidate(key)?.ok_or_else(|| {
                         fail(format!(
                             "no matrix named '{key}.weight' (from --names; the file has {})",
-                            file.names().collect::<Vec<_>>().join(", ")
+                            file.tensor_names()
+                                .into_iter()
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ))
                     })?;
                     layers.push(c.names);
@@ -254,7 +265,8 @@ impl Layout {
             .flat_map(|l| std::iter::once(l.weight.as_str()).chain(l.bias.as_deref()))
             .collect();
         let ignored = file
-            .names()
+            .tensor_names()
+            .into_iter()
             .filter(|n| !used.contains(n))
             .map(str::to_string)
             .collect();
@@ -267,8 +279,12 @@ impl Layout {
 
     /// The same layers in another file (a gradient beside its model): matched by the
     /// stripped names, or, when those differ, by the other file's own structure.
-    pub fn like(&self, file: &TensorFile, given: Option<&[String]>) -> Result<Layout> {
-        let by_key: BTreeMap<&str, &str> = file.names().map(|n| (strip(n), n)).collect();
+    pub fn like(&self, file: &impl TensorIndex, given: Option<&[String]>) -> Result<Layout> {
+        let by_key: BTreeMap<&str, &str> = file
+            .tensor_names()
+            .into_iter()
+            .map(|n| (strip(n), n))
+            .collect();
         let key = |k: &str, part: &str| {
             if k.is_empty() {
                 part.to_string()
@@ -309,7 +325,8 @@ impl Layout {
             .flat_map(|l| std::iter::once(l.weight.as_str()).chain(l.bias.as_deref()))
             .collect();
         let ignored = file
-            .names()
+            .tensor_names()
+            .into_iter()
             .filter(|n| !used.contains(n))
             .map(str::to_string)
             .collect();

@@ -35,7 +35,7 @@ pub fn matrix_bytes(m: &Mat<f64>) -> Result<Vec<u8>> {
     let arr = Array2::from_shape_fn(m.shape(), |(i, j)| m[(i, j)]);
     let mut buf = Vec::new();
     arr.write_npy(&mut buf)
-        .map_err(|e| Error::Invalid(format!("cannot encode a .npy array: {e}")))?;
+        .map_err(|e| Error::encode("cannot encode a .npy array".to_string(), e))?;
     Ok(buf)
 }
 
@@ -44,7 +44,7 @@ pub fn labels_bytes(labels: &[i64]) -> Result<Vec<u8>> {
     let arr = ndarray::Array1::from(labels.to_vec());
     let mut buf = Vec::new();
     arr.write_npy(&mut buf)
-        .map_err(|e| Error::Invalid(format!("cannot encode a .npy array: {e}")))?;
+        .map_err(|e| Error::encode("cannot encode a .npy array".to_string(), e))?;
     Ok(buf)
 }
 

@@ -4,6 +4,9 @@ use std::path::Path;
 
 use image::{ImageBuffer, Rgb};
 
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
 use super::write_atomic;
 use crate::{Error, Result};
 
@@ -53,7 +56,7 @@ pub fn write_grid_labelled(
     let path = path.as_ref();
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     if cols == 0 || shape.is_empty() {
-        return Err(Error::Invalid("nothing to draw".into()));
+        return Err(Error::Empty("nothing to draw"));
     }
     let gap = 2;
     let left = if labels.is_empty() { 0 } else { LABEL_WIDTH };
@@ -95,7 +98,7 @@ pub fn write_grid_labelled(
     if !labels.is_empty() {
         let (w, h) = img.dimensions();
         let mut raw = img.into_raw();
-        crate::plot::draw_captions(
+        draw_captions(
             &mut raw,
             (w, h),
             labels
@@ -108,6 +111,40 @@ pub fn write_grid_labelled(
     }
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)
-        .map_err(|e| Error::Invalid(format!("cannot encode {}: {e}", path.display())))?;
+        .map_err(|e| Error::encode(format!("cannot encode {}", path.display()), e))?;
     write_atomic(path, buf.get_ref())
+}
+
+/// DejaVu Sans (Bitstream Vera licence), embedded so plots and captions render on any machine.
+static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+static REGISTER: std::sync::Once = std::sync::Once::new();
+
+/// Register the embedded font as "sans-serif" (once per process).
+pub(crate) fn register_font() {
+    REGISTER.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// Draw text captions (left-aligned, vertically centred on each point) on an RGB8 buffer.
+pub(crate) fn draw_captions<'a>(
+    rgb: &mut [u8],
+    size: (u32, u32),
+    captions: impl Iterator<Item = (&'a str, (i32, i32))>,
+) -> Result<()> {
+    register_font();
+    let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
+    let style = TextStyle::from(("sans-serif", 16).into_font())
+        .color(&BLACK)
+        .pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Left,
+            plotters::style::text_anchor::VPos::Center,
+        ));
+    for (text, at) in captions {
+        root.draw_text(text, &style, at)
+            .map_err(|e| Error::encode("drawing captions failed", e))?;
+    }
+    root.present()
+        .map_err(|e| Error::encode("drawing captions failed", e))?;
+    Ok(())
 }

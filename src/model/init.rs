@@ -109,8 +109,8 @@ impl InitConfig {
             || self.outputs == 0
             || self.hidden == 0
         {
-            return Err(Error::Invalid(
-                "depth, width, hidden, input and output dimensions must all be at least 1".into(),
+            return Err(Error::Empty(
+                "depth, width, hidden, input and output dimensions must all be at least 1",
             ));
         }
         let (d, m) = (self.input_dim, self.width);

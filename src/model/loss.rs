@@ -80,10 +80,10 @@ impl Loss {
                     ));
                 }
                 if let Some(&bad) = c.iter().find(|&&y| y >= out.ncols()) {
-                    return Err(Error::Invalid(format!(
-                        "class index {bad} out of range for {} classes",
-                        out.ncols()
-                    )));
+                    return Err(Error::ClassOutOfRange {
+                        index: bad,
+                        classes: out.ncols(),
+                    });
                 }
                 Ok(())
             }
@@ -97,13 +97,14 @@ impl Loss {
                 }
                 Ok(())
             }
-            (Loss::Ce, _) => Err(Error::Invalid(
-                "cross-entropy needs class indices as targets".into(),
-            )),
-            _ => Err(Error::Invalid(format!(
-                "{} needs real-valued targets",
-                self.name()
-            ))),
+            (Loss::Ce, _) => Err(Error::Needs {
+                what: "cross-entropy",
+                needs: "class indices as targets",
+            }),
+            _ => Err(Error::Needs {
+                what: self.name(),
+                needs: "real-valued targets",
+            }),
         }
     }
 
@@ -239,16 +240,23 @@ mod tests {
     #[test]
     fn bad_targets_are_errors() {
         let out = Mat::<f64>::zeros(2, 3);
-        assert!(
-            Loss::Ce
-                .residual(&out, &Targets::Classes(vec![0, 3]))
-                .is_err()
-        );
-        assert!(Loss::Ce.residual(&out, &Targets::Classes(vec![0])).is_err());
-        assert!(
-            Loss::Mse
-                .residual(&out, &Targets::Classes(vec![0, 1]))
-                .is_err()
-        );
+        assert!(matches!(
+            Loss::Ce.residual(&out, &Targets::Classes(vec![0, 3])),
+            Err(Error::ClassOutOfRange {
+                index: 3,
+                classes: 3
+            })
+        ));
+        assert!(matches!(
+            Loss::Ce.residual(&out, &Targets::Classes(vec![0])),
+            Err(Error::Shape(_))
+        ));
+        assert!(matches!(
+            Loss::Mse.residual(&out, &Targets::Classes(vec![0, 1])),
+            Err(Error::Needs {
+                what: "mse",
+                needs: "real-valued targets"
+            })
+        ));
     }
 }

@@ -4,6 +4,7 @@ mod activation;
 pub mod init;
 mod loss;
 mod mlp;
+pub(crate) mod ops;
 
 pub use activation::{Activation, LEAKY_SLOPE};
 pub use init::{Init, InitConfig};

@@ -1,5 +1,6 @@
 //! Shared numerics of the attacks: Levenberg-Marquardt for least squares and
 //! L-BFGS for smooth minimisation.
 
+pub mod damped;
 pub mod lbfgs;
 pub mod lm;

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{csv_line, header, read_csv, setting};
+use super::csv::{csv_line, header, read_csv, setting};
 use crate::simulate::{KEYS, SimConfig};
 use crate::{Error, Result};
 
@@ -61,7 +61,7 @@ impl Shard {
 /// run present twice keeps its first row. Returns the number of rows written.
 pub fn merge(configs: &[SimConfig], inputs: &[PathBuf], out: &Path) -> Result<usize> {
     if inputs.is_empty() {
-        return Err(Error::Invalid("nothing to merge: no input CSV".into()));
+        return Err(Error::Empty("nothing to merge: no input CSV"));
     }
     let head = header();
     let mut rows: HashMap<Vec<String>, Vec<String>> = HashMap::new();
@@ -91,17 +91,14 @@ pub fn merge(configs: &[SimConfig], inputs: &[PathBuf], out: &Path) -> Result<us
         }
     }
     if missing > 0 {
-        return Err(Error::Invalid(format!(
-            "{missing} of {} grid runs are in none of the inputs (first: {}); run their shards first",
-            configs.len(),
-            first_missing.unwrap_or_default().join(",")
-        )));
+        return Err(Error::ShardsMissing {
+            missing,
+            total: configs.len(),
+            first: first_missing.unwrap_or_default().join(","),
+        });
     }
     if !rows.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{} input rows are not in this grid: merge with the same settings and grid as the shards",
-            rows.len()
-        )));
+        return Err(Error::ShardsForeign { rows: rows.len() });
     }
     crate::io::write_atomic(out, text.as_bytes())?;
     Ok(configs.len())

@@ -27,24 +27,25 @@ pub mod config;
 pub mod filter;
 pub(crate) mod gpt2;
 pub(crate) mod llama;
+pub(crate) mod model;
 pub mod search;
 pub mod span;
 pub(crate) mod tensors;
 pub mod tokenizer;
+mod verify;
+
+use model::block0_inputs;
+pub(crate) use model::{Loaded, Model};
+pub use verify::verify;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use faer::Mat;
 
-use self::causal::Causal;
 use self::certificate::LayerCheck;
-use self::config::Arch;
 use self::config::{Head, TextConfig};
-use self::gpt2::{Gpt2, Names};
-use self::llama::Llama;
 use self::span::RowSpan;
-use self::tensors::Tensors;
 use self::tokenizer::{Decoder, GPT2_VOCAB};
 use crate::Dtype;
 
@@ -405,237 +406,4 @@ pub fn attack_with_progress(
     report.search = trie.steps;
     report.seconds = seconds;
     Ok(report)
-}
-
-/// The first block's inputs (rows, as tested) of distinct (position, token) pairs.
-fn block0_inputs(model: &dyn Causal, pairs: &[(usize, u32)], width: usize) -> Mat<f64> {
-    let mut x = Mat::<f64>::zeros(pairs.len(), width);
-    for (i, &(p, tok)) in pairs.iter().enumerate() {
-        let row = model.block0_input(&[tok], p);
-        x.row_mut(i).copy_from(row.row(0));
-    }
-    x
-}
-
-/// The model families the route reads.
-pub(crate) enum Model {
-    Gpt2(Box<Gpt2>),
-    Llama(Box<Llama>),
-}
-
-impl Model {
-    pub fn cfg(&self) -> &TextConfig {
-        match self {
-            Model::Gpt2(m) => &m.cfg,
-            Model::Llama(m) => &m.cfg,
-        }
-    }
-
-    pub fn causal(&self) -> &dyn Causal {
-        match self {
-            Model::Gpt2(m) => m.as_ref(),
-            Model::Llama(m) => m.as_ref(),
-        }
-    }
-
-    /// The token filter: GPT-2 per position (positions 0, 1, ... until none passes);
-    /// LLaMA once, the bag of tokens, at position 0 standing for every position.
-    pub fn filter(&self, span0: &RowSpan) -> Vec<filter::PositionTokens> {
-        match self {
-            Model::Gpt2(m) => {
-                let f = filter::TokenFilter::new(m, span0);
-                let mut positions = Vec::new();
-                for p in 0..m.cfg.positions {
-                    let pt = f.at(p);
-                    if pt.tokens.is_empty() {
-                        break;
-                    }
-                    positions.push(pt);
-                }
-                positions
-            }
-            Model::Llama(m) => vec![filter::bag(m.as_ref(), span0)],
-        }
-    }
-}
-
-/// The model and the two gradients the attack reads.
-pub(crate) struct Loaded {
-    pub model: Model,
-    /// G~ of the first and second blocks' input projections (rows = input coordinates,
-    /// plus the bias row where the projection has a bias).
-    pub g0: Mat<f64>,
-    pub g1: Mat<f64>,
-    /// Storage precision of the gradient.
-    pub storage: Dtype,
-    /// The precision it was computed in (f32 values in f64 storage are f32).
-    pub dtype: Dtype,
-}
-
-impl Loaded {
-    pub fn read(model_dir: &Path, gradient: &Path) -> Result<Self, TextError> {
-        Self::read_with(model_dir, gradient, TextConfig::read(model_dir)?)
-    }
-
-    fn read_with(model_dir: &Path, gradient: &Path, cfg: TextConfig) -> Result<Self, TextError> {
-        let weights = Tensors::open(&model_dir.join("model.safetensors"), "model")?;
-        let grads = Tensors::open(gradient, "gradient")?;
-        let d = cfg.hidden;
-        match cfg.arch {
-            Arch::Gpt2 => {
-                let names =
-                    Names::detect(weights.names()).ok_or_else(|| TextError::MissingTensor {
-                        path: model_dir.join("model.safetensors"),
-                        role: "model",
-                        name: "wte.weight".into(),
-                    })?;
-                let model = Gpt2::load(cfg, &weights, &names)?;
-                let (w0, b0) = (
-                    names.block(0, "attn.c_attn.weight"),
-                    names.block(0, "attn.c_attn.bias"),
-                );
-                let (w1, b1) = (
-                    names.block(1, "attn.c_attn.weight"),
-                    names.block(1, "attn.c_attn.bias"),
-                );
-                let storage = grads.dtype(&w0)?;
-                let dtype = grads.working_dtype(&w0)?;
-                let g0 = grads.augmented(&w0, &b0, d, 3 * d)?;
-                let g1 = grads.augmented(&w1, &b1, d, 3 * d)?;
-                Ok(Loaded {
-                    model: Model::Gpt2(Box::new(model)),
-                    g0,
-                    g1,
-                    storage,
-                    dtype,
-                })
-            }
-            Arch::Llama => {
-                let prefix = llama::detect_prefix(weights.names()).ok_or_else(|| {
-                    TextError::MissingTensor {
-                        path: model_dir.join("model.safetensors"),
-                        role: "model",
-                        name: "embed_tokens.weight".into(),
-                    }
-                })?;
-                let (qd, kv) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
-                let model = Llama::load(cfg, &weights, &prefix)?;
-                let name = |l: usize, w: &str| format!("{prefix}layers.{l}.self_attn.{w}.weight");
-                let storage = grads.dtype(&name(0, "q_proj"))?;
-                let dtype = grads.working_dtype(&name(0, "q_proj"))?;
-                // [dWq^T | dWk^T | dWv^T]: d x (qd + 2 kv), rows = input coordinates
-                let g = |l: usize| -> Result<Mat<f64>, TextError> {
-                    let q = grads.matrix(&name(l, "q_proj"), qd, d)?;
-                    let k = grads.matrix(&name(l, "k_proj"), kv, d)?;
-                    let v = grads.matrix(&name(l, "v_proj"), kv, d)?;
-                    Ok(Mat::from_fn(d, qd + 2 * kv, |i, j| {
-                        if j < qd {
-                            q[(j, i)]
-                        } else if j < qd + kv {
-                            k[(j - qd, i)]
-                        } else {
-                            v[(j - qd - kv, i)]
-                        }
-                    }))
-                };
-                Ok(Loaded {
-                    g0: g(0)?,
-                    g1: g(1)?,
-                    model: Model::Llama(Box::new(model)),
-                    storage,
-                    dtype,
-                })
-            }
-        }
-    }
-}
-
-/// Check claimed sequences against the gradient with the attack's certificate: both
-/// blocks' inputs of `sequences` computed from the model, then the certificate's checks.
-/// Returns the two blocks' checks; a sequence with a wrong token fails block 1.
-pub fn verify(
-    model_dir: &Path,
-    gradient: &Path,
-    sequences: &[Vec<u32>],
-) -> Result<Vec<LayerCheck>, TextError> {
-    let loaded = Loaded::read(model_dir, gradient)?;
-    let cfg = loaded.model.cfg();
-    let model = loaded.model.causal();
-    let d = cfg.hidden;
-    if let Some(&bad) = sequences
-        .iter()
-        .flatten()
-        .find(|&&t| t as usize >= cfg.vocab)
-    {
-        return Err(TextError::Unsupported(format!(
-            "token id {bad} is outside the vocabulary ({})",
-            cfg.vocab
-        )));
-    }
-    let span0 = RowSpan::of(
-        loaded.g0.as_ref(),
-        loaded.dtype,
-        "block 0 input projection",
-        d,
-    )?;
-    let span1 = RowSpan::of(
-        loaded.g1.as_ref(),
-        loaded.dtype,
-        "block 1 input projection",
-        d,
-    )?;
-    let mut pairs = std::collections::BTreeSet::new();
-    let mut prefixes: std::collections::BTreeMap<Vec<u32>, Vec<f64>> = Default::default();
-    // the last position of a sequence carries no gradient under a language-model head
-    let drop_last = usize::from(cfg.head == Head::LanguageModel);
-    let kv = model.kv_width();
-    for seq in sequences {
-        let n = seq.len().saturating_sub(drop_last).min(cfg.positions);
-        let mut keys = Mat::<f64>::zeros(0, kv);
-        let mut values = Mat::<f64>::zeros(0, kv);
-        for p in 0..n {
-            pairs.insert((p, seq[p]));
-            let step = model.step(&seq[p..=p], p);
-            let x = model.extend(keys.as_ref(), values.as_ref(), &step, 0..1);
-            prefixes.insert(
-                seq[..=p].to_vec(),
-                (0..x.ncols()).map(|j| x[(0, j)]).collect(),
-            );
-            keys = stack(&keys, step.k.as_ref());
-            values = stack(&values, step.v.as_ref());
-        }
-    }
-    let pairs: Vec<_> = pairs.into_iter().collect();
-    let x0 = block0_inputs(model, &pairs, span0.dim);
-    let rows: Vec<&Vec<f64>> = prefixes.values().collect();
-    let x1 = Mat::from_fn(rows.len(), span1.dim, |i, j| rows[i][j]);
-    let u = loaded.dtype.epsilon() / 2.0;
-    Ok(vec![
-        certificate::check(
-            "block 0 input projection",
-            &span0,
-            loaded.g0.as_ref(),
-            &x0,
-            u,
-            false,
-        ),
-        certificate::check(
-            "block 1 input projection",
-            &span1,
-            loaded.g1.as_ref(),
-            &x1,
-            u,
-            true,
-        ),
-    ])
-}
-
-fn stack(a: &Mat<f64>, b: faer::MatRef<'_, f64>) -> Mat<f64> {
-    Mat::from_fn(a.nrows() + b.nrows(), a.ncols(), |i, j| {
-        if i < a.nrows() {
-            a[(i, j)]
-        } else {
-            b[(i - a.nrows(), j)]
-        }
-    })
 }

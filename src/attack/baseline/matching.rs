@@ -289,7 +289,7 @@ mod tests {
                     let (g, tape) = map.eval(&x, &lam).unwrap();
                     // a fixed arbitrary adjoint shaped like the gradient
                     let mut adj = g.clone();
-                    crate::defense::for_each_tensor(&mut adj, |v| {
+                    crate::model::ops::for_each_tensor(&mut adj, |v| {
                         for (t, e) in v.iter_mut().enumerate() {
                             *e = ((t as f64) * 0.618).sin();
                         }

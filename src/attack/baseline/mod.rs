@@ -154,9 +154,9 @@ impl Problem {
         let (g, tape) = self.map().eval(&x, &lam)?;
         let s = 1.0 / (self.observed_norm * self.observed_norm).max(f64::MIN_POSITIVE);
         let mut diff = g;
-        crate::defense::axpy(&mut diff, -1.0, &self.observed);
+        crate::model::ops::axpy(&mut diff, -1.0, &self.observed);
         let f = s * dot(&diff, &diff);
-        crate::defense::for_each_layer_scale(&mut diff, 2.0 * s);
+        crate::model::ops::for_each_layer_scale(&mut diff, 2.0 * s);
         let (ax, al) = self.map().vjp(&tape, &diff);
         Ok((f, self.pack(&ax, &al)))
     }
@@ -211,8 +211,8 @@ impl Problem {
 
 fn check_budget(iters: usize, restarts: usize) -> Result<()> {
     if iters == 0 || restarts == 0 {
-        return Err(Error::Invalid(
-            "the baselines need at least one iteration and one start".into(),
+        return Err(Error::Empty(
+            "the baselines need at least one iteration and one start",
         ));
     }
     Ok(())

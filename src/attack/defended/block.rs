@@ -10,7 +10,7 @@
 
 use faer::Mat;
 
-use super::complete::Observed;
+use super::observed::Observed;
 use crate::Result;
 use crate::attack::ServerView;
 

@@ -96,13 +96,10 @@ pub fn refine(
         s.output_residual = Some((0..k).map(|j| fit.r[(i, j)]).collect());
     }
     let dg = &mut rec.diagnostics.defended;
-    dg.insert("consistent_iterations".into(), fit.iterations.into());
-    dg.insert("consistent_start".into(), fit.start.into());
-    dg.insert("consistent_objective".into(), fit.objective.into());
-    dg.insert(
-        "consistent_seconds".into(),
-        t0.elapsed().as_secs_f64().into(),
-    );
+    dg.consistent.consistent_iterations = Some(fit.iterations);
+    dg.consistent.consistent_start = Some(fit.start);
+    dg.consistent.consistent_objective = Some(fit.objective);
+    dg.consistent.consistent_seconds = Some(t0.elapsed().as_secs_f64());
     rec.notes.push(format!(
         "moved the {b} samples into the rounding boxes (squared distance to the boxes per \
          entry {:.3e} -> {:.3e}, {} iterations)",

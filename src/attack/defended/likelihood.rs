@@ -155,7 +155,7 @@ impl Weighted<'_> {
         let (x, r) = self.unpack(th);
         let (g, tape) = self.map.eval(&x, &r)?;
         let mut diff = g;
-        crate::defense::axpy(&mut diff, -1.0, self.observed);
+        crate::model::ops::axpy(&mut diff, -1.0, self.observed);
         let mut wdiff = diff.clone();
         for (l, layer) in wdiff.layers.iter_mut().enumerate() {
             let (ww, wb) = self.weights[l];
@@ -165,7 +165,7 @@ impl Weighted<'_> {
             }
         }
         let f = dot(&diff, &wdiff) / self.entries;
-        crate::defense::for_each_layer_scale(&mut wdiff, 2.0 / self.entries);
+        crate::model::ops::for_each_layer_scale(&mut wdiff, 2.0 / self.entries);
         let (ax, ar) = self.map.vjp(&tape, &wdiff);
         // chain rule through the scaling: d/dtheta = d/dX * sx
         Ok((f, self.pack(&ax, &ar, false)))

@@ -65,12 +65,14 @@ pub fn augmented_view(view: &ServerView) -> Result<ServerView> {
     Ok(aug)
 }
 
-/// `auto` on a local-steps update: seed on the augmented view, then fit the E-step map.
+/// `auto` on a local-steps update: seed on the augmented view (by `inner`), then fit
+/// the E-step map.
 pub fn attack(
     view: &ServerView,
     cfg: &AttackConfig,
     steps: usize,
     lr: f64,
+    inner: super::Inner,
 ) -> Result<Reconstruction> {
     let t0 = std::time::Instant::now();
     let d = view.input_dim();
@@ -81,7 +83,7 @@ pub fn attack(
     if seed_cfg.noise_std.is_none() {
         seed_cfg.noise_std = Some(seed_noise(&mid)?);
     }
-    let mut rec = crate::attack::run(&mid, &seed_cfg)?;
+    let mut rec = inner(&mid, &seed_cfg)?;
     let seed_seconds = t0.elapsed().as_secs_f64();
     let bsz = rec.batch_estimated;
     if rec.samples.is_empty() || bsz == 0 {
@@ -105,7 +107,7 @@ pub fn attack(
         .collect();
     if xs.len() < bsz {
         // seed the missing from what the found leave unexplained on the augmented view
-        let tl = super::alternating::TwoLayer::new(&mid, &[(1.0, 1.0), (1.0, 1.0)])?;
+        let tl = crate::attack::two_layer::TwoLayer::new(&mid, &[(1.0, 1.0), (1.0, 1.0)])?;
         let x0 = Mat::from_fn(xs.len(), d, |i, j| xs[i][j]);
         let r0 = tl.r_step(&x0, &tl.pre(&x0))?;
         for extra in tl.fill_missing(&x0, &r0, bsz - xs.len(), cfg.seed) {
@@ -137,12 +139,12 @@ pub fn attack(
         .collect();
     rec.certificate = None;
     let dg = &mut rec.diagnostics.defended;
-    dg.insert("local_seed_found".into(), found.into());
-    dg.insert("local_seed_seconds".into(), seed_seconds.into());
-    dg.insert("local_iterations".into(), fit.iterations.into());
-    dg.insert("local_start".into(), fit.start.into());
-    dg.insert("local_objective".into(), fit.objective.into());
-    dg.insert("local_seconds".into(), t0.elapsed().as_secs_f64().into());
+    dg.local_steps.local_seed_found = Some(found);
+    dg.local_steps.local_seed_seconds = Some(seed_seconds);
+    dg.local_steps.local_iterations = Some(fit.iterations);
+    dg.local_steps.local_start = Some(fit.start);
+    dg.local_steps.local_objective = Some(fit.objective);
+    dg.local_steps.local_seconds = Some(t0.elapsed().as_secs_f64());
     rec.notes.push(format!(
         "local steps (E = {steps}, LR = {lr}): seeded {found} of {b} on the augmented view \
          ({seed_seconds:.1} s), then fitted the E-step map jointly (weighted residual per \

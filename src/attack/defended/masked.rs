@@ -64,10 +64,10 @@ pub fn refine(
         }
     }
     let dg = &mut rec.diagnostics.defended;
-    dg.insert("masked_iterations".into(), fit.iterations.into());
-    dg.insert("masked_start".into(), fit.start.into());
-    dg.insert("masked_objective".into(), fit.objective.into());
-    dg.insert("masked_seconds".into(), t0.elapsed().as_secs_f64().into());
+    dg.masked.masked_iterations = Some(fit.iterations);
+    dg.masked.masked_start = Some(fit.start);
+    dg.masked.masked_objective = Some(fit.objective);
+    dg.masked.masked_seconds = Some(t0.elapsed().as_secs_f64());
     rec.notes.push(format!(
         "refitted {free} samples on the observed entries of every layer ({nb} directions \
          each), {} held (weighted residual per entry {:.3e} -> {:.3e}, {} iterations, {:.1} s)",

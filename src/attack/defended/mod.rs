@@ -13,17 +13,13 @@
 // `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
-pub mod alternating;
 pub mod block;
 pub mod complete;
 pub mod consistent;
-#[cfg(test)]
-mod deficient_basin;
-pub mod gauss_newton;
-pub mod labelled;
 pub mod likelihood;
 pub mod local_steps;
 pub mod masked;
+mod observed;
 mod one_step;
 pub mod polish;
 pub mod quantized;
@@ -32,8 +28,10 @@ pub mod reseek;
 pub mod split;
 #[cfg(test)]
 mod testing;
+mod two_layer_fit;
 pub mod unrolled;
 
+use super::two_layer::gauss_newton;
 use super::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::Result;
 use crate::attack::Stage;
@@ -60,9 +58,7 @@ pub fn refine_found(
         && let Some(work) =
             gauss_newton::over_budget(view.width(), view.input_dim(), view.outputs(), b)
     {
-        rec.diagnostics
-            .defended
-            .insert("likelihood_skipped_work".into(), work.into());
+        rec.diagnostics.defended.likelihood.likelihood_skipped_work = Some(work);
         rec.notes.push(format!(
             "joint likelihood fit skipped: B (d + K) = {} unknowns is over the dense limit {} and \
              its conjugate-gradient path would cost ~{work:.1e} multiply-adds (budget {:.0e}); \
@@ -81,7 +77,7 @@ pub fn refine_found(
     let (mut two_layer, mut reduction) = (None, None);
     if view.depth() == 1
         && let Some(r) = reduced::rank(m, d, k, b)
-        && let Ok(tl) = alternating::TwoLayer::new(view, &errors.weights())
+        && let Ok(tl) = crate::attack::two_layer::TwoLayer::new(view, &errors.weights())
     {
         // the fit in the row space needs every sample right: wrong zeros out, the
         // missing searched for in the residual gradient
@@ -91,9 +87,9 @@ pub fn refine_found(
         // explains it better (a repeat of a found sample chosen for a missing one)
         let (before, after, swaps) = polish::improve(&tl, &red, &mut rec, &rest)?;
         let dd = &mut rec.diagnostics.defended;
-        dd.insert("prior_dropped".into(), dropped.into());
-        dd.insert("residual_found".into(), added.into());
-        dd.insert("swaps".into(), swaps.into());
+        dd.reseek.prior_dropped = Some(dropped);
+        dd.reseek.residual_found = Some(added);
+        dd.reseek.swaps = Some(swaps);
         if dropped + added > 0 {
             rec.notes.push(format!(
                 "{dropped} found samples outside the prior's box dropped; {added} found in \
@@ -122,11 +118,12 @@ fn joint_fit(
     mut rec: Reconstruction,
     errors: &likelihood::ErrorModel,
     hold_found: bool,
-    two_layer: Option<alternating::TwoLayer>,
+    two_layer: Option<crate::attack::two_layer::TwoLayer>,
     reduction: Option<reduced::Reduction>,
 ) -> Result<Reconstruction> {
     let t0 = std::time::Instant::now();
-    let two_layer = two_layer.or_else(|| alternating::TwoLayer::new(view, &errors.weights()).ok());
+    let two_layer =
+        two_layer.or_else(|| crate::attack::two_layer::TwoLayer::new(view, &errors.weights()).ok());
     let (samples, stats) = match &two_layer {
         Some(tl) => {
             let d = view.input_dim();
@@ -136,9 +133,7 @@ fn joint_fit(
             let rank = reduced::rank(m, d, k, xs.nrows() + missing).filter(|_| !hold_found);
             let (fit, filled, start) = match rank {
                 Some(r) => {
-                    rec.diagnostics
-                        .defended
-                        .insert("likelihood_row_space".into(), r.into());
+                    rec.diagnostics.defended.likelihood.likelihood_row_space = Some(r);
                     let red = match reduction.filter(|red| red.v.ncols() == r) {
                         Some(red) => red,
                         None => reduced::Reduction::new(tl, r, cfg.seed)?,
@@ -146,7 +141,7 @@ fn joint_fit(
                     let out = red.fit(tl, xs, missing, cfg.seed)?;
                     if !(out.0.objective <= reduced::ACCEPT) {
                         let d = &mut rec.diagnostics.defended;
-                        d.insert("likelihood_rejected".into(), out.0.objective.into());
+                        d.likelihood.likelihood_rejected = Some(out.0.objective);
                         rec.notes.push(format!(
                             "joint likelihood fit in the top-{r} row space stopped at weighted \
                              residual {:.3e} per entry (from {:.3e}), above {}: it does not \
@@ -159,7 +154,7 @@ fn joint_fit(
                     }
                     out
                 }
-                None => fit_two_layer(tl, xs, missing, hold_found, cfg.seed)?,
+                None => two_layer_fit::fit_two_layer(tl, xs, missing, hold_found, cfg.seed)?,
             };
             let xs_len = fit.x.nrows();
             let k = view.outputs();
@@ -178,9 +173,7 @@ fn joint_fit(
                     output_residual: Some((0..k).map(|j| fit.r[(i, j)]).collect()),
                 })
                 .collect();
-            rec.diagnostics
-                .defended
-                .insert("likelihood_filled".into(), filled.into());
+            rec.diagnostics.defended.likelihood.likelihood_filled = Some(filled);
             (
                 samples,
                 likelihood::MlStats {
@@ -213,14 +206,11 @@ fn joint_fit(
         })
         .collect();
     let d = &mut rec.diagnostics.defended;
-    d.insert("likelihood_iterations".into(), stats.iterations.into());
-    d.insert("likelihood_evaluations".into(), stats.evaluations.into());
-    d.insert("likelihood_start".into(), stats.start_objective.into());
-    d.insert("likelihood_objective".into(), stats.objective.into());
-    d.insert(
-        "likelihood_seconds".into(),
-        t0.elapsed().as_secs_f64().into(),
-    );
+    d.likelihood.likelihood_iterations = Some(stats.iterations);
+    d.likelihood.likelihood_evaluations = Some(stats.evaluations);
+    d.likelihood.likelihood_start = Some(stats.start_objective);
+    d.likelihood.likelihood_objective = Some(stats.objective);
+    d.likelihood.likelihood_seconds = Some(t0.elapsed().as_secs_f64());
     rec.notes.push(format!(
         "refined {} samples jointly by maximum likelihood under the known error \
          (weighted residual per entry {:.4e} -> {:.4e}, {} iterations)",
@@ -230,63 +220,6 @@ fn joint_fit(
         stats.iterations
     ));
     Ok(rec)
-}
-
-/// The two-layer joint fit from the found inputs `x_found` (one per row), seeding
-/// `missing` more from the residual (and, for one missing, trying splits of each found
-/// sample): the fit, how many were seeded, and the start's objective.
-pub(super) fn fit_two_layer(
-    tl: &alternating::TwoLayer,
-    x_found: faer::Mat<f64>,
-    missing: usize,
-    hold_found: bool,
-    seed: u64,
-) -> Result<(alternating::Fit, usize, f64)> {
-    let d = x_found.ncols();
-    let mut x0 = x_found;
-    let mut filled = 0;
-    if missing > 0 {
-        // fit the found ones, then seed the missing from what they leave unexplained
-        let f0 = if hold_found {
-            let r = tl.r_step(&x0, &tl.pre(&x0))?;
-            alternating::Fit {
-                x: x0.clone(),
-                r,
-                iterations: 0,
-                objective: 0.0,
-            }
-        } else {
-            tl.refine(&x0, gauss_newton::STEPS)?
-        };
-        let extra = tl.fill_missing(&f0.x, &f0.r, missing, seed);
-        filled = extra.len();
-        let found = f0.x.nrows();
-        x0 = faer::Mat::from_fn(found + filled, d, |i, j| {
-            if i < found {
-                f0.x[(i, j)]
-            } else {
-                extra[i - found][j]
-            }
-        });
-    }
-    if !hold_found && missing == 1 && x0.nrows() >= 2 {
-        // two close samples can share one zero of the span residual (a mixture
-        // of both): also try splitting each found sample in two, and keep the
-        // start that a few Gauss-Newton steps take lowest
-        x0 = split::best_split(tl, x0, filled == 1, seed)?;
-    }
-    let start = tl.fit(&x0, 0, 0.0)?.objective;
-    let n = x0.nrows();
-    let fit = if hold_found && filled > 0 {
-        // the found samples are exact: fit only the seeded ones around them
-        // (a joint fit from there was measured to pull the exact ones off, to
-        // 1e-3, on digits B = 8 prune:0.5)
-        let fixed: Vec<bool> = (0..n).map(|i| i < n - filled).collect();
-        tl.refine_holding(&x0, &fixed, gauss_newton::STEPS)?
-    } else {
-        tl.refine(&x0, gauss_newton::STEPS)?
-    };
-    Ok((fit, filled, start))
 }
 
 /// The reconstruction of a gradient whose first layer carries no signal above its
@@ -319,23 +252,29 @@ pub fn nothing_recoverable(
         diagnostics: Default::default(),
         certificate: None,
     };
-    rec.diagnostics
-        .defended
-        .insert("nothing_recoverable".into(), true.into());
+    rec.diagnostics.defended.nothing_recoverable = Some(true);
     rec
 }
 
+/// The attack a defended pipeline runs on the view it derived (`auto` passes
+/// `attack::run`): a parameter, so that this folder imports nothing above it.
+pub type Inner = fn(&ServerView, &AttackConfig) -> Result<Reconstruction>;
+
 /// `auto` on a pruned or sparsified gradient: complete the first layer, then run the
-/// exact route on the completed neurons. When completion fails, the plain route runs on
-/// the gradient as received and a note says why.
-pub fn complete_then_attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
+/// exact route (`inner`) on the completed neurons. When completion fails, `inner` runs
+/// on the gradient as received and a note says why.
+pub fn complete_then_attack(
+    view: &ServerView,
+    cfg: &AttackConfig,
+    inner: Inner,
+) -> Result<Reconstruction> {
     let t0 = std::time::Instant::now();
     let c = match complete::complete(view) {
         Ok(c) => c,
         Err(e) => {
             let mut plain = view.clone();
             plain.defenses.clear();
-            let mut rec = super::run(&plain, cfg)?;
+            let mut rec = inner(&plain, cfg)?;
             rec.notes
                 .push(format!("completion of the sparsified gradient failed: {e}"));
             return Ok(rec);
@@ -347,7 +286,7 @@ pub fn complete_then_attack(view: &ServerView, cfg: &AttackConfig) -> Result<Rec
     let mut known = cfg.clone();
     let e = c.error_std();
     known.noise_std = Some(cfg.noise_std.map_or(e, |sd| sd.hypot(e)));
-    let mut rec = super::run(&reduced, &known)?;
+    let mut rec = inner(&reduced, &known)?;
     if rec.samples.len() < rec.batch_estimated && reduced.depth() == 1 && !rec.samples.is_empty() {
         // the completed first layer is exact to the fit's floor; the upper layers are
         // still sparsified, so only the first layer's equations count
@@ -361,12 +300,12 @@ pub fn complete_then_attack(view: &ServerView, cfg: &AttackConfig) -> Result<Rec
         rec = masked::refine(view, cfg, rec, &c.g)?;
     }
     let d = &mut rec.diagnostics.defended;
-    d.insert("completion_rank".into(), c.rank.into());
-    d.insert("completion_residual".into(), c.residual.into());
-    d.insert("completion_sweeps".into(), c.sweeps.into());
-    d.insert("completion_neurons".into(), c.rows.len().into());
-    d.insert("completion_observed".into(), c.observed.into());
-    d.insert("completion_seconds".into(), seconds.into());
+    d.completion.completion_rank = Some(c.rank);
+    d.completion.completion_residual = Some(c.residual);
+    d.completion.completion_sweeps = Some(c.sweeps);
+    d.completion.completion_neurons = Some(c.rows.len());
+    d.completion.completion_observed = Some(c.observed);
+    d.completion.completion_seconds = Some(seconds);
     rec.notes.push(format!(
         "completed the sparsified first layer ({:.1} % observed) at rank {} on {} of {} neurons \
          (relative residual {:.1e} on the observed entries, {} ALS sweeps, {:.1} s)",

@@ -11,10 +11,10 @@
 
 use faer::{Col, Mat};
 
-use super::alternating::TwoLayer;
-use super::gauss_newton::DENSE_MAX_UNKNOWNS;
 use super::reduced::Reduction;
 use crate::Result;
+use crate::attack::two_layer::TwoLayer;
+use crate::attack::two_layer::gauss_newton::DENSE_MAX_UNKNOWNS;
 use crate::attack::{Reconstruction, Sample, Stage};
 
 /// Gauss-Newton steps per group in a polish sweep and per swap trial.

@@ -12,9 +12,9 @@
 
 use faer::Mat;
 
-use super::alternating::{Fit, TwoLayer};
-use super::gauss_newton;
 use crate::Result;
+use crate::attack::two_layer::gauss_newton;
+use crate::attack::two_layer::{Fit, TwoLayer};
 
 /// Oversampling and power iterations of the randomized range finder for V.
 const OVERSAMPLE: usize = 10;
@@ -125,8 +125,13 @@ impl Reduction {
         missing: usize,
         seed: u64,
     ) -> Result<(Fit, usize, f64)> {
-        let (fit, filled, start) =
-            super::fit_two_layer(&self.tl, self.project(&x_found), missing, false, seed)?;
+        let (fit, filled, start) = super::two_layer_fit::fit_two_layer(
+            &self.tl,
+            self.project(&x_found),
+            missing,
+            false,
+            seed,
+        )?;
         let x = &fit.x * self.v.transpose();
         let lifted = Fit {
             objective: self.full_objective(full, fit.objective),

@@ -13,9 +13,9 @@
 
 use faer::{Col, Mat};
 
-use super::alternating::TwoLayer;
 use super::reduced::Reduction;
 use crate::Result;
+use crate::attack::two_layer::TwoLayer;
 use crate::attack::view::Rows;
 use crate::attack::{AttackConfig, Reconstruction, Sample, ServerView};
 

@@ -4,8 +4,8 @@
 
 use faer::Mat;
 
-use super::alternating::TwoLayer;
 use crate::Result;
+use crate::attack::two_layer::TwoLayer;
 
 /// Gauss-Newton steps a candidate start gets before the starts are compared.
 pub const PROBE_STEPS: usize = 4;

@@ -2,8 +2,8 @@
 
 use faer::Mat;
 
-use super::alternating::TwoLayer;
 use super::likelihood::ErrorModel;
+use crate::attack::two_layer::TwoLayer;
 use crate::attack::{AttackConfig, Method, ServerView};
 use crate::defense::Defense;
 use crate::simulate::{self, SimConfig};

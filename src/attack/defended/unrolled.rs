@@ -11,6 +11,7 @@ use faer::{Col, Mat};
 
 use crate::attack::ServerView;
 use crate::model::{Activation, Loss};
+use crate::numerics::damped;
 use crate::{Error, Result};
 
 /// Levenberg-Marquardt iterations at most on the E-step map.
@@ -277,9 +278,10 @@ impl LocalFit {
         u: Mat<f64>,
     ) -> Result<Self> {
         if view.depth() != 1 {
-            return Err(Error::Invalid(
-                "the E-step model needs one hidden layer".into(),
-            ));
+            return Err(Error::Needs {
+                what: "the E-step model",
+                needs: "one hidden layer",
+            });
         }
         let bias = |b: &Option<Col<f64>>, n: usize| b.clone().unwrap_or_else(|| Col::zeros(n));
         let m = view.width();
@@ -476,86 +478,109 @@ impl LocalFit {
         iterations: usize,
     ) -> Result<Fitted> {
         let (bsz, d) = x0.shape();
-        let nb = self.u.ncols();
-        let k = y0.ncols();
         let free: Vec<usize> = (0..bsz)
             .filter(|&i| !held.get(i).copied().unwrap_or(false))
             .collect();
-        let nx = free.len() * nb;
-        let n = nx + bsz * k;
         let entries = self.entries() as f64;
         let proj = x0 * &self.u * self.u.transpose();
-        let mut x = Mat::from_fn(bsz, d, |i, l| {
+        let x = Mat::from_fn(bsz, d, |i, l| {
             if free.contains(&i) {
                 proj[(i, l)]
             } else {
                 x0[(i, l)]
             }
         });
-        let mut y = y0.clone();
-        let (mut res, mut steps) = self.residual(&x, &y);
-        let mut f = res.squared_norm_l2();
+        let (res, steps) = self.residual(&x, y0);
+        let f = res.squared_norm_l2();
         let start = f / entries;
-        let mut lambda = 1e-3;
-        let mut it = 0;
-        while it < iterations && f / entries > FLOOR {
-            it += 1;
-            let rows = self.active(&res);
-            let (jtj, grad) = self.normal(&steps, &x, &free, &rows, &res);
-            let mut accepted = false;
-            for _ in 0..10 {
-                let a = Mat::from_fn(n, n, |p, q| {
-                    if p == q {
-                        jtj[(p, p)] * (1.0 + lambda) + 1e-300
-                    } else {
-                        jtj[(p, q)]
-                    }
-                });
-                let sol = a.partial_piv_lu().solve(&grad);
-                if !sol.norm_l2().is_finite() {
-                    lambda *= 8.0;
-                    continue;
-                }
-                let mut xc = x.clone();
-                for (a, &i) in free.iter().enumerate() {
-                    for l in 0..nb {
-                        let s = sol[a * nb + l];
-                        for c in 0..d {
-                            xc[(i, c)] -= s * self.u[(c, l)];
-                        }
-                    }
-                }
-                let yc = Mat::from_fn(bsz, k, |i, l| y[(i, l)] - sol[nx + i * k + l]);
-                let (rc, sc) = self.residual(&xc, &yc);
-                let fc = rc.squared_norm_l2();
-                if std::env::var("GL_DEBUG").is_ok() {
-                    eprintln!(
-                        "local it {it} lambda {lambda:e} f {:e} fc {:e}",
-                        f / entries,
-                        fc / entries
-                    );
-                }
-                if fc.is_finite() && fc < f {
-                    let gain = (f - fc) / f;
-                    (y, x, res, steps, f) = (yc, xc, rc, sc, fc);
-                    lambda = (lambda / 5.0).max(1e-15);
-                    accepted = gain > 1e-12;
-                    break;
-                }
-                lambda *= 8.0;
+        let p = EStep {
+            fit: self,
+            free: &free,
+        };
+        let at = At {
+            x,
+            y: y0.clone(),
+            res,
+            steps,
+        };
+        let m = damped::minimise(&p, at, f, iterations, Some(1e-12), |f| {
+            !(f / entries > FLOOR)
+        });
+        Ok(Fitted {
+            r: m.point.steps[0].r.clone(),
+            x: m.point.x,
+            y: m.point.y,
+            iterations: m.steps,
+            start,
+            objective: m.objective / entries,
+        })
+    }
+}
+
+/// A point of the E-step fit: inputs, targets, and the residual and local steps there.
+struct At {
+    x: Mat<f64>,
+    y: Mat<f64>,
+    res: Col<f64>,
+    steps: Vec<Step>,
+}
+
+/// The E-step fit in the free samples' span coordinates and every target, as normal
+/// equations for [`damped::minimise`].
+struct EStep<'a> {
+    fit: &'a LocalFit,
+    free: &'a [usize],
+}
+
+impl damped::NormalEquations for EStep<'_> {
+    type Point = At;
+    /// J^T J and J^T e on the active rows.
+    type System = (Mat<f64>, Col<f64>);
+
+    fn system(&self, at: &At) -> (Mat<f64>, Col<f64>) {
+        let rows = self.fit.active(&at.res);
+        self.fit.normal(&at.steps, &at.x, self.free, &rows, &at.res)
+    }
+
+    fn step(&self, at: &At, sys: &(Mat<f64>, Col<f64>), lambda: f64) -> Option<At> {
+        let (jtj, grad) = sys;
+        let u = &self.fit.u;
+        let (bsz, d) = at.x.shape();
+        let (nb, k) = (u.ncols(), at.y.ncols());
+        let nx = self.free.len() * nb;
+        let n = jtj.nrows();
+        let a = Mat::from_fn(n, n, |p, q| {
+            if p == q {
+                jtj[(p, p)] * (1.0 + lambda) + 1e-300
+            } else {
+                jtj[(p, q)]
             }
-            if !accepted {
-                break;
+        });
+        let sol = a.partial_piv_lu().solve(grad);
+        if !sol.norm_l2().is_finite() {
+            return None;
+        }
+        let mut xc = at.x.clone();
+        for (a, &i) in self.free.iter().enumerate() {
+            for l in 0..nb {
+                let s = sol[a * nb + l];
+                for c in 0..d {
+                    xc[(i, c)] -= s * u[(c, l)];
+                }
             }
         }
-        Ok(Fitted {
-            r: steps[0].r.clone(),
-            x,
-            y,
-            iterations: it,
-            start,
-            objective: f / entries,
+        let yc = Mat::from_fn(bsz, k, |i, l| at.y[(i, l)] - sol[nx + i * k + l]);
+        let (res, steps) = self.fit.residual(&xc, &yc);
+        Some(At {
+            x: xc,
+            y: yc,
+            res,
+            steps,
         })
+    }
+
+    fn objective(&self, at: &At) -> f64 {
+        at.res.squared_norm_l2()
     }
 }
 

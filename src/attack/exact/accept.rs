@@ -9,7 +9,7 @@
 
 use faer::Col;
 
-use super::certificate::RoundingScale;
+use super::floor::RoundingScale;
 use super::signal::{Neurons, SignalModel};
 use super::subsample::Subsample;
 use super::zero::best_residual;

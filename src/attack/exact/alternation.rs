@@ -9,7 +9,7 @@
 use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
 
-use super::certificate::RoundingScale;
+use super::floor::RoundingScale;
 use super::signal::{Neurons, SignalModel};
 use super::zero::{Zero, best_residual_of};
 use crate::attack::evidence::SearchStats;

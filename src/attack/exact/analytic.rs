@@ -4,6 +4,7 @@
 //! largest |g_b_j| dominate, which is what keeps the rounding error smallest).
 
 use super::floor::direct_floor;
+use super::{certificate, labels};
 use crate::attack::params::{AttackConfig, Method};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::{self, Subspace};
@@ -16,7 +17,34 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         return Err(no_bias());
     }
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
-    attack_on(view, cfg, &sub)
+    attack_certified(view, cfg, &sub)
+}
+
+/// [`attack_on`], then for one sample its label (the output-bias gradient is its
+/// residual r_1 = dL/df) and the batch certificate: `--method analytic` and `auto`'s
+/// single-sample branch alike.
+pub fn attack_certified(
+    view: &ServerView,
+    cfg: &AttackConfig,
+    sub: &Subspace,
+) -> Result<Reconstruction> {
+    let mut rec = attack_on(view, cfg, sub)?;
+    if sub.batch != 1 {
+        return Ok(rec);
+    }
+    if let (Some(s), Some(gc)) = (
+        rec.samples.first_mut(),
+        view.upper_grad.last().and_then(|l| l.bias.as_ref()),
+    ) {
+        let r = faer::Col::from_fn(gc.nrows(), |k| gc[k]);
+        s.label = labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];
+        s.output_residual = Some(r.iter().copied().collect());
+    }
+    if view.depth() >= 1 && view.first.bias.is_some() {
+        let cert = certificate::certify(view, sub, &rec.samples, &[], cfg.loss)?;
+        certificate::apply(&mut rec, cert);
+    }
+    Ok(rec)
 }
 
 fn no_bias() -> Error {

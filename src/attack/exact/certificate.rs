@@ -17,9 +17,9 @@ use crate::attack::evidence::{Certificate, LayerClosure, SampleEvidence};
 use faer::linalg::solvers::SolveLstsq;
 use faer::{Col, Mat};
 
+use super::floor::RoundingScale;
 use super::signal::{Neurons, SignalModel};
 use super::zero::best_residual;
-use crate::attack::blocks::Side;
 use crate::attack::subspace::Subspace;
 use crate::attack::view::ServerView;
 use crate::attack::{Reconstruction, Sample};
@@ -27,61 +27,12 @@ use crate::model::{Gradient, Loss, Mlp, Targets, cast_mat};
 use crate::scalar::Real;
 use crate::{Dtype, Result};
 
-/// Multiple of the per-sample rounding floor u (1 + amp_i) a true sample's F stays under
-/// (measured at recovered true samples: F / (u (1 + amp_i)) = 5.3-6.0 on photos25-gelu-bce-deep, f32,
-/// and up to 42 on the demo's digits in f64 (zeros polished by the seeding rounds); a wrong
-/// zero planted inside the old global floor sits at 1e5 u (1 + amp_i)).
-pub const SAMPLE_FACTOR: f64 = 100.0;
 /// Multiple of u sqrt(n_path) the batch closure of the true batch stays under
 /// (measured: closure / (u sqrt(n_path)) = 0.44 on photos25-gelu-bce-deep, f32).
 pub const CLOSURE_FACTOR: f64 = 20.0;
 /// Multiple of u (1 + amp_i)(1 + amp_k) under which an off-diagonal entry of the
 /// split test C_f^T Sigma^-1 A_f (normalised by its diagonal) counts as zero.
 pub const PARTIAL_FACTOR: f64 = 30.0;
-
-/// Per-column squared norms of G~ (d+1), for the rounding amplification.
-pub struct RoundingScale {
-    colsq: Vec<f64>,
-    /// Unit roundoff u = eps / 2 of the gradient's dtype.
-    pub u: f64,
-}
-
-impl RoundingScale {
-    pub fn new(view: &ServerView) -> Result<Self> {
-        let n = view.input_dim() + 1;
-        let mut colsq = vec![0.0; n];
-        view.for_each_block(Side::Gradient, |_, a, b| {
-            for (k, c) in colsq.iter_mut().take(n - 1).enumerate() {
-                *c += a.col(k).squared_norm_l2();
-            }
-            colsq[n - 1] += b.map_or(0.0, |b| b.squared_norm_l2());
-        })?;
-        Ok(RoundingScale {
-            colsq,
-            u: view.dtype.epsilon() / 2.0,
-        })
-    }
-
-    /// amp = sqrt(sum_k colsq_k w_k^2 / 3), w = V Sigma^-1 Q^T s^: the expected F that
-    /// rounding each entry of G~ (uniformly within u |g|) gives the unit signal s^.
-    pub fn amplification(&self, sub: &Subspace, shat: &Col<f64>) -> f64 {
-        let a = sub.q.transpose() * shat;
-        let b = sub.batch;
-        let a = Col::from_fn(b, |k| a[k] / sub.singular_values[k].max(f64::MIN_POSITIVE));
-        let w = &sub.v * &a;
-        let s: f64 = self
-            .colsq
-            .iter()
-            .zip(w.iter())
-            .map(|(c, w)| c * w * w)
-            .sum();
-        (s / 3.0).sqrt()
-    }
-
-    pub fn floor(&self, amp: f64) -> f64 {
-        SAMPLE_FACTOR * self.u * (1.0 + amp)
-    }
-}
 
 /// One sample's evidence from its input alone: F at its coordinates with the best r.
 struct Probe {

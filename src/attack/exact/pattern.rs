@@ -13,7 +13,7 @@
 use faer::Col;
 
 use super::alternation::{Alternation, Found, deflate, slopes};
-use super::certificate::RoundingScale;
+use super::floor::RoundingScale;
 use super::floor::exact_floor;
 use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};

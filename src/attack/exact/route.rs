@@ -123,7 +123,7 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     let cert = super::certificate::certify(view, &sub, &rec.samples, &held, cfg.loss)?;
     super::certificate::apply(&mut rec, cert);
     super::deficient::apply(view, &sub, &model, &zeros, cfg, &rank, &mut rec)?;
-    crate::attack::defended::labelled::run(view, cfg, &sub, &rank.zero_coordinates, &mut rec)?;
+    super::labelled::run(view, cfg, &sub, &rank.zero_coordinates, &mut rec)?;
     Ok(rec)
 }
 

@@ -248,10 +248,11 @@ pub fn decompose(
     rng: &mut impl Rng,
 ) -> Result<(Cp, CpReport)> {
     if rank == 0 || rank > t.dim {
-        return Err(Error::Invalid(format!(
-            "CP rank {rank} must be in 1..={}",
-            t.dim
-        )));
+        return Err(Error::NotProvided {
+            what: "CP rank",
+            value: rank,
+            allowed: format!("in 1..={}", t.dim),
+        });
     }
     if !t.data.norm_l2().is_finite() || t.data.norm_l2() == 0.0 {
         return Err(Error::Numerical(

@@ -73,9 +73,7 @@ impl Rule {
 /// beta(k), k = 1..n-1; `mass` is the integral of the weight function.
 fn golub_welsch(n: usize, beta: impl Fn(usize) -> f64, mass: f64) -> Result<Rule> {
     if n == 0 {
-        return Err(Error::Invalid(
-            "a quadrature rule needs at least one node".into(),
-        ));
+        return Err(Error::Empty("a quadrature rule needs at least one node"));
     }
     let j = Mat::from_fn(n, n, |a, b| {
         if a + 1 == b {
@@ -198,9 +196,11 @@ pub fn choose_order(act: Activation, mu: f64, sigma: f64) -> Result<Order> {
             return Ok(Order(k + 1));
         }
     }
-    Err(Error::Invalid(format!(
-        "{act}: E[act'''] and E[act''''] both vanish under N({mu}, {sigma}^2); the moment attack has no signal"
-    )))
+    Err(Error::NoMomentSignal {
+        activation: act.to_string(),
+        mu,
+        sigma,
+    })
 }
 
 /// One line of `gradleak activations`.
@@ -218,9 +218,7 @@ pub struct ActivationRow {
 /// The coefficient table for every activation under N(mu, sigma^2).
 pub fn table(mu: f64, sigma: f64) -> Result<Vec<ActivationRow>> {
     if !(sigma > 0.0 && sigma.is_finite() && mu.is_finite()) {
-        return Err(Error::Invalid(format!(
-            "pre-activation law N({mu}, {sigma}^2) must have a finite positive scale"
-        )));
+        return Err(Error::BadPreactivationLaw { mu, sigma });
     }
     Activation::ALL
         .into_iter()
@@ -326,7 +324,10 @@ mod tests {
         ] {
             assert_eq!(choose_order(act, 0.0, 1.0).unwrap(), Order(order), "{act}");
         }
-        assert!(choose_order(Activation::Identity, 0.0, 1.0).is_err());
+        assert!(matches!(
+            choose_order(Activation::Identity, 0.0, 1.0),
+            Err(Error::NoMomentSignal { .. })
+        ));
         // a shifted bias brings order 3 back for ReLU
         assert_eq!(choose_order(Activation::Relu, 0.8, 1.0).unwrap(), Order(3));
     }

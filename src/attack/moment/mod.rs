@@ -66,9 +66,11 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
     let order = match opts.order {
         Some(o @ 3..=4) => Order(o),
         Some(o) => {
-            return Err(Error::Invalid(format!(
-                "tensor order {o} is not supported (3 or 4)"
-            )));
+            return Err(Error::NotProvided {
+                what: "tensor order",
+                value: o,
+                allowed: "supported (3 or 4)".into(),
+            });
         }
         None => hermite::choose_order(view.activation, DEFAULT_LAW.0, DEFAULT_LAW.1)?,
     };

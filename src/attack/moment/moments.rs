@@ -39,9 +39,10 @@ pub struct Projected {
 pub fn project(view: &ServerView, v: MatRef<'_, f64>) -> Result<Projected> {
     let m = view.width();
     let Some(above) = view.upper.first() else {
-        return Err(Error::Invalid(
-            "the tensor attack needs the layer above the first (its weights weigh each neuron's moment)".into(),
-        ));
+        return Err(Error::Needs {
+            what: "the tensor attack",
+            needs: "the layer above the first (its weights weigh each neuron's moment)",
+        });
     };
     let b = v.ncols();
     let mut weights = Mat::zeros(m, b);
@@ -179,9 +180,11 @@ fn kron_rows(u: MatRef<'_, f64>, p: usize) -> Mat<f64> {
 /// T = (1/m) sum_j f_j (x) He_p(u_j), for p in 1..=3, streaming over neuron blocks.
 pub fn moment_tensor(w: &Whitened, degree: usize) -> Result<MomentTensor> {
     if !(1..=3).contains(&degree) {
-        return Err(Error::Invalid(format!(
-            "Hermite degree {degree} is not provided (1..=3)"
-        )));
+        return Err(Error::NotProvided {
+            what: "Hermite degree",
+            value: degree,
+            allowed: "provided (1..=3)".into(),
+        });
     }
     let (m, b) = w.u.shape();
     let pdim = w.free.ncols();
@@ -286,9 +289,11 @@ fn hermite_entry(u: &[f64], set: &[usize]) -> (f64, f64) {
 /// lower and same-degree Hermite components is projected out instead of left as noise.
 pub fn regression_tensor(w: &Whitened, degree: usize) -> Result<MomentTensor> {
     if !(1..=3).contains(&degree) {
-        return Err(Error::Invalid(format!(
-            "Hermite degree {degree} is not provided (1..=3)"
-        )));
+        return Err(Error::NotProvided {
+            what: "Hermite degree",
+            value: degree,
+            allowed: "provided (1..=3)".into(),
+        });
     }
     let (m, b) = w.u.shape();
     let pdim = w.free.ncols();

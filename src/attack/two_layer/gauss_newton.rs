@@ -3,7 +3,7 @@
 //! gradients on Jacobian products (docs/DESIGN.md, "Defended gradients: maximum
 //! likelihood").
 //!
-//! With the notation of [`super::alternating`] (Z = X W^T + 1 b^T, D = act'(Z),
+//! With the notation of [`crate::attack::two_layer`] (Z = X W^T + 1 b^T, D = act'(Z),
 //! H = act(Z), P = R A, Delta = D o P), a direction (dX, dR) moves
 //!
 //! ```text
@@ -19,8 +19,9 @@
 
 use faer::{Col, Mat};
 
-use super::alternating::{Fit, TwoLayer};
+use super::{Fit, TwoLayer};
 use crate::Result;
+use crate::numerics::damped;
 
 /// Levenberg-Marquardt steps at most. From the span estimates (relative error
 /// ~1e-2) the objective settles in well under this (measured, docs/EXPERIMENTS.md 4).
@@ -33,7 +34,7 @@ pub const CG_TOL: f64 = 1e-4;
 pub const F_TOL: f64 = 1e-9;
 
 /// Residual (or a direction) in gradient space: (O_W, O_b, O_A, O_c).
-pub(super) struct Grad {
+pub(crate) struct Grad {
     w: Mat<f64>,
     b: Col<f64>,
     a: Mat<f64>,
@@ -41,7 +42,7 @@ pub(super) struct Grad {
 }
 
 /// The forward quantities at one point.
-pub(super) struct Point {
+pub(crate) struct Point {
     x: Mat<f64>,
     r: Mat<f64>,
     d1: Mat<f64>,
@@ -56,7 +57,7 @@ fn ones(n: usize) -> Col<f64> {
 }
 
 impl TwoLayer {
-    pub(super) fn point(&self, x: &Mat<f64>, r: &Mat<f64>) -> Point {
+    pub(crate) fn point(&self, x: &Mat<f64>, r: &Mat<f64>) -> Point {
         let z = self.pre(x);
         let (bsz, m) = z.shape();
         let d1 = Mat::from_fn(bsz, m, |i, j| self.act.d1(z[(i, j)]));
@@ -76,7 +77,7 @@ impl TwoLayer {
     }
 
     /// Model minus observation.
-    pub(super) fn residual(&self, pt: &Point) -> Grad {
+    pub(crate) fn residual(&self, pt: &Point) -> Grad {
         let bsz = pt.x.nrows();
         Grad {
             w: pt.delta.transpose() * &pt.x - &self.ow,
@@ -87,7 +88,7 @@ impl TwoLayer {
     }
 
     /// sum over the four tensors of weight x squared norm.
-    pub(super) fn weighted_norm2(&self, g: &Grad) -> f64 {
+    pub(crate) fn weighted_norm2(&self, g: &Grad) -> f64 {
         let [ww, wb, wa, wc] = self.weights;
         ww * g.w.squared_norm_l2()
             + wb * g.b.squared_norm_l2()
@@ -95,7 +96,7 @@ impl TwoLayer {
             + wc * g.c.squared_norm_l2()
     }
 
-    pub(super) fn entries(&self) -> f64 {
+    pub(crate) fn entries(&self) -> f64 {
         (self.ow.nrows() * (self.ow.ncols() + 1) + self.oa.nrows() * (self.oa.ncols() + 1)) as f64
     }
 
@@ -117,7 +118,7 @@ impl TwoLayer {
     }
 
     /// J^T u.
-    pub(super) fn vjp(&self, pt: &Point, u: &Grad) -> (Mat<f64>, Mat<f64>) {
+    pub(crate) fn vjp(&self, pt: &Point, u: &Grad) -> (Mat<f64>, Mat<f64>) {
         let bsz = pt.x.nrows();
         let m = self.w.nrows();
         // adjoint of dDelta: X U_W^T + 1 u_b^T
@@ -142,7 +143,7 @@ impl TwoLayer {
         (dx, dr)
     }
 
-    pub(super) fn weigh(&self, mut g: Grad) -> Grad {
+    pub(crate) fn weigh(&self, mut g: Grad) -> Grad {
         let [ww, wb, wa, wc] = self.weights;
         g.w *= faer::Scale(ww);
         g.b *= faer::Scale(wb);
@@ -207,54 +208,19 @@ impl TwoLayer {
         dense_max: usize,
     ) -> Result<Fit> {
         let n = self.entries();
-        let mut pt = self.point(x0, r0);
-        let mut f = self.weighted_norm2(&self.residual(&pt));
-        let mut lambda = 1e-4;
-        let mut it = 0;
-        while it < steps {
-            it += 1;
-            let res = self.residual(&pt);
-            let (mut gx, gr) = self.vjp(&pt, &self.weigh(res));
-            let (mut cx, cr) = self.diagonal(&pt);
-            // a held sample: no gradient, and an infinite diagonal keeps CG off it
-            for (i, _) in fixed.iter().enumerate().filter(|f| *f.1) {
-                for c in 0..gx.ncols() {
-                    gx[(i, c)] = 0.0;
-                    cx[(i, c)] = f64::INFINITY;
-                }
-            }
-            let dense = (pt.x.ncols() + pt.r.ncols()) * pt.x.nrows() <= dense_max;
-            let nmat = dense.then(|| self.normal_matrix(&pt));
-            let mut accepted = false;
-            for _ in 0..8 {
-                let step = nmat
-                    .as_ref()
-                    .and_then(|nm| self.dense_step(nm, &gx, &gr, &cx, lambda));
-                let (px, pr) = match step {
-                    Some(s) => s,
-                    None => self.cg(&pt, &gx, &gr, &cx, &cr, lambda),
-                };
-                let cand = self.point(&(&pt.x + &px), &(&pt.r + &pr));
-                let fc = self.weighted_norm2(&self.residual(&cand));
-                if fc.is_finite() && fc < f {
-                    let gain = (f - fc) / f.max(f64::MIN_POSITIVE);
-                    pt = cand;
-                    f = fc;
-                    lambda = (lambda / 3.0).max(1e-12);
-                    accepted = gain > F_TOL;
-                    break;
-                }
-                lambda *= 8.0;
-            }
-            if !accepted {
-                break;
-            }
-        }
+        let pt = self.point(x0, r0);
+        let f = self.weighted_norm2(&self.residual(&pt));
+        let joint = Joint {
+            tl: self,
+            fixed,
+            dense_max,
+        };
+        let m = damped::minimise(&joint, pt, f, steps, Some(F_TOL), |_| false);
         Ok(Fit {
-            x: pt.x,
-            r: pt.r,
-            iterations: it,
-            objective: f / n,
+            x: m.point.x,
+            r: m.point.r,
+            iterations: m.steps,
+            objective: m.objective / n,
         })
     }
 
@@ -364,7 +330,7 @@ impl TwoLayer {
     /// m-vectors (u_ic = act''(z_i) o w_c o p_i, v_ic = act'(z_i) o w_c,
     /// a_ik = act'(z_i) o A_k, delta_i, h_i) with x_i, e_c or r_i, so its entries are
     /// Gram products of those vectors.
-    pub(super) fn normal_matrix(&self, pt: &Point) -> Mat<f64> {
+    pub(crate) fn normal_matrix(&self, pt: &Point) -> Mat<f64> {
         let [ww, wb, wa, wc] = self.weights;
         let (bsz, m) = pt.delta.shape();
         let (d, k) = (self.w.ncols(), self.a.nrows());
@@ -470,129 +436,69 @@ impl TwoLayer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::attack::defended::likelihood::ErrorModel;
-    use crate::attack::{AttackConfig, Method};
-    use crate::defense::Defense;
-    use crate::simulate::{self, SimConfig};
+/// The weighted two-layer problem in (X, R), the inputs of the samples flagged in
+/// `fixed` held, as normal equations for [`damped::minimise`].
+struct Joint<'a> {
+    tl: &'a TwoLayer,
+    fixed: &'a [bool],
+    dense_max: usize,
+}
 
-    /// The adjoint is the transpose of the tangent: <J v, u> = <v, J^T u> to rounding,
-    /// and J v matches a central difference of the residual.
-    #[test]
-    fn jacobian_products_are_consistent() {
-        let cfg = SimConfig {
-            batch: 3,
-            width: 64,
-            init: crate::model::Init::TorchDefault,
-            defenses: vec![Defense::NoiseRel(1e-3)],
-            attack: AttackConfig::new(Method::Analytic, 1),
-            ..SimConfig::default()
-        };
-        let out = simulate::run(&cfg).unwrap();
-        let mut view =
-            crate::attack::ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64)
-                .unwrap();
-        view.noise_std = out.report.defense.as_ref().unwrap().noise_std;
-        let errors = ErrorModel::of(&view, &out.gradient).unwrap();
-        let tl = TwoLayer::new(&view, &errors.weights()).unwrap();
-        let x = out.batch.x.clone();
-        let r = Mat::from_fn(3, tl.a.nrows(), |i, k| 0.1 * ((i + 2 * k) as f64).sin());
-        let pt = tl.point(&x, &r);
-        let dx = Mat::from_fn(x.nrows(), x.ncols(), |i, j| ((3 * i + j) as f64).cos());
-        let dr = Mat::from_fn(r.nrows(), r.ncols(), |i, j| ((i + j) as f64).sin());
-        let jv = tl.jvp(&pt, &dx, &dr);
-        let u = tl.residual(&pt);
-        let (ux, ur) = tl.vjp(&pt, &u);
-        let ip = |a: &Mat<f64>, b: &Mat<f64>| -> f64 {
-            (0..a.ncols())
-                .flat_map(|j| (0..a.nrows()).map(move |i| (i, j)))
-                .map(|(i, j)| a[(i, j)] * b[(i, j)])
-                .sum()
-        };
-        let ipc = |a: &Col<f64>, b: &Col<f64>| -> f64 {
-            a.iter().zip(b.iter()).map(|(x, y)| x * y).sum()
-        };
-        let lhs = ip(&jv.w, &u.w) + ipc(&jv.b, &u.b) + ip(&jv.a, &u.a) + ipc(&jv.c, &u.c);
-        let rhs = ip(&dx, &ux) + ip(&dr, &ur);
-        assert!((lhs - rhs).abs() <= 1e-10 * lhs.abs(), "{lhs} {rhs}");
-        let h = 1e-6;
-        let rp = tl.residual(&tl.point(&(&x + faer::Scale(h) * &dx), &(&r + faer::Scale(h) * &dr)));
-        let rm = tl.residual(&tl.point(&(&x - faer::Scale(h) * &dx), &(&r - faer::Scale(h) * &dr)));
-        let fd = (&rp.w - &rm.w) * faer::Scale(0.5 / h);
-        let err = (&fd - &jv.w).norm_l2() / jv.w.norm_l2();
-        assert!(err < 1e-7, "{err:e}");
-        let fd = (&rp.a - &rm.a) * faer::Scale(0.5 / h);
-        let err = (&fd - &jv.a).norm_l2() / jv.a.norm_l2();
-        assert!(err < 1e-7, "a: {err:e}");
-        let fd = (&rp.b - &rm.b) * faer::Scale(0.5 / h);
-        let err = (&fd - &jv.b).norm_l2() / jv.b.norm_l2();
-        assert!(err < 1e-7, "b: {err:e}");
-        // the closed-form diagonal matches J^T W J on a unit direction
-        let (cx, _) = tl.diagonal(&pt);
-        let mut e = Mat::zeros(x.nrows(), x.ncols());
-        e[(1, 5)] = 1.0;
-        let col = tl.jvp(&pt, &e, &Mat::zeros(r.nrows(), r.ncols()));
-        let want = tl.weighted_norm2(&col);
-        assert!(
-            (cx[(1, 5)] - want).abs() <= 1e-10 * want,
-            "{} {want}",
-            cx[(1, 5)]
-        );
-        // the formed normal matrix is J^T W J: compare two columns with products
-        let nm = tl.normal_matrix(&pt);
-        let (b, d, k) = (x.nrows(), x.ncols(), r.ncols());
-        for q in [d + 5, b * d + 2 * k + 3] {
-            let mut ex = Mat::zeros(b, d);
-            let mut er = Mat::zeros(b, k);
-            if q < b * d {
-                ex[(q / d, q % d)] = 1.0;
-            } else {
-                er[((q - b * d) / k, (q - b * d) % k)] = 1.0;
+/// The gradient (gx, gr), the Jacobian's column norms (cx, cr) and, up to `dense_max`
+/// unknowns, the normal matrix at a point.
+struct Normal {
+    gx: Mat<f64>,
+    gr: Mat<f64>,
+    cx: Mat<f64>,
+    cr: Mat<f64>,
+    nmat: Option<Mat<f64>>,
+}
+
+impl damped::NormalEquations for Joint<'_> {
+    type Point = Point;
+    type System = Normal;
+
+    fn system(&self, pt: &Point) -> Normal {
+        let tl = self.tl;
+        let res = tl.residual(pt);
+        let (mut gx, gr) = tl.vjp(pt, &tl.weigh(res));
+        let (mut cx, cr) = tl.diagonal(pt);
+        // a held sample: no gradient, and an infinite diagonal keeps CG off it
+        for (i, _) in self.fixed.iter().enumerate().filter(|f| *f.1) {
+            for c in 0..gx.ncols() {
+                gx[(i, c)] = 0.0;
+                cx[(i, c)] = f64::INFINITY;
             }
-            let (jx, jr) = tl.vjp(&pt, &tl.weigh(tl.jvp(&pt, &ex, &er)));
-            for p in 0..b * (d + k) {
-                let want = if p < b * d {
-                    jx[(p / d, p % d)]
-                } else {
-                    jr[((p - b * d) / k, (p - b * d) % k)]
-                };
-                assert!(
-                    (nm[(p, q)] - want).abs() <= 1e-9 * nm[(q, q)].abs(),
-                    "{p} {q}: {} {want}",
-                    nm[(p, q)]
-                );
-            }
+        }
+        let dense = (pt.x.ncols() + pt.r.ncols()) * pt.x.nrows() <= self.dense_max;
+        let nmat = dense.then(|| tl.normal_matrix(pt));
+        Normal {
+            gx,
+            gr,
+            cx,
+            cr,
+            nmat,
         }
     }
 
-    /// On an exact gradient the truth is the global minimum (objective 0): from a
-    /// start 5 % off, Gauss-Newton must land on it to near rounding.
-    #[test]
-    fn converges_to_the_truth_on_an_exact_gradient() {
-        let cfg = SimConfig {
-            batch: 4,
-            width: 512,
-            init: crate::model::Init::TorchDefault,
-            attack: AttackConfig::new(Method::Analytic, 1),
-            ..SimConfig::default()
+    fn step(&self, pt: &Point, s: &Normal, lambda: f64) -> Option<Point> {
+        let tl = self.tl;
+        let step = s
+            .nmat
+            .as_ref()
+            .and_then(|nm| tl.dense_step(nm, &s.gx, &s.gr, &s.cx, lambda));
+        let (px, pr) = match step {
+            Some(st) => st,
+            None => tl.cg(pt, &s.gx, &s.gr, &s.cx, &s.cr, lambda),
         };
-        let out = simulate::run(&cfg).unwrap();
-        let view =
-            crate::attack::ServerView::from_memory(&out.model, &out.gradient, crate::Dtype::F64)
-                .unwrap();
-        let tl = TwoLayer::new(&view, &[(1.0, 1.0), (1.0, 1.0)]).unwrap();
-        let x = out.batch.x.clone();
-        let x0 = Mat::from_fn(x.nrows(), x.ncols(), |i, j| {
-            x[(i, j)]
-                + 0.05 * x.norm_l2() / (x.ncols() as f64 * x.nrows() as f64).sqrt()
-                    * ((7 * i + 3 * j) as f64).sin()
-        });
-        let fit = tl.refine(&x0, STEPS).unwrap();
-        let err = (&fit.x - &x).norm_l2() / x.norm_l2();
-        let err0 = (&x0 - &x).norm_l2() / x.norm_l2();
-        eprintln!("start {err0:e} end {err:e} after {} steps", fit.iterations);
-        assert!(err < 1e-8, "{err:e} after {} steps", fit.iterations);
+        Some(tl.point(&(&pt.x + &px), &(&pt.r + &pr)))
+    }
+
+    fn objective(&self, pt: &Point) -> f64 {
+        self.tl.weighted_norm2(&self.tl.residual(pt))
     }
 }
+
+#[cfg(test)]
+#[path = "gauss_newton_tests.rs"]
+mod tests;

@@ -24,11 +24,7 @@ use faer::{Col, Mat};
 use crate::attack::ServerView;
 use crate::{Error, Result};
 
-/// Alternating iterations (each an R-step and an X-step). Measured on digits B = 8
-/// under noise-rel:1e-3: the weighted residual stops falling after about 30.
-pub const ITERATIONS: usize = 30;
-/// Stop once X moves by less than this (relative).
-pub const TOL: f64 = 1e-13;
+pub mod gauss_newton;
 
 /// The two-layer problem.
 pub struct TwoLayer {
@@ -59,14 +55,15 @@ impl TwoLayer {
     /// (weight, bias) weights.
     pub fn new(view: &ServerView, weights: &[(f64, f64)]) -> Result<Self> {
         if view.depth() != 1 || weights.len() != 2 {
-            return Err(Error::Invalid(
-                "the alternating fit needs one hidden layer".into(),
-            ));
+            return Err(Error::Needs {
+                what: "the alternating fit",
+                needs: "one hidden layer",
+            });
         }
-        let b =
-            view.first.bias.clone().ok_or_else(|| {
-                Error::Invalid("the alternating fit needs a first-layer bias".into())
-            })?;
+        let b = view.first.bias.clone().ok_or_else(|| Error::Needs {
+            what: "the alternating fit",
+            needs: "a first-layer bias",
+        })?;
         let m = view.width();
         let k = view.outputs();
         Ok(TwoLayer {

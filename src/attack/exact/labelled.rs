@@ -14,23 +14,25 @@
 //! finds the batch up to the order of its samples; it is kept only when the batch
 //! reproduces every layer's gradient to the certificate's closure tolerance.
 
+// `!(x > y)` is deliberate: it also stops on NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 use faer::linalg::solvers::Solve;
 use faer::{Col, Mat};
 use rand_distr::{Distribution, StandardNormal};
 
-use super::alternating::TwoLayer;
 use crate::attack::exact::certificate::{self, CLOSURE_FACTOR};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::Subspace;
+use crate::attack::two_layer::TwoLayer;
 use crate::attack::{AttackConfig, ServerView};
 use crate::model::Loss;
+use crate::numerics::damped;
 use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
 /// Levenberg-Marquardt steps at most (digits B = 64 converges in 17).
 pub const STEPS: usize = 30;
-/// Damping increases tried per step before the fit counts as stalled.
-pub const TRIES: usize = 8;
 /// Start noise, relative to the prior image's root-mean-square entry (measured on
 /// digits B = 64: 0.1 reaches 64/64).
 pub const START_NOISE: f64 = 0.1;
@@ -123,29 +125,55 @@ pub(super) fn fit(
     steps: usize,
     stop: f64,
 ) -> JointFit {
-    let (b, d) = x0.shape();
-    let k = tl.a.nrows();
-    let nf = free.len();
-    let nx = b * nf;
-    let full = |p: usize| (p / nf) * d + free[p % nf];
     let obs2 = tl.ow.squared_norm_l2()
         + tl.ob.squared_norm_l2()
         + tl.oa.squared_norm_l2()
         + tl.oc.squared_norm_l2();
     let rel = |f: f64| (f / obs2.max(f64::MIN_POSITIVE)).sqrt();
-    let objective = |xx: &Mat<f64>| {
-        let (r, _) = ce_residuals(tl, c, labels, xx);
-        tl.weighted_norm2(&tl.residual(&tl.point(xx, &r)))
+    let p = Tied {
+        tl,
+        c,
+        labels,
+        free,
     };
-    let mut xc = x0;
-    let mut f = objective(&xc);
+    let f = damped::NormalEquations::objective(&p, &x0);
     let start = rel(f);
-    let mut lambda = 1e-4;
-    let (mut done, mut stalled) = (0, false);
-    while done < steps && rel(f) > stop {
-        done += 1;
-        let (r, tb) = ce_residuals(tl, c, labels, &xc);
-        let pt = tl.point(&xc, &r);
+    let m = damped::minimise(&p, x0, f, steps, None, |f| !(rel(f) > stop));
+    let (r, _) = ce_residuals(tl, c, labels, &m.point);
+    JointFit {
+        x: m.point,
+        r,
+        labels: labels.to_vec(),
+        steps: m.steps,
+        start,
+        end: rel(m.objective),
+        stalled: m.stalled,
+    }
+}
+
+/// The inputs' free coordinates with R tied to them by cross-entropy and `labels`:
+/// normal equations for [`damped::minimise`].
+struct Tied<'a> {
+    tl: &'a TwoLayer,
+    c: &'a Col<f64>,
+    labels: &'a [usize],
+    free: &'a [usize],
+}
+
+impl damped::NormalEquations for Tied<'_> {
+    type Point = Mat<f64>;
+    /// The chain-ruled normal matrix and right-hand side (B nf unknowns).
+    type System = (Mat<f64>, Col<f64>);
+
+    fn system(&self, xc: &Mat<f64>) -> (Mat<f64>, Col<f64>) {
+        let (tl, free) = (self.tl, self.free);
+        let (b, d) = xc.shape();
+        let k = tl.a.nrows();
+        let nf = free.len();
+        let nx = b * nf;
+        let full = |p: usize| (p / nf) * d + free[p % nf];
+        let (r, tb) = ce_residuals(tl, self.c, self.labels, xc);
+        let pt = tl.point(xc, &r);
         let (gx, gr) = tl.vjp(&pt, &tl.weigh(tl.residual(&pt)));
         let nm = tl.normal_matrix(&pt);
         let bd = b * d;
@@ -166,40 +194,29 @@ pub(super) fn fit(
         let g = Col::from_fn(nx, |p| gx[(p / nf, free[p % nf])])
             + tm.transpose() * Col::from_fn(b * k, |p| gr[(p / k, p % k)]);
         let rhs = Col::from_fn(nx, |p| -g[p]);
-        let mut moved = false;
-        for _ in 0..TRIES {
-            let mut a = nc.clone();
-            for p in 0..nx {
-                a[(p, p)] *= 1.0 + lambda;
-            }
-            let sol = a.partial_piv_lu().solve(&rhs);
-            let mut cand = xc.clone();
-            for p in 0..nx {
-                cand[(p / nf, free[p % nf])] += sol[p];
-            }
-            let fc = objective(&cand);
-            if fc.is_finite() && fc < f {
-                (xc, f) = (cand, fc);
-                lambda = (lambda / 3.0f64).max(1e-12);
-                moved = true;
-                break;
-            }
-            lambda *= 8.0;
-        }
-        if !moved {
-            stalled = true;
-            break;
-        }
+        (nc, rhs)
     }
-    let (r, _) = ce_residuals(tl, c, labels, &xc);
-    JointFit {
-        x: xc,
-        r,
-        labels: labels.to_vec(),
-        steps: done,
-        start,
-        end: rel(f),
-        stalled,
+
+    fn step(&self, xc: &Mat<f64>, sys: &(Mat<f64>, Col<f64>), lambda: f64) -> Option<Mat<f64>> {
+        let (nc, rhs) = sys;
+        let nf = self.free.len();
+        let nx = nc.nrows();
+        let mut a = nc.clone();
+        for p in 0..nx {
+            a[(p, p)] *= 1.0 + lambda;
+        }
+        let sol = a.partial_piv_lu().solve(rhs);
+        let mut cand = xc.clone();
+        for p in 0..nx {
+            cand[(p / nf, self.free[p % nf])] += sol[p];
+        }
+        Some(cand)
+    }
+
+    fn objective(&self, xx: &Mat<f64>) -> f64 {
+        let (r, _) = ce_residuals(self.tl, self.c, self.labels, xx);
+        self.tl
+            .weighted_norm2(&self.tl.residual(&self.tl.point(xx, &r)))
     }
 }
 
@@ -360,9 +377,7 @@ pub fn run(
         sub.batch + 1
     };
     if let Some(why) = refusal(view, cfg, b_max, free.len()) {
-        rec.diagnostics
-            .defended
-            .insert("joint_skipped".into(), true.into());
+        rec.diagnostics.defended.joint.joint_skipped = Some(true);
         rec.notes.push(format!(
             "the labelled joint fit of every layer's equations is not run: {why}"
         ));
@@ -390,14 +405,8 @@ pub fn run(
             .take(3)
             .map(|(b, o)| format!("{b} ({o:.2})"))
             .collect();
-        rec.diagnostics.defended.insert(
-            "joint_batch_candidates".into(),
-            cand.iter()
-                .take(B_TRIES)
-                .map(|p| p.0)
-                .collect::<Vec<_>>()
-                .into(),
-        );
+        rec.diagnostics.defended.joint.joint_batch_candidates =
+            Some(cand.iter().take(B_TRIES).map(|p| p.0).collect::<Vec<_>>());
         rec.notes.push(format!(
             "B is not told by an exact sample; the sizes whose label counts B (softmax at the \
              prior image - O_c) round best (largest distance from an integer): {}",
@@ -423,13 +432,13 @@ pub fn run(
         };
         let closure_value = at.closure.as_ref().map_or(f64::NAN, |c| c.1);
         let dd = &mut rec.diagnostics.defended;
-        dd.insert("joint_batch".into(), b.into());
-        dd.insert("joint_label_counts".into(), at.counts.clone().into());
-        dd.insert("joint_steps".into(), at.fit.steps.into());
-        dd.insert("joint_start_closure".into(), at.fit.start.into());
-        dd.insert("joint_fit_closure".into(), at.fit.end.into());
-        dd.insert("joint_closure".into(), closure_value.into());
-        dd.insert("joint_seconds".into(), at.seconds.into());
+        dd.joint.joint_batch = Some(b);
+        dd.joint.joint_label_counts = Some(at.counts.clone());
+        dd.joint.joint_steps = Some(at.fit.steps);
+        dd.joint.joint_start_closure = Some(at.fit.start);
+        dd.joint.joint_fit_closure = Some(at.fit.end);
+        dd.joint.joint_closure = Some(closure_value);
+        dd.joint.joint_seconds = Some(at.seconds);
         let how = format!(
             "B = {b}, Levenberg-Marquardt in the inputs with R tied to them by cross-entropy and \
              the label counts {:?} read off the output-bias gradient, from the prior mean image \
@@ -443,7 +452,7 @@ pub fn run(
         );
         // free residuals could park a wrong sample at r = 0: the loss's own must close too
         if closure_value <= tol && at.loss_closure.is_some_and(|v| v <= tol) {
-            dd.insert("joint_accepted".into(), true.into());
+            dd.joint.joint_accepted = Some(true);
             accept(view, cfg, sub, rec, at, b, tol, &how)?;
             return Ok(());
         }
@@ -457,9 +466,7 @@ pub fn run(
             "{how}: closure {closure_value:.1e} > tolerance {tol:.1e}, {why}"
         ));
     }
-    rec.diagnostics
-        .defended
-        .insert("joint_accepted".into(), false.into());
+    rec.diagnostics.defended.joint.joint_accepted = Some(false);
     rec.notes.push(format!(
         "the labelled joint fit of every layer's equations does not reproduce the gradient \
          ({}); none of its samples is kept, and the samples in linear relations stay missing",

@@ -1,0 +1,162 @@
+//! The model families the route reads and the two gradients it needs, loaded once.
+
+use std::path::Path;
+
+use faer::Mat;
+
+use super::TextError;
+use super::causal::Causal;
+use super::config::{Arch, TextConfig};
+use super::filter;
+use super::gpt2::{Gpt2, Names};
+use super::llama::{self, Llama};
+use super::span::RowSpan;
+use super::tensors::Tensors;
+use crate::Dtype;
+
+/// The first block's inputs (rows, as tested) of distinct (position, token) pairs.
+pub(crate) fn block0_inputs(model: &dyn Causal, pairs: &[(usize, u32)], width: usize) -> Mat<f64> {
+    let mut x = Mat::<f64>::zeros(pairs.len(), width);
+    for (i, &(p, tok)) in pairs.iter().enumerate() {
+        let row = model.block0_input(&[tok], p);
+        x.row_mut(i).copy_from(row.row(0));
+    }
+    x
+}
+
+/// The model families the route reads.
+pub(crate) enum Model {
+    Gpt2(Box<Gpt2>),
+    Llama(Box<Llama>),
+}
+
+impl Model {
+    pub fn cfg(&self) -> &TextConfig {
+        match self {
+            Model::Gpt2(m) => &m.cfg,
+            Model::Llama(m) => &m.cfg,
+        }
+    }
+
+    pub fn causal(&self) -> &dyn Causal {
+        match self {
+            Model::Gpt2(m) => m.as_ref(),
+            Model::Llama(m) => m.as_ref(),
+        }
+    }
+
+    /// The token filter: GPT-2 per position (positions 0, 1, ... until none passes);
+    /// LLaMA once, the bag of tokens, at position 0 standing for every position.
+    pub fn filter(&self, span0: &RowSpan) -> Vec<filter::PositionTokens> {
+        match self {
+            Model::Gpt2(m) => {
+                let f = filter::TokenFilter::new(m, span0);
+                let mut positions = Vec::new();
+                for p in 0..m.cfg.positions {
+                    let pt = f.at(p);
+                    if pt.tokens.is_empty() {
+                        break;
+                    }
+                    positions.push(pt);
+                }
+                positions
+            }
+            Model::Llama(m) => vec![filter::bag(m.as_ref(), span0)],
+        }
+    }
+}
+
+/// The model and the two gradients the attack reads.
+pub(crate) struct Loaded {
+    pub model: Model,
+    /// G~ of the first and second blocks' input projections (rows = input coordinates,
+    /// plus the bias row where the projection has a bias).
+    pub g0: Mat<f64>,
+    pub g1: Mat<f64>,
+    /// Storage precision of the gradient.
+    pub storage: Dtype,
+    /// The precision it was computed in (f32 values in f64 storage are f32).
+    pub dtype: Dtype,
+}
+
+impl Loaded {
+    pub fn read(model_dir: &Path, gradient: &Path) -> Result<Self, TextError> {
+        Self::read_with(model_dir, gradient, TextConfig::read(model_dir)?)
+    }
+
+    pub(crate) fn read_with(
+        model_dir: &Path,
+        gradient: &Path,
+        cfg: TextConfig,
+    ) -> Result<Self, TextError> {
+        let weights = Tensors::open(&model_dir.join("model.safetensors"), "model")?;
+        let grads = Tensors::open(gradient, "gradient")?;
+        let d = cfg.hidden;
+        match cfg.arch {
+            Arch::Gpt2 => {
+                let names =
+                    Names::detect(weights.names()).ok_or_else(|| TextError::MissingTensor {
+                        path: model_dir.join("model.safetensors"),
+                        role: "model",
+                        name: "wte.weight".into(),
+                    })?;
+                let model = Gpt2::load(cfg, &weights, &names)?;
+                let (w0, b0) = (
+                    names.block(0, "attn.c_attn.weight"),
+                    names.block(0, "attn.c_attn.bias"),
+                );
+                let (w1, b1) = (
+                    names.block(1, "attn.c_attn.weight"),
+                    names.block(1, "attn.c_attn.bias"),
+                );
+                let storage = grads.dtype(&w0)?;
+                let dtype = grads.working_dtype(&w0)?;
+                let g0 = grads.augmented(&w0, &b0, d, 3 * d)?;
+                let g1 = grads.augmented(&w1, &b1, d, 3 * d)?;
+                Ok(Loaded {
+                    model: Model::Gpt2(Box::new(model)),
+                    g0,
+                    g1,
+                    storage,
+                    dtype,
+                })
+            }
+            Arch::Llama => {
+                let prefix = llama::detect_prefix(weights.names()).ok_or_else(|| {
+                    TextError::MissingTensor {
+                        path: model_dir.join("model.safetensors"),
+                        role: "model",
+                        name: "embed_tokens.weight".into(),
+                    }
+                })?;
+                let (qd, kv) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+                let model = Llama::load(cfg, &weights, &prefix)?;
+                let name = |l: usize, w: &str| format!("{prefix}layers.{l}.self_attn.{w}.weight");
+                let storage = grads.dtype(&name(0, "q_proj"))?;
+                let dtype = grads.working_dtype(&name(0, "q_proj"))?;
+                // [dWq^T | dWk^T | dWv^T]: d x (qd + 2 kv), rows = input coordinates
+                let g = |l: usize| -> Result<Mat<f64>, TextError> {
+                    let q = grads.matrix(&name(l, "q_proj"), qd, d)?;
+                    let k = grads.matrix(&name(l, "k_proj"), kv, d)?;
+                    let v = grads.matrix(&name(l, "v_proj"), kv, d)?;
+                    Ok(Mat::from_fn(d, qd + 2 * kv, |i, j| {
+                        if j < qd {
+                            q[(j, i)]
+                        } else if j < qd + kv {
+                            k[(j - qd, i)]
+                        } else {
+                            v[(j - qd - kv, i)]
+                        }
+                    }))
+                };
+                Ok(Loaded {
+                    g0: g(0)?,
+                    g1: g(1)?,
+                    model: Model::Llama(Box::new(model)),
+                    storage,
+                    dtype,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Claimed sequences checked with the attack's certificate.
+
+use std::path::Path;
+
+use faer::Mat;
+
+use super::TextError;
+use super::certificate::{self, LayerCheck};
+use super::config::Head;
+use super::model::{Loaded, block0_inputs};
+use super::span::RowSpan;
+
+/// Check claimed sequences against the gradient with the attack's certificate: both
+/// blocks' inputs of `sequences` computed from the model, then the certificate's checks.
+/// Returns the two blocks' checks; a sequence with a wrong token fails block 1.
+pub fn verify(
+    model_dir: &Path,
+    gradient: &Path,
+    sequences: &[Vec<u32>],
+) -> Result<Vec<LayerCheck>, TextError> {
+    let loaded = Loaded::read(model_dir, gradient)?;
+    let cfg = loaded.model.cfg();
+    let model = loaded.model.causal();
+    let d = cfg.hidden;
+    if let Some(&bad) = sequences
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= cfg.vocab)
+    {
+        return Err(TextError::Unsupported(format!(
+            "token id {bad} is outside the vocabulary ({})",
+            cfg.vocab
+        )));
+    }
+    let span0 = RowSpan::of(
+        loaded.g0.as_ref(),
+        loaded.dtype,
+        "block 0 input projection",
+        d,
+    )?;
+    let span1 = RowSpan::of(
+        loaded.g1.as_ref(),
+        loaded.dtype,
+        "block 1 input projection",
+        d,
+    )?;
+    let mut pairs = std::collections::BTreeSet::new();
+    let mut prefixes: std::collections::BTreeMap<Vec<u32>, Vec<f64>> = Default::default();
+    // the last position of a sequence carries no gradient under a language-model head
+    let drop_last = usize::from(cfg.head == Head::LanguageModel);
+    let kv = model.kv_width();
+    for seq in sequences {
+        let n = seq.len().saturating_sub(drop_last).min(cfg.positions);
+        let mut keys = Mat::<f64>::zeros(0, kv);
+        let mut values = Mat::<f64>::zeros(0, kv);
+        for p in 0..n {
+            pairs.insert((p, seq[p]));
+            let step = model.step(&seq[p..=p], p);
+            let x = model.extend(keys.as_ref(), values.as_ref(), &step, 0..1);
+            prefixes.insert(
+                seq[..=p].to_vec(),
+                (0..x.ncols()).map(|j| x[(0, j)]).collect(),
+            );
+            keys = stack(&keys, step.k.as_ref());
+            values = stack(&values, step.v.as_ref());
+        }
+    }
+    let pairs: Vec<_> = pairs.into_iter().collect();
+    let x0 = block0_inputs(model, &pairs, span0.dim);
+    let rows: Vec<&Vec<f64>> = prefixes.values().collect();
+    let x1 = Mat::from_fn(rows.len(), span1.dim, |i, j| rows[i][j]);
+    let u = loaded.dtype.epsilon() / 2.0;
+    Ok(vec![
+        certificate::check(
+            "block 0 input projection",
+            &span0,
+            loaded.g0.as_ref(),
+            &x0,
+            u,
+            false,
+        ),
+        certificate::check(
+            "block 1 input projection",
+            &span1,
+            loaded.g1.as_ref(),
+            &x1,
+            u,
+            true,
+        ),
+    ])
+}
+
+fn stack(a: &Mat<f64>, b: faer::MatRef<'_, f64>) -> Mat<f64> {
+    Mat::from_fn(a.nrows() + b.nrows(), a.ncols(), |i, j| {
+        if i < a.nrows() {
+            a[(i, j)]
+        } else {
+            b[(i - a.nrows(), j)]
+        }
+    })
+}
