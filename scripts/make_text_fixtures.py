@@ -63,6 +63,12 @@ def large_cases():
         for b in (1, 8, 32, 64):
             for s in (1, 2, 3):
                 out[f"gpt2-{head}-trained300-b{b}-s{s}"] = dict(arch="gpt2", head=head, batch=b, seed=s, trained=300)
+    # the trained model in float64: block 1's spectrum spans ~1/u of float32 (s0 1.5e-2,
+    # the 110th 1.6e-9), so its span is read at float64's floor instead
+    for head in ("cls", "lm"):
+        for b in (8, 32):
+            out[f"gpt2-{head}-trained300-f64-b{b}-s1"] = dict(arch="gpt2", head=head, batch=b, seed=1, trained=300,
+                                                          dtype="float64")
     out["gpt2large-cls-b64-s1"] = dict(arch="gpt2", head="cls", batch=64, seed=1, preset="gpt2-large", chunk=16)
     for b in (8, 32):
         out[f"bert-cls-b{b}-s1"] = dict(arch="bert", head="cls", batch=b, seed=1)
@@ -84,7 +90,8 @@ def run_case(name, args, out_root, shared_models, log=print):
     cache = None
     if kw.get("trained"):
         # the trained body is shared by the cls and LM heads of one seed
-        cache = Path(out_root) / "_trained" / (model_key(dict(kw, head="body")) + ".pt")
+        # (trained in float32 whatever the case's dtype)
+        cache = Path(out_root) / "_trained" / (model_key(dict(kw, head="body", dtype="float32")) + ".pt")
     model, tok, ids, labels, grads, truth = tg.make_case(trained_cache=cache, log=log, **kw)
     write_tok = kw["arch"] != "gpt2" or kw.get("vocab", tg.GPT2_VOCAB) < tg.GPT2_VOCAB
     if shared_models:

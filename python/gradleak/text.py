@@ -434,7 +434,11 @@ def attack(model, grads, tokenizer=None, *, check=True):
     # check decide. The Rust layer evidence (every layer's span explained) stands in
     # for its certificate then.
     completed = False
-    if head == "lm" and ids and _last_token_missing(report):
+    layers_ok = bool(report.get("layers")) and all(l.get("passed", False) for l in report["layers"])
+    # only on prefixes the Rust evidence accounts for (with spurious prefixes the
+    # least squares over [h_b] is meaningless), and B <= d for [h_b] to have rank B
+    if (head == "lm" and ids and _last_token_missing(report) and layers_ok
+            and len(ids) <= model.config.hidden_size):
         t1 = time.time()
         ids, diag = complete_last_tokens(model, ids, g)
         completed = True
@@ -451,7 +455,6 @@ def attack(model, grads, tokenizer=None, *, check=True):
         rc = recompute_check(model, ids, g, head)
         rc["seconds"] = time.time() - t1
     if completed:
-        layers_ok = bool(report.get("layers")) and all(l.get("passed", False) for l in report["layers"])
         certified = layers_ok and rc is not None and rc["ok"]
         if certified:
             exact = [True] * len(ids)
