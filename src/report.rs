@@ -64,7 +64,10 @@ pub struct SimulationReport {
     pub dim: usize,
     pub width: usize,
     pub depth: usize,
-    pub hidden: usize,
+    /// Width of the layers after the first (only for depth > 1: a one-hidden-layer
+    /// network has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<usize>,
     pub outputs: usize,
     pub activation: String,
     pub loss: String,

@@ -219,7 +219,7 @@ pub fn run(cfg: &SimConfig) -> Result<SimOutput> {
         dim: data.dim(),
         width: cfg.width,
         depth: cfg.depth,
-        hidden: cfg.hidden,
+        hidden: (cfg.depth > 1).then_some(cfg.hidden),
         outputs: k,
         activation: cfg.activation.to_string(),
         loss: cfg.loss.to_string(),
