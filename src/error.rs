@@ -35,6 +35,9 @@ pub enum Error {
         spec: String,
         reason: String,
     },
+    /// An output path that cannot be written as given.
+    #[error("{} {reason}", path.display())]
+    Output { path: PathBuf, reason: &'static str },
     /// A parameter outside what the method or the model allows.
     #[error("invalid argument: {0}")]
     Invalid(String),

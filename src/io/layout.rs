@@ -191,7 +191,11 @@ impl Layout {
                     layers.push(c.names);
                 }
                 if layers.is_empty() {
-                    return Err(Error::Invalid("--names lists no layer".into()));
+                    return Err(Error::Spec {
+                        kind: "--names",
+                        spec: String::new(),
+                        reason: "lists no layer".into(),
+                    });
                 }
                 (layers, Order::Given)
             }

@@ -15,9 +15,10 @@ pub struct Outputs {
 }
 
 fn tmp_name(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{} is not a file path", path.display())))?;
+    let name = path.file_name().ok_or_else(|| Error::Output {
+        path: path.to_path_buf(),
+        reason: "is not a file path",
+    })?;
     Ok(parent(path).join(format!(
         ".{}.tmp-{}",
         name.to_string_lossy(),
@@ -37,17 +38,17 @@ pub fn check_writable<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<(
     let mut seen: Vec<&Path> = Vec::new();
     for p in paths {
         if seen.contains(&p) {
-            return Err(Error::Invalid(format!(
-                "{} is given for two outputs",
-                p.display()
-            )));
+            return Err(Error::Output {
+                path: p.to_path_buf(),
+                reason: "is given for two outputs",
+            });
         }
         seen.push(p);
         if p.is_dir() {
-            return Err(Error::Invalid(format!(
-                "{} is a directory, expected a file path",
-                p.display()
-            )));
+            return Err(Error::Output {
+                path: p.to_path_buf(),
+                reason: "is a directory, expected a file path",
+            });
         }
         let dir = parent(p);
         if !dir.is_dir() {

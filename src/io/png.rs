@@ -107,7 +107,7 @@ pub fn write_grid_labelled(
                 .map(|(r, l)| (*l, (6, (gap + r * ch + ch / 2) as i32))),
         )?;
         img = ImageBuffer::from_raw(w, h, raw)
-            .ok_or_else(|| Error::Invalid("grid buffer size".into()))?;
+            .ok_or_else(|| Error::encode("the captioned grid", "buffer size"))?;
     }
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png)

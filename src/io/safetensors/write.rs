@@ -78,11 +78,11 @@ pub fn write_tensors(path: impl AsRef<Path>, tensors: &[OutTensor], dtype: Dtype
         .map(|(t, b)| {
             safetensors::tensor::TensorView::new(st, t.shape.clone(), b)
                 .map(|v| (t.name.clone(), v))
-                .map_err(|e| Error::Invalid(format!("tensor '{}': {e}", t.name)))
+                .map_err(|e| Error::encode(format!("tensor '{}'", t.name), e))
         })
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(views, None)
-        .map_err(|e| Error::Invalid(format!("cannot serialise {}: {e}", path.display())))?;
+        .map_err(|e| Error::encode(format!("cannot serialise {}", path.display()), e))?;
     write_atomic(path, &bytes)
 }
 
