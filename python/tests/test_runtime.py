@@ -56,7 +56,9 @@ CTRL_C = textwrap.dedent(
     import sys, threading, time
     import numpy as np, gradleak
     rng = np.random.default_rng(0)
-    d, m, k = 30, 600, 4
+    # large enough that the search's budget lasts well past the signal (about 2 s of CPU
+    # at m = 600 on this project's machine, which raced the 3 s wait on an idle machine)
+    d, m, k = 60, 6000, 4
     model = {"0.weight": rng.standard_normal((m, d)) / d**0.5, "0.bias": rng.standard_normal(m) * 0.1,
              "1.weight": rng.standard_normal((k, m)) / m**0.5, "1.bias": np.zeros(k)}
     # a gradient that no batch of 12 explains: the search would spend its whole budget
