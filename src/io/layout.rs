@@ -60,6 +60,19 @@ pub struct Layout {
     pub ignored: Vec<String>,
 }
 
+/// The file's tensors that are no layer's weight or bias.
+fn ignored(file: &impl TensorIndex, layers: &[LayerNames]) -> Vec<String> {
+    let used: Vec<&str> = layers
+        .iter()
+        .flat_map(|l| std::iter::once(l.weight.as_str()).chain(l.bias.as_deref()))
+        .collect();
+    file.tensor_names()
+        .into_iter()
+        .filter(|n| !used.contains(n))
+        .map(str::to_string)
+        .collect()
+}
+
 /// `name` without wrapper prefixes (`module.`, `_orig_mod.`, repeated).
 pub fn strip(name: &str) -> &str {
     let mut s = name;
@@ -264,16 +277,7 @@ impl Layout {
                 }
             }
         };
-        let used: Vec<&str> = layers
-            .iter()
-            .flat_map(|l| std::iter::once(l.weight.as_str()).chain(l.bias.as_deref()))
-            .collect();
-        let ignored = file
-            .tensor_names()
-            .into_iter()
-            .filter(|n| !used.contains(n))
-            .map(str::to_string)
-            .collect();
+        let ignored = ignored(file, &layers);
         Ok(Layout {
             layers,
             order,
@@ -324,16 +328,7 @@ impl Layout {
             }
             return Ok(own);
         };
-        let used: Vec<&str> = layers
-            .iter()
-            .flat_map(|l| std::iter::once(l.weight.as_str()).chain(l.bias.as_deref()))
-            .collect();
-        let ignored = file
-            .tensor_names()
-            .into_iter()
-            .filter(|n| !used.contains(n))
-            .map(str::to_string)
-            .collect();
+        let ignored = ignored(file, &layers);
         Ok(Layout {
             layers,
             order: self.order,

@@ -53,7 +53,7 @@ pub(crate) fn check(
     let max_distance = tests.iter().map(|t| t.distance).fold(0.0, f64::max);
     let all_in = tests.iter().all(|&t| span.accepts(t));
     let basis = super::span::orthonormal_rows(inputs.as_ref());
-    let unexplained = span.unexplained(g, inputs.as_ref());
+    let unexplained = span.unexplained(g, basis.as_ref());
     let tolerance = RESIDUAL_FACTOR * u;
     let recovered_rank = basis.ncols();
     let count_ok = !need_count || inputs.nrows() == span.rank;

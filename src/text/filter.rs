@@ -193,7 +193,11 @@ impl<'a> TokenFilter<'a> {
     pub fn direct(&self, p: usize) -> Vec<f64> {
         let all: Vec<u32> = (0..self.ce.nrows() as u32).collect();
         let x = self.model.block0_input(&all, p);
-        self.span.distances(x.as_ref())
+        self.span
+            .test(x.as_ref())
+            .into_iter()
+            .map(|t| t.distance)
+            .collect()
     }
 }
 

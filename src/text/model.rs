@@ -110,9 +110,9 @@ impl Loaded {
                     names.block(1, "attn.c_attn.bias"),
                 );
                 let storage = grads.dtype(&w0)?;
-                let dtype = grads.working_dtype(&w0)?;
                 let g0 = grads.augmented(&w0, &b0, d, 3 * d)?;
                 let g1 = grads.augmented(&w1, &b1, d, 3 * d)?;
+                let dtype = working_dtype(&g0, storage)?;
                 Ok(Loaded {
                     model: Model::Gpt2(Box::new(model)),
                     g0,
@@ -133,7 +133,6 @@ impl Loaded {
                 let model = Llama::load(cfg, &weights, &prefix)?;
                 let name = |l: usize, w: &str| format!("{prefix}layers.{l}.self_attn.{w}.weight");
                 let storage = grads.dtype(&name(0, "q_proj"))?;
-                let dtype = grads.working_dtype(&name(0, "q_proj"))?;
                 // [dWq^T | dWk^T | dWv^T]: d x (qd + 2 kv), rows = input coordinates
                 let g = |l: usize| -> Result<Mat<f64>, TextError> {
                     let q = grads.matrix(&name(l, "q_proj"), qd, d)?;
@@ -149,8 +148,10 @@ impl Loaded {
                         }
                     }))
                 };
+                let g0 = g(0)?;
+                let dtype = working_dtype(&g0, storage)?;
                 Ok(Loaded {
-                    g0: g(0)?,
+                    g0,
                     g1: g(1)?,
                     model: Model::Llama(Box::new(model)),
                     storage,
@@ -159,4 +160,14 @@ impl Loaded {
             }
         }
     }
+}
+
+/// The precision the first block's gradient was computed in (`attack::precision::detect`:
+/// f64 storage whose entries are all exact f32 numbers was computed in f32).
+fn working_dtype(g0: &Mat<f64>, storage: Dtype) -> Result<Dtype, TextError> {
+    Ok(crate::attack::precision::detect(
+        &crate::attack::Rows::Memory(g0.clone()),
+        None,
+        storage,
+    )?)
 }

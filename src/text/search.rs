@@ -49,25 +49,16 @@ pub(crate) struct Trie {
 
 impl Trie {
     /// Token ids from the root to `n`.
-    pub fn sequence(&self, mut n: usize) -> Vec<u32> {
-        let mut ids = vec![self.nodes[n].token];
-        while let Some(p) = self.nodes[n].parent {
-            ids.push(self.nodes[p].token);
-            n = p;
-        }
-        ids.reverse();
-        ids
+    pub fn sequence(&self, n: usize) -> Vec<u32> {
+        self.path(n)
+            .into_iter()
+            .map(|i| self.nodes[i].token)
+            .collect()
     }
 
     /// The nodes from the root to `n`.
-    pub fn path(&self, mut n: usize) -> Vec<usize> {
-        let mut path = vec![n];
-        while let Some(p) = self.nodes[n].parent {
-            path.push(p);
-            n = p;
-        }
-        path.reverse();
-        path
+    pub fn path(&self, n: usize) -> Vec<usize> {
+        path_of(&self.nodes, n)
     }
 
     /// Leaves: prefixes no token extends, i.e. the recovered sequences.
@@ -174,6 +165,7 @@ pub(crate) fn search<'a>(
     }
 }
 
+/// The nodes from the root to `n`.
 fn path_of(nodes: &[Node], mut n: usize) -> Vec<usize> {
     let mut path = vec![n];
     while let Some(p) = nodes[n].parent {

@@ -166,27 +166,14 @@ impl RowSpan {
         }
     }
 
-    /// Relative distances ||N^T x~|| / ||x~|| of the rows of `x` ((n x (d+1))) from the span.
-    pub fn distances(&self, x: MatRef<'_, f64>) -> Vec<f64> {
-        let p = x * self.complement.as_ref();
-        (0..x.nrows())
-            .map(|i| {
-                let num: f64 = (0..p.ncols()).map(|j| p[(i, j)] * p[(i, j)]).sum();
-                let den: f64 = (0..x.ncols()).map(|j| x[(i, j)] * x[(i, j)]).sum();
-                if den > 0.0 { (num / den).sqrt() } else { 1.0 }
-            })
-            .collect()
-    }
-
-    /// ||G~ - P G~||_F / ||G~||_F with P the projector on the row span of `x`'s rows:
+    /// ||G~ - P G~||_F / ||G~||_F with P = Q Q^T, Q an orthonormal basis of the inputs' span:
     /// how much of the gradient the recovered inputs leave unexplained.
-    pub fn unexplained(&self, g: MatRef<'_, f64>, x: MatRef<'_, f64>) -> f64 {
-        if x.nrows() == 0 {
+    pub fn unexplained(&self, g: MatRef<'_, f64>, q: MatRef<'_, f64>) -> f64 {
+        if q.ncols() == 0 {
             return 1.0;
         }
-        let q = orthonormal_rows(x);
         let coef = q.transpose() * g;
-        let resid = g - &q * &coef;
+        let resid = g - q * &coef;
         resid.norm_l2() / self.fro
     }
 }

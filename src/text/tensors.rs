@@ -66,19 +66,6 @@ impl Tensors {
         Ok(v)
     }
 
-    /// The precision tensor `name` was computed in: its storage dtype, except that f64
-    /// values which are all exact f32 numbers (the low 29 mantissa bits zero, as after
-    /// `.double()` of a float32 gradient) were computed in f32.
-    pub fn working_dtype(&self, name: &str) -> Result<Dtype, TextError> {
-        let stored = self.dtype(name)?;
-        if stored == Dtype::F32 {
-            return Ok(Dtype::F32);
-        }
-        let (_, v) = self.file.values(name)?;
-        let all_f32 = v.iter().all(|&x| (x as f32) as f64 == x);
-        Ok(if all_f32 { Dtype::F32 } else { Dtype::F64 })
-    }
-
     /// A rows x cols tensor.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Mat<f64>, TextError> {
         let v = self.values(name, &[rows, cols])?;
