@@ -138,7 +138,12 @@ pub(super) fn fit(
     };
     let f = damped::NormalEquations::objective(&p, &x0);
     let start = rel(f);
-    let m = damped::minimise(&p, x0, f, steps, None, |f| !(rel(f) > stop));
+    let stop = damped::Stop {
+        steps,
+        min_gain: None,
+        converged: |f: f64| !(rel(f) > stop),
+    };
+    let m = damped::minimise(&p, x0, f, &damped::LARGE, stop);
     let (r, _) = ce_residuals(tl, c, labels, &m.point);
     JointFit {
         x: m.point,
@@ -165,7 +170,7 @@ impl damped::NormalEquations for Tied<'_> {
     /// The chain-ruled normal matrix and right-hand side (B nf unknowns).
     type System = (Mat<f64>, Col<f64>);
 
-    fn system(&self, xc: &Mat<f64>) -> (Mat<f64>, Col<f64>) {
+    fn system(&self, xc: &Mat<f64>) -> Option<(Mat<f64>, Col<f64>)> {
         let (tl, free) = (self.tl, self.free);
         let (b, d) = xc.shape();
         let k = tl.a.nrows();
@@ -194,7 +199,7 @@ impl damped::NormalEquations for Tied<'_> {
         let g = Col::from_fn(nx, |p| gx[(p / nf, free[p % nf])])
             + tm.transpose() * Col::from_fn(b * k, |p| gr[(p / k, p % k)]);
         let rhs = Col::from_fn(nx, |p| -g[p]);
-        (nc, rhs)
+        Some((nc, rhs))
     }
 
     fn step(&self, xc: &Mat<f64>, sys: &(Mat<f64>, Col<f64>), lambda: f64) -> Option<Mat<f64>> {
