@@ -25,6 +25,7 @@ pub mod reconstruction;
 pub mod stages;
 pub mod subspace;
 pub mod two_layer;
+pub mod verdict;
 pub mod view;
 
 pub use cancel::Cancel;

@@ -150,7 +150,7 @@ pub fn polish(
             c: c.clone(),
             r: r * (1.0 / nr),
             residual: f,
-            exact: f <= floor,
+            accepted: f <= floor,
         }
     };
     if starts.len() != b || b * (b - 1 + k) > MAX_JOINT_UNKNOWNS {
@@ -211,7 +211,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
                         c,
                         r,
                         residual: f,
-                        exact: false,
+                        accepted: false,
                     })
                 })
                 .collect()
@@ -230,11 +230,11 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     ));
     let zeros: Vec<Zero> = polish(view, &sub, &model, &starts, &cfg.refine, cfg.seed)
         .into_iter()
-        .filter(|z| z.exact)
+        .filter(|z| z.accepted)
         .collect();
     rec.samples = to_samples(view, &sub, &model, &zeros, cfg, Stage::Refine);
     let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
-    super::certificate::apply(&mut rec, cert);
+    crate::attack::verdict::certify(&mut rec, cert);
     Ok(rec)
 }
 
