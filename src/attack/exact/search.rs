@@ -25,7 +25,6 @@ use crate::attack::observer::Progress;
 use crate::attack::params::AttackConfig;
 use crate::attack::prior::Prior;
 use crate::attack::subspace::Subspace;
-use crate::attack::view::ServerView;
 use crate::numerics::lm::{self, LmOptions};
 use crate::rng::{Salt, salted};
 
@@ -151,20 +150,9 @@ pub(crate) fn polish_options(noisy: bool) -> LmOptions {
     }
 }
 
-/// Run the search. `extra` are starting inputs from another stage (e.g. tensor estimates).
-pub fn search(
-    view: &ServerView,
-    sub: &Subspace,
-    cfg: &AttackConfig,
-    extra: &[Vec<f64>],
-) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
-    let ctx = Context::new(view, sub, cfg.seed)?;
-    let (zeros, stats) = search_in(&ctx, cfg, extra, Vec::new(), cfg.search.seconds)?;
-    Ok((zeros, stats, ctx.model))
-}
-
-/// As [`search`] in a run's context, continuing from zeros already found (`known`,
-/// deflated and kept), for at most `seconds`.
+/// Run the search in a run's context. `extra` are starting inputs from another stage
+/// (e.g. tensor estimates); `known` are zeros already found (deflated and kept); at most
+/// `seconds`.
 pub fn search_in(
     ctx: &Context<'_>,
     cfg: &AttackConfig,
