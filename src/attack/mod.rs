@@ -9,9 +9,9 @@
 
 pub mod activation_fit;
 pub mod baseline;
-pub mod blocks;
+pub(crate) mod blocks;
 pub mod cancel;
-pub mod defended;
+pub(crate) mod defended;
 pub mod evidence;
 pub mod exact;
 pub mod files;

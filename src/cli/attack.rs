@@ -1,5 +1,6 @@
 //! `gradleak attack`: what a server can reconstruct from the files it holds.
 
+use super::values;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -63,13 +64,13 @@ pub struct AttackArgs {
     #[arg(long)]
     quiet: bool,
     /// The attack (auto: the best available route for the case).
-    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    #[arg(long, value_parser = values::method(), default_value_t = Method::Auto)]
     method: Method,
     /// Force the batch size instead of estimating it from the gradient's rank.
     #[arg(long)]
     batch: Option<usize>,
     /// The client's loss, if known: enables label recovery rules and baselines.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = values::loss())]
     loss: Option<Loss>,
     /// Public prior over input values: mean=..,std=..,min=..,max=..
     #[arg(long)]

@@ -11,6 +11,7 @@ mod simulate;
 mod sweep;
 mod table;
 mod text;
+mod values;
 
 use clap::{Parser, Subcommand};
 
