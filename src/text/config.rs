@@ -43,19 +43,6 @@ pub enum FfnActivation {
     Relu,
 }
 
-impl FfnActivation {
-    pub(crate) fn apply(self, x: f64) -> f64 {
-        match self {
-            FfnActivation::GeluTanh => {
-                let c = (2.0 / std::f64::consts::PI).sqrt();
-                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
-            }
-            FfnActivation::GeluErf => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
-            FfnActivation::Relu => x.max(0.0),
-        }
-    }
-}
-
 /// The dimensions and settings the attack needs.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TextConfig {
