@@ -159,9 +159,9 @@ def main():
     if "--large" in sys.argv:
         x32 = rgb_crops(32)
         for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
-            for b in (1, 4, 16, 64):
+            for b in (1, 2, 4, 8, 16, 64):
                 make(out, f"lenet-{tag}-b{b}", lenet, 32, b, dtype, 100 + b, rows=x32)
-            for b in (1, 4, 16, 64, 128):
+            for b in (1, 4, 8, 16, 32, 48, 64, 128):
                 make(out, f"convnet-{tag}-b{b}", convnet, 32, b, dtype, 200 + b, rows=x32)
         return
     make(out, "lenet-f32", lenet, 32, 2, torch.float32, 1)
