@@ -173,7 +173,9 @@ def _shapes_fit(layers, c, h, w, features):
 
 def describe(model, input_shape=None):
     """(description dict, parameter names in parameters() order). input_shape is
-    (C, H, W); without it the square side is found from the first Linear layer."""
+    (C, H, W); without it, the smallest square side whose shapes reach the first Linear
+    layer's in_features (pooling's floor can make larger sides fit too; the features
+    the attack recovers do not depend on it, pass input_shape to record the true one)."""
     layers = [l for l in (_layer(n, m) for n, m in _chain(model)) if l is not None]
     if not layers:
         raise GradleakError("invalid argument: the model has no layers")
@@ -184,10 +186,10 @@ def describe(model, input_shape=None):
             raise GradleakError("invalid argument: give input_shape=(C, H, W) (no Conv2d before a Linear layer to infer it from)")
         c = conv["in_channels"]
         sides = [s for s in range(1, 1025) if _shapes_fit(layers, c, s, s, lin["in_features"])]
-        if len(sides) != 1:
+        if not sides:
             raise GradleakError(
-                "invalid argument: give input_shape=(C, H, W) (the square input sizes that fit the first Linear layer: "
-                + (", ".join(map(str, sides[:5])) or "none") + ")"
+                "invalid argument: give input_shape=(C, H, W) (no square input up to 1024 reaches the first "
+                f"Linear layer's {lin['in_features']} features)"
             )
         input_shape = (c, sides[0], sides[0])
     desc = {"format": FORMAT, "input": [int(v) for v in input_shape], "layers": layers}
