@@ -25,10 +25,18 @@ fn tensors(d: &Bound<'_, PyDict>, what: &str) -> PyResult<(Tensors, Dtype)> {
         let name: String = k.extract()?;
         let (shape, values, dt) = if let Ok(a) = v.extract::<PyReadonlyArrayDyn<'_, f64>>() {
             let a = a.as_array();
-            (a.shape().to_vec(), a.iter().copied().collect::<Vec<f64>>(), Dtype::F64)
+            (
+                a.shape().to_vec(),
+                a.iter().copied().collect::<Vec<f64>>(),
+                Dtype::F64,
+            )
         } else if let Ok(a) = v.extract::<PyReadonlyArrayDyn<'_, f32>>() {
             let a = a.as_array();
-            (a.shape().to_vec(), a.iter().map(|&x| x as f64).collect(), Dtype::F32)
+            (
+                a.shape().to_vec(),
+                a.iter().map(|&x| x as f64).collect(),
+                Dtype::F32,
+            )
         } else {
             return Err(bad(format!(
                 "invalid argument: {what} tensor '{name}' is not a float32 or float64 array"
@@ -66,7 +74,10 @@ pub fn attack_cnn<'py>(
         params = params.loss(l.parse::<Loss>().map_err(err)?);
     }
     let cfg = params.check().map_err(err)?;
-    let precision = precision.map(str::parse::<Dtype>).transpose().map_err(err)?;
+    let precision = precision
+        .map(str::parse::<Dtype>)
+        .transpose()
+        .map_err(err)?;
     let spec = ModelSpec::from_json(description).map_err(err)?;
     let (mt, _) = tensors(model, "model")?;
     let (gt, storage) = tensors(gradient, "gradient")?;
@@ -93,11 +104,19 @@ pub fn attack_cnn<'py>(
     });
     let out = PyDict::new(py);
     out.set_item("inputs", PyArray1::from_vec(py, flat).reshape([n, d])?)?;
-    let labels: Vec<i64> = f.samples.iter().map(|s| s.label.map_or(-1, |l| l as i64)).collect();
+    let labels: Vec<i64> = f
+        .samples
+        .iter()
+        .map(|s| s.label.map_or(-1, |l| l as i64))
+        .collect();
     out.set_item("labels", PyArray1::from_vec(py, labels))?;
     let exact: Vec<bool> = f.samples.iter().map(|s| s.exact).collect();
     out.set_item("exact", PyArray1::from_vec(py, exact))?;
-    let res: Vec<f64> = f.samples.iter().map(|s| s.residual.unwrap_or(f64::NAN)).collect();
+    let res: Vec<f64> = f
+        .samples
+        .iter()
+        .map(|s| s.residual.unwrap_or(f64::NAN))
+        .collect();
     out.set_item("residuals", PyArray1::from_vec(py, res))?;
     out.set_item("batch_size", f.batch_estimated)?;
     out.set_item(
