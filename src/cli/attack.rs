@@ -34,7 +34,9 @@ fn parse_activation(s: &str) -> Result<ActivationArg, String> {
 
 #[derive(Args, Debug)]
 pub struct AttackArgs {
-    /// The model the server sent (safetensors).
+    /// The model the server sent (safetensors), or a CNN model folder (model.json +
+    /// model.safetensors, from `gradleak.export_model`): then the features entering
+    /// its fully connected head are recovered and written to --out.
     #[arg(long)]
     model: PathBuf,
     /// The gradient the client returned (safetensors, same names).
@@ -138,6 +140,20 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         p = p.noise_std(s);
     }
     let cfg = a.budget.apply_params(p)?;
+    if gradleak::io::cnn::is_model_dir(&a.model) {
+        let run = super::attack_cnn::CnnRun {
+            model: &a.model,
+            gradient: &a.gradient,
+            precision,
+            truth,
+            tol: a.tol,
+            out: &a.out,
+            report: a.report.as_deref(),
+            labels: a.labels.as_deref(),
+            mode,
+        };
+        return super::attack_cnn::run(run, &cfg);
+    }
     let opts = ReadOptions {
         names: a.names.clone(),
         precision,

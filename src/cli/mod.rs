@@ -2,6 +2,7 @@
 
 mod activations;
 mod attack;
+mod attack_cnn;
 mod audit;
 mod bench;
 mod client;

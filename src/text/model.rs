@@ -114,14 +114,16 @@ impl Loaded {
                 );
                 let storage = grads.dtype(&w0)?;
                 let g0 = grads.augmented(&w0, &b0, d, 3 * d)?;
-                // (d + 1) x d: the attention outputs, augmented, span at most d dimensions
+                // (d + 1) x d; its columns are the residual stream's gradients, which are
+                // mean-free (every path back into it leaves through a LayerNorm), so the
+                // rank is at most d - 1 whatever the inputs
                 let g_out = grads.augmented(&wo, &bo, d, d)?;
                 let dtype = working_dtype(&g0, storage)?;
                 Ok(Loaded {
                     model: Model::Gpt2(Box::new(model)),
                     g0,
                     g_out,
-                    out_dim: d,
+                    out_dim: d - 1,
                     storage,
                     dtype,
                 })
