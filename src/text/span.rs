@@ -71,31 +71,10 @@ impl RowSpan {
         }
         // U must be a full basis of R^rows: a wide g's thin SVD gives it; a tall one
         // (an output projection, (d+1) x d) needs the full SVD
-        let (uu, sigma) = if rows <= cols {
-            let svd = g
-                .thin_svd()
-                .map_err(|e| TextError::Numerical(format!("SVD of {layer}'s gradient: {e:?}")))?;
-            (
-                svd.U().to_owned(),
-                svd.S()
-                    .column_vector()
-                    .iter()
-                    .copied()
-                    .collect::<Vec<f64>>(),
-            )
-        } else {
-            let svd = g
-                .svd()
-                .map_err(|e| TextError::Numerical(format!("SVD of {layer}'s gradient: {e:?}")))?;
-            (
-                svd.U().to_owned(),
-                svd.S()
-                    .column_vector()
-                    .iter()
-                    .copied()
-                    .collect::<Vec<f64>>(),
-            )
-        };
+        let svd = if rows <= cols { g.thin_svd() } else { g.svd() }
+            .map_err(|e| TextError::Numerical(format!("SVD of {layer}'s gradient: {e:?}")))?;
+        let uu = svd.U();
+        let sigma: Vec<f64> = svd.S().column_vector().iter().copied().collect();
         let u = dtype.epsilon() / 2.0;
         let edge = u
             * (fro / ((rows * cols) as f64).sqrt())

@@ -86,7 +86,7 @@ impl<T: Real> CnnGradient<T> {
 /// Every layer's output on a batch (B rows), and what max pooling kept.
 #[derive(Clone, Debug)]
 pub struct CnnForward<T: Real> {
-    /// `outputs[l]` is layer l's output, B x len(shapes[l]).
+    /// `outputs[l]` is layer l's output, B x `len(shapes[l])`.
     pub outputs: Vec<Mat<T>>,
     /// Input index each max-pooling output kept, per layer (empty for other layers).
     pub kept: Vec<Vec<usize>>,
@@ -96,7 +96,7 @@ pub struct CnnForward<T: Real> {
 #[derive(Clone, Debug)]
 pub struct CnnBackward<T: Real> {
     pub gradient: CnnGradient<T>,
-    /// `deltas[l]` = dL/d outputs[l], B x len(shapes[l]).
+    /// `deltas[l]` = dL/d `outputs[l]`, B x `len(shapes[l])`.
     pub deltas: Vec<Mat<T>>,
 }
 
