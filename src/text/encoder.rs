@@ -33,8 +33,7 @@ pub struct EncoderStats {
     pub accepted: usize,
     /// Gauss-Newton steps over all candidates.
     pub steps: usize,
-    /// Largest linear residual of an accepted pair and smallest of a rejected one.
-    pub accepted_max_linear: f64,
+    /// Smallest distance (the larger of S_h's and S_o's) of a rejected candidate.
     pub rejected_min_distance: f64,
     /// Each accepted pair's grouping evidence.
     pub groupings: Vec<Grouping>,
@@ -275,6 +274,42 @@ pub(crate) fn attack(
         .collect();
     let solver = ContextSolver::new(model, &s.c, &s.h, &s.o, s.x.rank);
     let family = solver.family;
+    if !solver.determined() {
+        report.notes.push(format!(
+            "the contexts are not identified: each candidate's null space has {family} dimensions (attention.output.dense rank {} against intermediate.dense's {} equations and block 0's rank {}) and block 1's span leaves {} equations, so false pairs have exact solutions too. What is still identifiable: block 0's span gives the bag of {} distinct tokens (report.token_bag) and that the longest sequence has {} tokens",
+            s.c.rank,
+            s.h.complement.ncols() - 1,
+            s.x.rank,
+            s.o.complement.ncols(),
+            bag.len(),
+            positions.len()
+        ));
+        report.token_bag = bag.into_iter().collect();
+        report.seconds = seconds;
+        return Ok(report);
+    }
+
+    let t = Instant::now();
+    let pairs: Vec<(usize, u32)> = positions
+        .iter()
+        .flat_map(|p| p.tokens.iter().map(move |&tok| (p.position, tok)))
+        .collect();
+    let solver = ContextSolver::new(model, &s.c, &s.h, &s.o, s.x.rank);
+    let family = solver.family;
+    if !solver.determined() {
+        report.notes.push(format!(
+            "the contexts are not identified: each candidate's null space has {family} dimensions (rank of attention.output.dense {} minus block 0's {} and intermediate.dense's {} equations) and block 1's span leaves {} equations, so true and false pairs alike have exact solutions. What is still identifiable: block 0's span gives the bag of {} distinct tokens (report.token_bag) and that the longest sequence has {} tokens",
+            s.c.rank,
+            s.x.rank,
+            s.h.complement.ncols(),
+            s.o.complement.ncols() + 1,
+            bag.len(),
+            positions.len()
+        ));
+        report.token_bag = bag.into_iter().collect();
+        report.seconds = seconds;
+        return Ok(report);
+    }
     progress(&format!(
         "text: {} candidate pairs, each a Gauss-Newton over a {family}-dimensional null space",
         pairs.len()
@@ -296,7 +331,6 @@ pub(crate) fn attack(
         family,
         accepted: accepted.len(),
         steps,
-        accepted_max_linear: accepted.iter().map(|s| s.linear).fold(0.0, f64::max),
         rejected_min_distance: solved
             .iter()
             .filter(|s| !s.accepted)
