@@ -42,6 +42,8 @@ pub(crate) struct Inputs {
     pub c: Mat<f64>,
     /// (h, 1): intermediate.dense input.
     pub h: Mat<f64>,
+    /// (g, 1): output.dense input, g = act(W_i h + b_i).
+    pub g: Mat<f64>,
     /// (o, 1): block 1's query, key and value input.
     pub o: Mat<f64>,
 }
@@ -55,6 +57,8 @@ pub(crate) struct Gradients {
     pub c: Mat<f64>,
     /// Block 0 intermediate.dense: (d+1) x ffn.
     pub h: Mat<f64>,
+    /// Block 0 output.dense: (ffn+1) x d (tall: its span has a full SVD).
+    pub g: Mat<f64>,
     /// Block 1 query, key, value: (d+1) x 3d.
     pub o: Mat<f64>,
 }
@@ -174,6 +178,7 @@ impl Bert {
             x: stacked(grads, &qkv(0), d, d, 0)?,
             c: stacked(grads, &[layer(prefix, 0, "attention.output.dense")], d, d, 1)?,
             h: stacked(grads, &[layer(prefix, 0, "intermediate.dense")], ffn, d, 0)?,
+            g: stacked(grads, &[layer(prefix, 0, "output.dense")], d, ffn, 0)?,
             o: stacked(grads, &qkv(1), d, d, 0)?,
         })
     }
@@ -218,16 +223,16 @@ impl Bert {
         y
     }
 
-    /// o = LN_b(h + W_f act(W_i h + b_i) + b_f) (rows).
-    pub fn feed_forward(&self, h: MatRef<'_, f64>) -> Mat<f64> {
-        let mut z = h * &self.wi;
-        add_bias(&mut z, &self.bi);
-        apply(&mut z, self.cfg.activation);
-        let mut u = &z * &self.wf;
+    /// (g, o): g = act(W_i h + b_i), o = LN_b(h + W_f g + b_f) (rows).
+    pub fn feed_forward(&self, h: MatRef<'_, f64>) -> (Mat<f64>, Mat<f64>) {
+        let mut g = h * &self.wi;
+        add_bias(&mut g, &self.bi);
+        apply(&mut g, self.cfg.activation);
+        let mut u = &g * &self.wf;
         add_bias(&mut u, &self.bf);
         u += h;
         self.ln_b.apply_rows(&mut u);
-        u
+        (g, u)
     }
 
     /// Block 0 over one whole sequence (bidirectional attention over its tokens).
@@ -240,11 +245,12 @@ impl Bert {
         let qkv = self.qkv(x);
         let c = attention(qkv.as_ref(), self.cfg.heads, d);
         let h = self.after_attention(x, c.as_ref());
-        let o = self.feed_forward(h.as_ref());
+        let (g, o) = self.feed_forward(h.as_ref());
         debug_assert_eq!(c.nrows(), n);
         Inputs {
             c: augment(c.as_ref()),
             h: augment(h.as_ref()),
+            g: augment(g.as_ref()),
             o: augment(o.as_ref()),
         }
     }

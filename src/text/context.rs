@@ -1,14 +1,15 @@
 //! The encoder route's per-candidate stage (docs/DESIGN.md, "Text: BERT"): for a
 //! candidate (position, token) pair with block-0 input x, the attention context c that
 //! makes x a true input of every per-position layer: (c, 1) in S_c, (h, 1) in S_h with
-//! h = LN_a(x + W_o c + b_o), and (o, 1) in S_o with o block 0's output.
+//! h = LN_a(x + W_o c + b_o), (g, 1) in S_g with g = act(W_i h + b_i), and (o, 1) in S_o
+//! with o block 0's output.
 //!
 //! With s = 1/sigma the LN scale, (s c, s) = B_c w is linear in w and the S_h condition
 //! is N_h^T (gamma * C(s (x + b_o) + W_o s c), 0) = -N_h^T (beta, 1): A_x w = r, with
 //! A_x = M_0 + a_x b^T (M_0 shared by every candidate, a_x = N_g^T (x + b_o), b the last
 //! row of B_c). Its null space has dimension r_c - r_x (the dependencies of the batch's
 //! x's, whose contexts can be traded), so c is pinned down by Gauss-Newton on the
-//! nonlinear S_h and S_o residuals over that null space.
+//! nonlinear S_h, S_g and S_o residuals over that null space.
 
 use faer::{Col, Mat, MatRef, Side};
 
@@ -34,9 +35,8 @@ pub struct Solved {
     pub token: u32,
     /// The context c (d), h and o (augmented) at the solution.
     pub c: Vec<f64>,
-    /// Distances of (h, 1) from S_h and (o, 1) from S_o, with their thresholds.
-    pub h_test: Test,
-    pub o_test: Test,
+    /// Distances of (h, 1), (g, 1), (o, 1) from S_h, S_g, S_o, with their thresholds.
+    pub tests: [Test; 3],
     /// ||A_x w_0 - r|| / ||r||: the linear residual before Gauss-Newton.
     pub linear: f64,
     pub steps: usize,
@@ -47,6 +47,7 @@ pub struct Solved {
 pub(crate) struct ContextSolver<'a> {
     model: &'a Bert,
     span_h: &'a RowSpan,
+    span_g: &'a RowSpan,
     span_o: &'a RowSpan,
     /// B_c ((d+1) x r_c).
     bc: MatRef<'a, f64>,
@@ -110,6 +111,7 @@ struct Point {
     sa: f64,
     h: Vec<f64>,
     z: Vec<f64>,
+    g: Vec<f64>,
     nb: Vec<f64>,
     sb: f64,
     o: Vec<f64>,
@@ -121,6 +123,7 @@ impl<'a> ContextSolver<'a> {
         model: &'a Bert,
         span_c: &'a RowSpan,
         span_h: &'a RowSpan,
+        span_g: &'a RowSpan,
         span_o: &'a RowSpan,
         rank_x: usize,
     ) -> Self {
@@ -151,6 +154,7 @@ impl<'a> ContextSolver<'a> {
         ContextSolver {
             model,
             span_h,
+            span_g,
             span_o,
             bc,
             ng,
@@ -162,12 +166,17 @@ impl<'a> ContextSolver<'a> {
         }
     }
 
-    /// Gauss-Newton can pin the context down: the family's dimension is below the
-    /// equations left once the linear ones are used, S_o's K_o - 1 (one is void, as for
-    /// S_h) plus LN_a's scale (S_h's other equations hold along the whole family). A
-    /// square or wide system has solutions for false pairs too.
+    /// The equations left once the linear ones are used: S_g's K_g, S_o's K_o - 1 (one
+    /// is void, as for S_h) and LN_a's scale (S_h's other equations hold along the
+    /// whole family).
+    pub fn equations(&self) -> usize {
+        self.span_g.complement.ncols() + self.span_o.complement.ncols()
+    }
+
+    /// Gauss-Newton can pin the context down: more equations than the family's
+    /// dimension (a square or wide system has solutions for false pairs too).
     pub fn determined(&self) -> bool {
-        self.span_o.complement.ncols() > self.family
+        self.equations() > self.family
     }
 
     fn point(&self, x: &[f64], w: &Col<f64>) -> Point {
@@ -200,19 +209,24 @@ impl<'a> ContextSolver<'a> {
             sa,
             h,
             z,
+            g,
             nb,
             sb,
             o,
         }
     }
 
-    /// The residual [N_h^T (h, 1); N_o^T (o, 1)].
+    /// The residual [N_h^T (h, 1); (I - B_g B_g^T) (g, 1); N_o^T (o, 1)] (S_g's through
+    /// its basis: its complement is ffn + 1 - r_g wide).
     fn residual(&self, pt: &Point) -> Vec<f64> {
         let rh = &aug_row(&pt.h) * &self.span_h.complement;
+        let ga = aug_row(&pt.g);
+        let bg = &self.span_g.basis;
+        let rg = &ga - (&ga * bg) * bg.transpose();
         let ro = &aug_row(&pt.o) * &self.span_o.complement;
-        (0..rh.ncols())
-            .map(|j| rh[(0, j)])
-            .chain((0..ro.ncols()).map(|j| ro[(0, j)]))
+        [rh, rg, ro]
+            .iter()
+            .flat_map(|r| (0..r.ncols()).map(move |j| r[(0, j)]))
             .collect()
     }
 
@@ -238,12 +252,21 @@ impl<'a> ContextSolver<'a> {
         du += &dh;
         ln_tangent(&mut du, &pt.nb, pt.sb, &m.ln_b.gamma);
         let jh = &dh * self.span_h.complement.subrows(0, d);
+        let ffn = dg.ncols();
+        let bg = self.span_g.basis.subrows(0, ffn);
+        // (dg, 0) - ((dg, 0) B_g) B_g^T
+        let proj = (&dg * bg) * self.span_g.basis.transpose();
         let jo = &du * self.span_o.complement.subrows(0, d);
-        Mat::from_fn(k, jh.ncols() + jo.ncols(), |t, j| {
-            if j < jh.ncols() {
+        let (nh, ng) = (jh.ncols(), ffn + 1);
+        Mat::from_fn(k, nh + ng + jo.ncols(), |t, j| {
+            if j < nh {
                 jh[(t, j)]
+            } else if j < nh + ng {
+                let i = j - nh;
+                let own = if i < ffn { dg[(t, i)] } else { 0.0 };
+                own - proj[(t, i)]
             } else {
-                jo[(t, j - jh.ncols())]
+                jo[(t, j - nh - ng)]
             }
         })
     }
@@ -287,14 +310,10 @@ impl<'a> ContextSolver<'a> {
             position,
             token,
             c: Vec::new(),
-            h_test: Test {
+            tests: [Test {
                 distance: 1.0,
                 tau: 0.0,
-            },
-            o_test: Test {
-                distance: 1.0,
-                tau: 0.0,
-            },
+            }; 3],
             linear,
             steps: 0,
             accepted: false,
@@ -364,7 +383,7 @@ impl<'a> ContextSolver<'a> {
                     best_norm = now;
                     best_w = w.clone();
                 }
-                let done = self.tests(&pt).iter().all(|&(s, t)| s.accepts(t));
+                let done = self.within(&pt, &self.tests(&pt));
                 if done || (step >= STALL_AFTER && best_norm > STALL_SHARE * start) {
                     break;
                 }
@@ -373,23 +392,45 @@ impl<'a> ContextSolver<'a> {
         if norm(&res) > best_norm {
             pt = self.point(x, &best_w);
         }
-        let [(_, h_test), (_, o_test)] = self.tests(&pt);
-        let accepted = self.span_h.accepts(h_test) && self.span_o.accepts(o_test);
+        let tests = self.tests(&pt);
+        let accepted = self.within(&pt, &tests);
         Solved {
             position,
             token,
             c: pt.c,
-            h_test,
-            o_test,
+            tests,
             linear,
             steps,
             accepted,
         }
     }
 
-    fn tests(&self, pt: &Point) -> [(&RowSpan, Test); 2] {
-        let th = self.span_h.test(aug_row(&pt.h).as_ref())[0];
-        let to = self.span_o.test(aug_row(&pt.o).as_ref())[0];
-        [(self.span_h, th), (self.span_o, to)]
+    fn tests(&self, pt: &Point) -> [Test; 3] {
+        [
+            (self.span_h, &pt.h),
+            (self.span_g, &pt.g),
+            (self.span_o, &pt.o),
+        ]
+        .map(|(s, v)| s.test(aug_row(v).as_ref())[0])
+    }
+
+    /// The solved point passes: Gauss-Newton minimises the stacked residual
+    /// sum_s ||N_s^T v~_s||^2 = sum_s (d_s |v~_s|)^2, and at the true context each term is
+    /// within its own threshold (d_s <= tau_s), so the minimum is within
+    /// sum_s (tau_s |v~_s|)^2; each span must also discriminate (tau_s <= max_tau).
+    /// One span alone may exceed its own tau: the solve trades the spans' noise.
+    fn within(&self, pt: &Point, tests: &[Test; 3]) -> bool {
+        let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>() + 1.0;
+        let norms = [sq(&pt.h), sq(&pt.g), sq(&pt.o)];
+        let spans = [self.span_h, self.span_g, self.span_o];
+        let (mut got, mut budget) = (0.0, 0.0);
+        for k in 0..3 {
+            if tests[k].tau > spans[k].max_tau() {
+                return false;
+            }
+            got += tests[k].distance.powi(2) * norms[k];
+            budget += tests[k].tau.powi(2) * norms[k];
+        }
+        got <= budget
     }
 }

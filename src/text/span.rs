@@ -69,14 +69,9 @@ impl RowSpan {
                 layer: layer.to_string(),
             });
         }
-        if rows > cols {
-            return Err(TextError::Unsupported(format!(
-                "{layer}'s gradient has more input rows ({rows}) than outputs ({cols})"
-            )));
-        }
-        // g is wide, so its thin SVD's U is a full basis of R^(d+1)
-        let svd = g
-            .thin_svd()
+        // a wide g's thin SVD has a full basis U of R^rows; a tall one (a layer wider
+        // than its output, e.g. BERT's output.dense) needs the full SVD for it
+        let svd = if rows > cols { g.svd() } else { g.thin_svd() }
             .map_err(|e| TextError::Numerical(format!("SVD of {layer}'s gradient: {e:?}")))?;
         let sigma: Vec<f64> = svd.S().column_vector().iter().copied().collect();
         let u = dtype.epsilon() / 2.0;
