@@ -75,10 +75,7 @@ pub(crate) fn sequences(model: &Bert, solved: &[&Solved]) -> (Vec<Vec<u32>>, Vec
         let u = eig.U();
         let zi = u[(i, 0)];
         let z: Vec<f64> = (0..n).map(|q| u[(q, 0)] / zi).collect();
-        let rounding = z
-            .iter()
-            .map(|v| (v - v.round()).abs())
-            .fold(0.0, f64::max);
+        let rounding = z.iter().map(|v| (v - v.round()).abs()).fold(0.0, f64::max);
         let members: Vec<usize> = (0..n).filter(|&q| z[q] > 0.5).collect();
         let mut seq: Vec<Option<u32>> = Vec::new();
         let mut valid = rounding <= ROUND_TOL && z.iter().all(|&v| v > -0.5 && v < 1.5);

@@ -176,7 +176,13 @@ impl Bert {
         };
         Ok(Gradients {
             x: stacked(grads, &qkv(0), d, d, 0)?,
-            c: stacked(grads, &[layer(prefix, 0, "attention.output.dense")], d, d, 1)?,
+            c: stacked(
+                grads,
+                &[layer(prefix, 0, "attention.output.dense")],
+                d,
+                d,
+                1,
+            )?,
             h: stacked(grads, &[layer(prefix, 0, "intermediate.dense")], ffn, d, 0)?,
             g: stacked(grads, &[layer(prefix, 0, "output.dense")], d, ffn, 0)?,
             o: stacked(grads, &qkv(1), d, d, 0)?,

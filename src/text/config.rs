@@ -315,10 +315,15 @@ fn bert_config(v: &Value, path: &Path, head: Head) -> Result<TextConfig, TextErr
     if heads == 0 || hidden % heads != 0 {
         return Err(TextError::Config {
             path: path.to_path_buf(),
-            reason: format!("hidden_size {hidden} is not a multiple of num_attention_heads {heads}"),
+            reason: format!(
+                "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            ),
         });
     }
-    let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu");
+    let act = v
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("gelu");
     let activation = match act {
         "gelu" => FfnActivation::GeluErf,
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => FfnActivation::GeluTanh,

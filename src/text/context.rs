@@ -353,7 +353,9 @@ impl<'a> ContextSolver<'a> {
             for step in 1..=GN_STEPS {
                 let jt = self.jacobian_t(&pt, f);
                 let jtj = &jt * jt.transpose();
-                let jtr = Col::from_fn(m, |t| (0..res.len()).map(|j| jt[(t, j)] * res[j]).sum::<f64>());
+                let jtr = Col::from_fn(m, |t| {
+                    (0..res.len()).map(|j| jt[(t, j)] * res[j]).sum::<f64>()
+                });
                 let Ok(e) = jtj.self_adjoint_eigen(Side::Lower) else {
                     break;
                 };

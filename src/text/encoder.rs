@@ -49,12 +49,11 @@ struct Loaded {
 fn load(model_dir: &Path, gradient: &Path, cfg: TextConfig) -> Result<Loaded, TextError> {
     let weights = Tensors::open(&model_dir.join("model.safetensors"), "model")?;
     let grads = Tensors::open(gradient, "gradient")?;
-    let prefix =
-        bert::detect_prefix(weights.names()).ok_or_else(|| TextError::MissingTensor {
-            path: model_dir.join("model.safetensors"),
-            role: "model",
-            name: "embeddings.word_embeddings.weight".into(),
-        })?;
+    let prefix = bert::detect_prefix(weights.names()).ok_or_else(|| TextError::MissingTensor {
+        path: model_dir.join("model.safetensors"),
+        role: "model",
+        name: "embeddings.word_embeddings.weight".into(),
+    })?;
     let model = Bert::load(cfg, &weights, &prefix)?;
     let storage = grads.dtype(&format!(
         "{prefix}encoder.layer.0.attention.self.query.weight"
@@ -305,7 +304,14 @@ pub(crate) fn attack(
     let accepted: Vec<&_> = solved.iter().filter(|s| s.accepted).collect();
     if std::env::var("GRADLEAK_DEBUG_BERT").is_ok() {
         for s in &solved {
-            eprintln!("DBG {} {} {} {:?} {}", s.position, s.token, s.accepted, s.tests.map(|t| format!("{:.2e}/{:.2e}", t.distance, t.tau)), s.steps);
+            eprintln!(
+                "DBG {} {} {} {:?} {}",
+                s.position,
+                s.token,
+                s.accepted,
+                s.tests.map(|t| format!("{:.2e}/{:.2e}", t.distance, t.tau)),
+                s.steps
+            );
         }
     }
     let steps = solved.iter().map(|s| s.steps).sum();
