@@ -38,6 +38,9 @@ pub enum Error {
     /// An output path that cannot be written as given.
     #[error("{} {reason}", path.display())]
     Output { path: PathBuf, reason: &'static str },
+    /// A tensor the model description names is not in the file or dict given.
+    #[error("the {what} has no tensor '{name}'")]
+    MissingTensor { what: &'static str, name: String },
     /// A parameter outside what the method or the model allows.
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -210,14 +210,15 @@ mod tests {
     use super::*;
 
     fn sample(x: Vec<f64>, label: Option<usize>) -> Sample {
-        Sample {
+        crate::attack::verdict::Candidate {
             x,
             residual: None,
-            exact: false,
             stage: crate::attack::Stage::Span,
             label,
             output_residual: None,
+            claim: crate::attack::verdict::Claim::None,
         }
+        .judge()
     }
 
     #[test]

@@ -107,7 +107,7 @@ fn tiny_gpt2_classifier_every_sequence_certified() {
         assert!(l.max_distance < l.tau, "{l:?}");
         assert!(l.unexplained <= l.tolerance, "{l:?}");
     }
-    // block 1 sees one input per distinct prefix
+    // the attention output has one input per distinct prefix
     let prefixes: std::collections::BTreeSet<&[u32]> = want
         .iter()
         .flat_map(|s| (1..=s.len()).map(move |n| &s[..n]))

@@ -74,7 +74,28 @@ def attack(
     noise_std: known noise per gradient entry (a defence). progress: bars on stderr.
     The attack runs with the GIL released; Ctrl-C stops it (KeyboardInterrupt).
     Bad input raises GradleakError.
+
+    A model with Conv2d or pooling layers (Conv2d, eval BatchNorm2d, ReLU LeakyReLU
+    Tanh Sigmoid GELU, MaxPool2d AvgPool2d AdaptiveAvgPool2d, Flatten, Linear; a
+    Sequential or a forward torch.fx traces as one chain) is attacked at its fully
+    connected head: rec.inputs are the features h_i entering the head's first Linear
+    layer (d = its in_features), exact and certified as MLP inputs are; rec.report["cnn"]
+    says which layer. The same as `gradleak attack --model DIR` on `export_model(model, DIR)`.
     """
+    from ._cnn import attack_cnn, is_cnn
+
+    if is_cnn(model):
+        if prior is not None or noise_std is not None or activation is not None:
+            raise GradleakError("invalid argument: prior, noise_std and activation do not apply to a CNN")
+        out = attack_cnn(model, gradients, loss=loss_name(loss), method=method, batch=batch, seed=seed)
+        return Reconstruction(
+            inputs=out["inputs"],
+            labels=out["labels"],
+            exact=out["exact"],
+            residuals=out["residuals"],
+            batch_size=out["batch_size"],
+            report=json.loads(out["report_json"]),
+        )
     layers, act, names = read_model(model, activation)
     grads = read_gradient(gradients, layers, names)
     if batch is not None and (not isinstance(batch, (int, np.integer)) or batch < 1):

@@ -2,6 +2,7 @@
 //! JSON report out; everything else (reading torch modules, the `Reconstruction`
 //! class) is in the pure-Python package next to this crate.
 
+mod cnn;
 mod sweep;
 
 use std::sync::mpsc;
@@ -33,7 +34,7 @@ pub(crate) fn err(e: Error) -> PyErr {
     GradleakError::new_err(e.to_string())
 }
 
-fn bad(msg: impl Into<String>) -> PyErr {
+pub(crate) fn bad(msg: impl Into<String>) -> PyErr {
     GradleakError::new_err(msg.into())
 }
 
@@ -377,6 +378,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GradleakError", m.py().get_type::<GradleakError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(attack, m)?)?;
+    m.add_function(wrap_pyfunction!(cnn::attack_cnn, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;
     m.add_function(wrap_pyfunction!(load_data, m)?)?;
     m.add_function(wrap_pyfunction!(text_attack, m)?)?;

@@ -9,9 +9,10 @@
 
 pub mod activation_fit;
 pub mod baseline;
-pub mod blocks;
+pub(crate) mod blocks;
 pub mod cancel;
-pub mod defended;
+pub mod conv;
+pub(crate) mod defended;
 pub mod evidence;
 pub mod exact;
 pub mod files;
@@ -25,6 +26,7 @@ pub mod reconstruction;
 pub mod stages;
 pub mod subspace;
 pub mod two_layer;
+pub mod verdict;
 pub mod view;
 
 pub use cancel::Cancel;
@@ -57,6 +59,12 @@ pub fn run(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         )),
         other => other,
     }
+}
+
+/// Attack a convolutional client's gradient: the features entering its fully
+/// connected head, exactly, by [`run`] on the head.
+pub fn run_conv(p: &conv::ConvProblem, cfg: &AttackConfig) -> Result<conv::ConvReconstruction> {
+    conv::attack(p, cfg, run)
 }
 
 /// The default route: exact analytic recovery for one sample, otherwise the best

@@ -17,7 +17,7 @@ use crate::{Error, Result};
 pub const ICA_ITERATIONS: usize = 200;
 
 /// Which attack to run (`--method`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Exact single-sample recovery x = g_w / g_b.

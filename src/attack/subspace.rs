@@ -341,6 +341,6 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(e.to_string().contains("at most"), "{e}");
+        assert!(matches!(e, Error::BatchTooLarge { batch: 9, .. }), "{e:?}");
     }
 }

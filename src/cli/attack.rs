@@ -1,5 +1,6 @@
 //! `gradleak attack`: what a server can reconstruct from the files it holds.
 
+use super::values;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -33,7 +34,9 @@ fn parse_activation(s: &str) -> Result<ActivationArg, String> {
 
 #[derive(Args, Debug)]
 pub struct AttackArgs {
-    /// The model the server sent (safetensors).
+    /// The model the server sent (safetensors), or a CNN model folder (model.json +
+    /// model.safetensors, from `gradleak.export_model`): then the features entering
+    /// its fully connected head are recovered and written to --out.
     #[arg(long)]
     model: PathBuf,
     /// The gradient the client returned (safetensors, same names).
@@ -63,13 +66,13 @@ pub struct AttackArgs {
     #[arg(long)]
     quiet: bool,
     /// The attack (auto: the best available route for the case).
-    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    #[arg(long, value_parser = values::method(), default_value_t = Method::Auto)]
     method: Method,
     /// Force the batch size instead of estimating it from the gradient's rank.
     #[arg(long)]
     batch: Option<usize>,
     /// The client's loss, if known: enables label recovery rules and baselines.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = values::loss())]
     loss: Option<Loss>,
     /// Public prior over input values: mean=..,std=..,min=..,max=..
     #[arg(long)]
@@ -137,6 +140,20 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
         p = p.noise_std(s);
     }
     let cfg = a.budget.apply_params(p)?;
+    if gradleak::io::cnn::is_model_dir(&a.model) {
+        let run = super::attack_cnn::CnnRun {
+            model: &a.model,
+            gradient: &a.gradient,
+            precision,
+            truth,
+            tol: a.tol,
+            out: &a.out,
+            report: a.report.as_deref(),
+            labels: a.labels.as_deref(),
+            mode,
+        };
+        return super::attack_cnn::run(run, &cfg);
+    }
     let opts = ReadOptions {
         names: a.names.clone(),
         precision,

@@ -1,5 +1,6 @@
 //! `gradleak audit`: the weakest strength of a defence that stops every attack.
 
+use super::values;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -27,7 +28,7 @@ pub struct AuditArgs {
     /// Attacks to run at each strength (comma-separated).
     #[arg(
         long,
-        value_enum,
+        value_parser = values::method(),
         value_delimiter = ',',
         default_value = "auto,tensor,dlg"
     )]

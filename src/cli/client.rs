@@ -1,5 +1,6 @@
 //! `gradleak client`: the gradient a client computes, in the model's dtype.
 
+use super::values;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -19,10 +20,10 @@ pub struct ClientArgs {
     #[arg(long)]
     batch: PathBuf,
     /// Activation between layers.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = values::activation())]
     activation: Activation,
     /// Loss with mean reduction: mse, ce (cross-entropy), bce (with logits).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = values::loss())]
     loss: Loss,
     /// Where to write the gradient (safetensors, same names as the model).
     #[arg(long)]

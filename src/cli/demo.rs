@@ -1,5 +1,6 @@
 //! `gradleak demo`: the main job on a fresh machine, on the embedded digits.
 
+use super::values;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -13,7 +14,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "gradleak-demo")]
     out: PathBuf,
     /// Attack method (default: the best available).
-    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    #[arg(long, value_parser = values::method(), default_value_t = Method::Auto)]
     method: Method,
     /// Batch size.
     #[arg(long, default_value_t = 8)]

@@ -2,6 +2,7 @@
 
 mod activations;
 mod attack;
+mod attack_cnn;
 mod audit;
 mod bench;
 mod client;
@@ -11,6 +12,7 @@ mod simulate;
 mod sweep;
 mod table;
 mod text;
+mod values;
 
 use clap::{Parser, Subcommand};
 

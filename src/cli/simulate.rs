@@ -1,5 +1,6 @@
 //! `gradleak simulate`: one round end to end.
 
+use super::values;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -28,16 +29,16 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 256)]
     pub hidden: usize,
     /// Activation between layers.
-    #[arg(long, value_enum, default_value_t = Activation::Tanh)]
+    #[arg(long, value_parser = values::activation(), default_value_t = Activation::Tanh)]
     pub activation: Activation,
     /// The client's loss (mean reduction).
-    #[arg(long, value_enum, default_value_t = Loss::Ce)]
+    #[arg(long, value_parser = values::loss(), default_value_t = Loss::Ce)]
     pub loss: Loss,
     /// Output dimension K (classes for ce). Default: the data's classes, 10 for ce, 1 otherwise.
     #[arg(long)]
     pub classes: Option<usize>,
     /// Server's parameters (gaussian: the paper's law).
-    #[arg(long, value_enum, default_value_t = Init::Gaussian)]
+    #[arg(long, value_parser = values::init(), default_value_t = Init::Gaussian)]
     pub init: Init,
     /// Client's precision: f32 or f64.
     #[arg(long, default_value = "f64")]
@@ -46,7 +47,7 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// The attack (auto: the best available route for the case).
-    #[arg(long, value_enum, default_value_t = Method::Auto)]
+    #[arg(long, value_parser = values::method(), default_value_t = Method::Auto)]
     pub method: Method,
     /// Defence applied by the client, repeatable, in order: clip:C noise:SIGMA noise-rel:S
     /// prune:P topk:K quantize:BITS local-steps:E:LR (e.g. --defense clip:1 --defense noise:0.5).

@@ -1,6 +1,7 @@
 //! File formats users hold: safetensors (PyTorch), NumPy .npy, PNG.
 //! Every writer goes through [`write_atomic`]: no half-written output.
 
+pub mod cnn;
 pub mod layout;
 pub mod npy;
 pub mod outputs;

@@ -8,7 +8,7 @@ use super::{Activation, Dense, Mlp};
 use crate::{Error, Result};
 
 /// The server's law for the parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Init {
     /// First layer i.i.d. N(0, s^2) on the augmented row (w_j, b_j), with

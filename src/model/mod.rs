@@ -1,6 +1,7 @@
 //! The client: its network, loss, and the server's choice of parameters.
 
 mod activation;
+pub mod cnn;
 pub mod init;
 mod loss;
 mod mlp;

@@ -1,22 +1,61 @@
-//! The Levenberg-Marquardt loop of the large fits (the two-layer likelihood fit, the
-//! labelled joint fit, the E-step fit): a problem states its normal equations at a
-//! point and solves them damped; [`minimise`] accepts a step when the objective falls
-//! and moves the damping by one policy ([`INITIAL`], [`DECREASE`], [`INCREASE`],
-//! [`MIN`], [`TRIES`]).
+//! The one Levenberg-Marquardt loop of the crate (docs/DESIGN.md, "Levenberg-Marquardt"):
+//! a problem states its normal equations at a point and solves them damped;
+//! [`minimise`] accepts a step when the objective falls and moves the damping by a
+//! [`Policy`]: [`LARGE`] for the large fits (the two-layer likelihood fit, the labelled
+//! joint fit, the E-step fit), [`SMALL`] for the small dense problems of the searches
+//! ([`crate::numerics::lm`]).
 
 // `!(x > y)` is deliberate: it also stops on NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
-/// Damping of the first step.
-pub const INITIAL: f64 = 1e-4;
-/// The damping is divided by this after an accepted step ...
-pub const DECREASE: f64 = 3.0;
-/// ... and never falls below this.
-pub const MIN: f64 = 1e-12;
-/// The damping is multiplied by this after a rejected step (or a failed solve).
-pub const INCREASE: f64 = 8.0;
-/// Damping increases tried per step before the fit counts as stalled.
-pub const TRIES: usize = 8;
+/// How the damping moves, and when slow progress stops the fit.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Damping of the first step.
+    pub initial: f64,
+    /// The damping is divided by this after an accepted step ...
+    pub decrease: f64,
+    /// ... and never falls below this.
+    pub min: f64,
+    /// The damping is multiplied by this after a rejected step ...
+    pub increase: f64,
+    /// ... and by this after a failed solve.
+    pub increase_failed: f64,
+    /// Dampings tried per step before the fit counts as stalled ...
+    pub tries: usize,
+    /// ... or once the damping reaches this (no step can help: the problem is flat here).
+    pub max: f64,
+    /// Accepted steps in a row with a gain under `min_gain` before the fit stops.
+    pub patience: usize,
+}
+
+/// The large fits: many unknowns, each solve costly, so few tries per step and a stop
+/// at the first slow step.
+pub const LARGE: Policy = Policy {
+    initial: 1e-4,
+    decrease: 3.0,
+    min: 1e-12,
+    increase: 8.0,
+    increase_failed: 8.0,
+    tries: 8,
+    max: f64::INFINITY,
+    patience: 1,
+};
+
+/// The small dense problems of the searches ([`crate::numerics::lm`], damping relative
+/// to diag(J^T J)): solves are cheap and starts rough, so the damping may grow by small
+/// factors until nothing can help, and a fit stops only after several slow steps (the
+/// span search and the refinements were tuned with these).
+pub const SMALL: Policy = Policy {
+    initial: 1e-3,
+    decrease: 3.0,
+    min: 1e-12,
+    increase: 4.0,
+    increase_failed: 10.0,
+    tries: usize::MAX,
+    max: 1e12,
+    patience: 4,
+};
 
 /// A least-squares problem in the form Levenberg-Marquardt needs.
 pub trait NormalEquations {
@@ -24,13 +63,25 @@ pub trait NormalEquations {
     type Point;
     /// The normal equations (or what gives their products) at a point.
     type System;
-    /// The normal equations at `at`.
-    fn system(&self, at: &Self::Point) -> Self::System;
+    /// The normal equations at `at` (None where there are none: the fit stops there).
+    fn system(&self, at: &Self::Point) -> Option<Self::System>;
     /// The point one step from `at` solving the equations damped by `lambda` (None when
-    /// the solve fails: it counts as a rejected step).
+    /// the solve fails: the damping grows by [`Policy::increase_failed`]).
     fn step(&self, at: &Self::Point, sys: &Self::System, lambda: f64) -> Option<Self::Point>;
     /// The objective at a point (non-finite: rejected).
     fn objective(&self, at: &Self::Point) -> f64;
+}
+
+/// When [`minimise`] stops (besides a stall).
+#[derive(Clone, Copy, Debug)]
+pub struct Stop<C> {
+    /// Steps at most.
+    pub steps: usize,
+    /// An accepted step lowering the objective by less than this fraction is slow;
+    /// [`Policy::patience`] slow steps in a row stop the fit.
+    pub min_gain: Option<f64>,
+    /// No step is started once `converged(f)`.
+    pub converged: C,
 }
 
 /// Where [`minimise`] ended.
@@ -40,48 +91,52 @@ pub struct Minimum<P> {
     pub objective: f64,
     /// Steps started.
     pub steps: usize,
-    /// The last step found no lower objective in [`TRIES`] dampings.
+    /// The last step found no lower objective before the policy gave up.
     pub stalled: bool,
 }
 
-/// Levenberg-Marquardt from `start` (objective `f0`), at most `steps` steps, none
-/// started once `converged(f)`; after an accepted step that lowers the objective by
-/// less than the fraction `min_gain` (when given) it stops too.
-pub fn minimise<N: NormalEquations>(
+/// Levenberg-Marquardt from `start` (objective `f0`) under `policy` until `stop`.
+pub fn minimise<N: NormalEquations, C: Fn(f64) -> bool>(
     n: &N,
     start: N::Point,
     f0: f64,
-    steps: usize,
-    min_gain: Option<f64>,
-    converged: impl Fn(f64) -> bool,
+    policy: &Policy,
+    stop: Stop<C>,
 ) -> Minimum<N::Point> {
     let (mut at, mut f) = (start, f0);
-    let mut lambda = INITIAL;
-    let (mut done, mut stalled) = (0, false);
-    while done < steps && !converged(f) {
+    let mut lambda = policy.initial;
+    let (mut done, mut stalled, mut slow) = (0, false, 0);
+    while done < stop.steps && !(stop.converged)(f) {
+        let Some(sys) = n.system(&at) else { break };
         done += 1;
-        let sys = n.system(&at);
         let mut moved = None;
-        for _ in 0..TRIES {
-            if let Some(cand) = n.step(&at, &sys, lambda) {
-                let fc = n.objective(&cand);
-                if fc.is_finite() && fc < f {
-                    let gain = (f - fc) / f.max(f64::MIN_POSITIVE);
-                    (at, f) = (cand, fc);
-                    lambda = (lambda / DECREASE).max(MIN);
-                    moved = Some(gain);
-                    break;
-                }
-            }
-            lambda *= INCREASE;
-        }
-        match moved {
-            None => {
-                stalled = true;
+        let mut tries = 0;
+        while tries < policy.tries && lambda < policy.max {
+            tries += 1;
+            let Some(cand) = n.step(&at, &sys, lambda) else {
+                lambda *= policy.increase_failed;
+                continue;
+            };
+            let fc = n.objective(&cand);
+            if fc.is_finite() && fc < f {
+                let gain = (f - fc) / f.max(f64::MIN_POSITIVE);
+                (at, f) = (cand, fc);
+                lambda = (lambda / policy.decrease).max(policy.min);
+                moved = Some(gain);
                 break;
             }
-            Some(gain) if min_gain.is_some_and(|g| !(gain > g)) => break,
-            Some(_) => {}
+            lambda *= policy.increase;
+        }
+        let Some(gain) = moved else {
+            stalled = true;
+            break;
+        };
+        slow = match stop.min_gain {
+            Some(g) if !(gain > g) => slow + 1,
+            _ => 0,
+        };
+        if slow >= policy.patience {
+            break;
         }
     }
     Minimum {
@@ -102,7 +157,9 @@ mod tests {
     impl NormalEquations for Quadratic {
         type Point = [f64; 2];
         type System = ();
-        fn system(&self, _: &[f64; 2]) {}
+        fn system(&self, _: &[f64; 2]) -> Option<()> {
+            Some(())
+        }
         fn step(&self, u: &[f64; 2], _: &(), lambda: f64) -> Option<[f64; 2]> {
             // normal matrix diag(1, 100), gradient A^T (A u - b), b = (1, 10)
             let g = [u[0] - 1.0, 100.0 * u[1] - 100.0];
@@ -119,18 +176,25 @@ mod tests {
     #[test]
     fn converges_on_a_quadratic_and_counts_its_steps() {
         let f0 = Quadratic.objective(&[0.0, 0.0]);
-        let m = minimise(&Quadratic, [0.0, 0.0], f0, 50, None, |f| f <= 1e-28);
+        let stop = Stop {
+            steps: 50,
+            min_gain: None,
+            converged: |f: f64| f <= 1e-28,
+        };
+        let m = minimise(&Quadratic, [0.0, 0.0], f0, &LARGE, stop);
         assert!((m.point[0] - 1.0).abs() < 1e-14 && (m.point[1] - 1.0).abs() < 1e-14);
         assert!(m.objective <= 1e-28 || m.stalled, "{m:?}");
         assert!(m.steps < 50);
     }
 
-    /// A problem whose every step goes uphill stalls after one step of TRIES dampings.
+    /// A problem whose every step goes uphill stalls after one step of `tries` dampings.
     struct Uphill;
     impl NormalEquations for Uphill {
         type Point = f64;
         type System = ();
-        fn system(&self, _: &f64) {}
+        fn system(&self, _: &f64) -> Option<()> {
+            Some(())
+        }
         fn step(&self, u: &f64, _: &(), _: f64) -> Option<f64> {
             Some(u + 1.0)
         }
@@ -141,7 +205,12 @@ mod tests {
 
     #[test]
     fn uphill_steps_stall() {
-        let m = minimise(&Uphill, 1.0, 1.0, 10, Some(1e-9), |_| false);
+        let stop = Stop {
+            steps: 10,
+            min_gain: Some(1e-9),
+            converged: |_| false,
+        };
+        let m = minimise(&Uphill, 1.0, 1.0, &LARGE, stop);
         assert!(m.stalled);
         assert_eq!((m.steps, m.point), (1, 1.0));
     }

@@ -1,11 +1,16 @@
-//! Levenberg-Marquardt for small dense least-squares problems (the search and
-//! refinement stages solve many of them; docs/DESIGN.md, "Levenberg-Marquardt").
+//! Small dense least-squares problems (the search and refinement stages solve many of
+//! them): a [`Problem`] gives its residual and Jacobian, [`solve`] forms the normal
+//! equations J^T J densely and runs the crate's one Levenberg-Marquardt loop,
+//! [`damped::minimise`] with the [`damped::SMALL`] policy (docs/DESIGN.md,
+//! "Levenberg-Marquardt").
 
 // `!(x > 0.0)` is deliberate throughout: it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
 use faer::linalg::solvers::Solve;
 use faer::{Col, Mat, Side};
+
+use super::damped::{self, NormalEquations, Stop};
 
 /// A nonlinear least-squares problem min_u ||e(u)||^2.
 pub trait Problem {
@@ -24,7 +29,8 @@ pub struct LmOptions {
     pub max_iterations: usize,
     /// Stop once ||e|| falls below this.
     pub target: f64,
-    /// Stop when a step improves ||e|| by less than this fraction, several times in a row.
+    /// Stop when a step improves ||e|| by less than this fraction, several times in a row
+    /// ([`damped::SMALL`]'s patience).
     pub stall: f64,
 }
 
@@ -38,12 +44,9 @@ impl Default for LmOptions {
     }
 }
 
-/// Initial damping relative to the mean diagonal of J^T J.
-const INITIAL_DAMPING: f64 = 1e-3;
-/// Damping beyond which no step can help (the problem is flat here).
-const MAX_DAMPING: f64 = 1e12;
-/// Consecutive stalled iterations before giving up.
-const STALL_PATIENCE: usize = 4;
+/// Share of the mean diagonal of J^T J added to every diagonal entry before damping,
+/// so scale-free directions stay solvable.
+const DIAGONAL_FLOOR: f64 = 1e-9;
 
 /// Result of one solve.
 #[derive(Clone, Debug)]
@@ -52,69 +55,91 @@ pub struct LmResult {
     pub iterations: usize,
 }
 
-/// Minimise ||e(u)|| from `u0`. Damping: lambda (diag(J^T J) + mean diag * 1e-9 I)
-/// (Marquardt's scaling with a floor so scale-free directions stay solvable).
+/// Minimise ||e(u)|| from `u0` (None when the Jacobian is undefined at `u0`). Damping:
+/// lambda (diag(J^T J) + `DIAGONAL_FLOOR` mean diag I), Marquardt's scaling.
 pub fn solve<P: Problem>(p: &P, u0: Col<f64>, opts: &LmOptions) -> Option<LmResult> {
     let mut u = u0;
     p.normalise(&mut u);
-    let (mut e, mut j) = p.jacobian(&u)?;
-    let mut norm = e.norm_l2();
-    let mut lambda = INITIAL_DAMPING;
-    let mut stalled = 0;
-    let n = u.nrows();
-    let mut it = 0;
-    while it < opts.max_iterations && norm > opts.target {
-        it += 1;
-        let jtj = j.transpose() * &j;
-        let jte = j.transpose() * &e;
+    let jac = p.jacobian(&u)?;
+    let norm = jac.0.norm_l2();
+    let target = opts.target;
+    let m = damped::minimise(
+        &Dense(p),
+        At { u, jac: Some(jac) },
+        norm,
+        &damped::SMALL,
+        Stop {
+            steps: opts.max_iterations,
+            min_gain: Some(opts.stall),
+            converged: |f: f64| !(f > target),
+        },
+    );
+    Some(LmResult {
+        u: m.point.u,
+        iterations: m.steps,
+    })
+}
+
+/// A [`Problem`] as normal equations; the objective is ||e|| (not squared).
+struct Dense<'a, P>(&'a P);
+
+/// A point, with the residual and Jacobian there when they are known already.
+struct At {
+    u: Col<f64>,
+    jac: Option<(Col<f64>, Mat<f64>)>,
+}
+
+/// J^T J, J^T e and the mean diagonal of J^T J.
+struct System {
+    jtj: Mat<f64>,
+    jte: Col<f64>,
+    mean_diag: f64,
+}
+
+impl<P: Problem> NormalEquations for Dense<'_, P> {
+    type Point = At;
+    type System = System;
+
+    fn system(&self, at: &At) -> Option<System> {
+        let fresh;
+        let (e, j) = match &at.jac {
+            Some((e, j)) => (e, j),
+            None => {
+                fresh = self.0.jacobian(&at.u)?;
+                (&fresh.0, &fresh.1)
+            }
+        };
+        let jtj = j.transpose() * j;
+        let jte = j.transpose() * e;
+        let n = at.u.nrows();
         let mean_diag = (0..n).map(|k| jtj[(k, k)]).sum::<f64>() / n as f64;
-        if !(mean_diag > 0.0) || !mean_diag.is_finite() {
-            break;
-        }
-        let mut improved = false;
-        while lambda < MAX_DAMPING {
-            let mut a = jtj.clone();
-            for k in 0..n {
-                a[(k, k)] += lambda * (jtj[(k, k)] + 1e-9 * mean_diag);
-            }
-            let step = match a.llt(Side::Lower) {
-                Ok(ch) => ch.solve(&jte),
-                Err(_) => {
-                    lambda *= 10.0;
-                    continue;
-                }
-            };
-            let mut cand = &u - &step;
-            p.normalise(&mut cand);
-            if let Some(ec) = p.residual(&cand) {
-                let nc = ec.norm_l2();
-                if nc.is_finite() && nc < norm {
-                    stalled = if nc > norm * (1.0 - opts.stall) {
-                        stalled + 1
-                    } else {
-                        0
-                    };
-                    u = cand;
-                    norm = nc;
-                    lambda = (lambda / 3.0).max(1e-12);
-                    improved = true;
-                    break;
-                }
-            }
-            lambda *= 4.0;
-        }
-        if !improved || stalled >= STALL_PATIENCE {
-            break;
-        }
-        match p.jacobian(&u) {
-            Some((ee, jj)) => {
-                e = ee;
-                j = jj;
-            }
-            None => break,
-        }
+        Some(System {
+            jtj,
+            jte,
+            mean_diag,
+        })
     }
-    Some(LmResult { u, iterations: it })
+
+    fn step(&self, at: &At, s: &System, lambda: f64) -> Option<At> {
+        // a zero or non-finite J^T J has no step
+        if !(s.mean_diag > 0.0) || !s.mean_diag.is_finite() {
+            return None;
+        }
+        let mut a = s.jtj.clone();
+        for k in 0..a.nrows() {
+            a[(k, k)] += lambda * (s.jtj[(k, k)] + DIAGONAL_FLOOR * s.mean_diag);
+        }
+        let step = a.llt(Side::Lower).ok()?.solve(&s.jte);
+        let mut u = &at.u - &step;
+        self.0.normalise(&mut u);
+        Some(At { u, jac: None })
+    }
+
+    fn objective(&self, at: &At) -> f64 {
+        self.0
+            .residual(&at.u)
+            .map_or(f64::INFINITY, |e| e.norm_l2())
+    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 use faer::{Mat, MatRef};
 
 use super::TextError;
-use super::config::TextConfig;
-use super::gpt2::{Embeddings, LayerNorm, add_bias, apply, augment};
+use super::config::{FfnActivation, TextConfig};
+use super::gpt2::{Embeddings, LayerNorm, add_bias, augment};
 use super::tensors::Tensors;
 
 /// The weights of block 0 (Linear weights transposed to in x out).
@@ -258,6 +258,15 @@ impl Bert {
             h: augment(h.as_ref()),
             g: augment(g.as_ref()),
             o: augment(o.as_ref()),
+        }
+    }
+}
+
+/// The activation applied to every entry of `x`.
+fn apply(x: &mut Mat<f64>, act: FfnActivation) {
+    for j in 0..x.ncols() {
+        for i in 0..x.nrows() {
+            x[(i, j)] = act.apply(x[(i, j)]);
         }
     }
 }

@@ -5,11 +5,9 @@ use std::ops::Range;
 
 use faer::{Mat, MatRef};
 
-/// The first block at one position for a set of candidate tokens: the residual stream
-/// and the attention's queries, keys and values (keys as cached, i.e. after any rotary
-/// embedding).
+/// The first block at one position for a set of candidate tokens: the attention's
+/// queries, keys and values (keys as cached, i.e. after any rotary embedding).
 pub(crate) struct Step {
-    pub h0: Mat<f64>,
     pub q: Mat<f64>,
     pub k: Mat<f64>,
     pub v: Mat<f64>,
@@ -24,8 +22,9 @@ pub(crate) trait Causal {
     /// The first block's input-projection input, as its span is tested (augmented with
     /// 1 when the projection has a bias), of `tokens` at `p`.
     fn block0_input(&self, tokens: &[u32], p: usize) -> Mat<f64>;
-    /// The second block's input-projection input, as tested, at the new position for
-    /// the candidates `rows` of `step` after a prefix with cached `keys`, `values`.
+    /// The first block's attention output (its output projection's input), as tested
+    /// (augmented with 1 when that projection has a bias), at the new position for the
+    /// candidates `rows` of `step` after a prefix with cached `keys`, `values`.
     fn extend(
         &self,
         keys: MatRef<'_, f64>,

@@ -35,19 +35,25 @@ pub struct PositionTokens {
 }
 
 /// Per-vocabulary quantities computed once.
+///
+/// The products are taken with M, the smaller of the complement basis N (k columns) and
+/// the span basis U (rank columns): ||N^T x~||^2 = ||x~||^2 - ||U^T x~||^2, so when the
+/// rank is below k the V x d x rank product replaces the V x d x k one.
 pub(crate) struct TokenFilter<'a> {
     model: Embeddings<'a>,
     span: &'a RowSpan,
+    /// M is the span basis U (the distance is taken as ||x~||^2 - ||U^T x~||^2).
+    on_span: bool,
     /// C e_t (V x d).
     ce: Mat<f64>,
-    /// N_top^T (gamma * C e_t) (V x k).
+    /// M_top^T (gamma * C e_t) (V x m).
     pa: Mat<f64>,
     ee: Vec<f64>,
     gaga: Vec<f64>,
     bga: Vec<f64>,
     papa: Vec<f64>,
     papc: Vec<f64>,
-    /// N^T c.
+    /// M^T c.
     pc: Col<f64>,
     gamma: Vec<f64>,
 }
@@ -70,8 +76,13 @@ impl<'a> TokenFilter<'a> {
         let mut ce = model.wte.clone();
         centre_rows(&mut ce);
         let ga = Mat::from_fn(ce.nrows(), d, |i, j| ce[(i, j)] * gamma[j]);
-        let n_top = span.complement.subrows(0, d);
-        let pa = &ga * n_top;
+        let on_span = span.rank < span.complement.ncols();
+        let m = if on_span {
+            span.basis.as_ref()
+        } else {
+            span.complement.as_ref()
+        };
+        let pa = &ga * m.subrows(0, d);
         let v = ce.nrows();
         let row_sq =
             |m: &Mat<f64>, i: usize| (0..m.ncols()).map(|j| m[(i, j)] * m[(i, j)]).sum::<f64>();
@@ -81,12 +92,9 @@ impl<'a> TokenFilter<'a> {
             .map(|i| (0..d).map(|j| beta[j] * ga[(i, j)]).sum())
             .collect();
         let papa = (0..v).map(|i| row_sq(&pa, i)).collect();
-        let k = span.complement.ncols();
+        let k = m.ncols();
         let pc = Col::from_fn(k, |c| {
-            (0..d)
-                .map(|j| span.complement[(j, c)] * beta[j])
-                .sum::<f64>()
-                + span.complement[(d, c)]
+            (0..d).map(|j| m[(j, c)] * beta[j]).sum::<f64>() + m[(d, c)]
         });
         let papc = (0..v)
             .map(|i| (0..k).map(|c| pa[(i, c)] * pc[c]).sum())
@@ -94,6 +102,7 @@ impl<'a> TokenFilter<'a> {
         TokenFilter {
             model,
             span,
+            on_span,
             ce,
             pa,
             ee,
@@ -106,6 +115,14 @@ impl<'a> TokenFilter<'a> {
         }
     }
 
+    fn products_basis(&self) -> faer::MatRef<'_, f64> {
+        if self.on_span {
+            self.span.basis.as_ref()
+        } else {
+            self.span.complement.as_ref()
+        }
+    }
+
     /// The expanded (screening) distance of every token at position `p`.
     pub fn screen(&self, p: usize) -> Vec<f64> {
         let d = self.model.hidden();
@@ -114,9 +131,10 @@ impl<'a> TokenFilter<'a> {
         let m = cw.iter().sum::<f64>() / d as f64;
         cw.iter_mut().for_each(|x| *x -= m);
         let gb: Vec<f64> = (0..d).map(|j| cw[j] * self.gamma[j]).collect();
-        let k = self.span.complement.ncols();
+        let m = self.products_basis();
+        let k = m.ncols();
         let pb: Vec<f64> = (0..k)
-            .map(|c| (0..d).map(|j| self.span.complement[(j, c)] * gb[j]).sum())
+            .map(|c| (0..d).map(|j| m[(j, c)] * gb[j]).sum())
             .collect();
         let ww: f64 = cw.iter().map(|x| x * x).sum();
         let gbgb: f64 = gb.iter().map(|x| x * x).sum();
@@ -137,13 +155,15 @@ impl<'a> TokenFilter<'a> {
             .map(|t| {
                 let s2 = (self.ee[t] + 2.0 * ew[t] + ww) / d as f64 + self.model.ln.eps;
                 let s = s2.sqrt();
-                let num = (self.papa[t] + 2.0 * papb[t] + pbpb) / s2
+                // ||M^T x~||^2 and ||x~||^2, expanded
+                let proj = (self.papa[t] + 2.0 * papb[t] + pbpb) / s2
                     + 2.0 * (self.papc[t] + pbpc) / s
                     + pcpc;
                 let den = (self.gaga[t] + 2.0 * gagb[t] + gbgb) / s2
                     + 2.0 * (self.bga[t] + bgb) / s
                     + bb
                     + 1.0;
+                let num = if self.on_span { den - proj } else { proj };
                 (num.max(0.0) / den).sqrt()
             })
             .collect()

@@ -1,6 +1,6 @@
-//! GPT-2's embeddings and first block, run forward in f64 for candidate inputs
-//! (docs/DESIGN.md, "Text: sequences from the second block"). Only what the attack
-//! needs: the first block's LayerNorm and projections, and the second block's ln_1.
+//! GPT-2's embeddings and first block's attention, run forward in f64 for candidate
+//! inputs (docs/DESIGN.md, "Text: sequences from the attention output"). Only what the
+//! attack needs: the first block's LayerNorm and its c_attn projection.
 
 use faer::{Mat, MatRef};
 
@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use super::TextError;
 use super::causal::{Causal, Step, causal_attention};
-use super::config::{FfnActivation, TextConfig};
+use super::config::TextConfig;
 use super::tensors::Tensors;
 
 /// A LayerNorm's gain and shift.
@@ -73,15 +73,6 @@ pub(crate) struct Gpt2 {
     /// c_attn: d x 3d (Conv1D: in x out) and its bias.
     pub attn_w: Mat<f64>,
     pub attn_b: Vec<f64>,
-    pub proj_w: Mat<f64>,
-    pub proj_b: Vec<f64>,
-    pub ln_2: LayerNorm,
-    pub fc_w: Mat<f64>,
-    pub fc_b: Vec<f64>,
-    pub mlp_proj_w: Mat<f64>,
-    pub mlp_proj_b: Vec<f64>,
-    /// The second block's ln_1: its output is the input of the second block's c_attn.
-    pub next_ln_1: LayerNorm,
 }
 
 /// Names of GPT-2's parameters under a prefix (`transformer.` for the heads, empty for
@@ -115,10 +106,10 @@ impl Names {
 
 impl Gpt2 {
     pub fn load(cfg: TextConfig, weights: &Tensors, names: &Names) -> Result<Self, TextError> {
-        let (d, v, ffn) = (cfg.hidden, cfg.vocab, cfg.ffn);
+        let (d, v) = (cfg.hidden, cfg.vocab);
         if cfg.layers < 2 {
             return Err(TextError::Unsupported(format!(
-                "a GPT-2 with {} layer: the sequence search needs the second block's gradient",
+                "a GPT-2 with {} layer: the attack reads the first block, which must not be the last (there only the pooled position has a gradient)",
                 cfg.layers
             )));
         }
@@ -135,14 +126,6 @@ impl Gpt2 {
             ln_1: ln(0, "ln_1")?,
             attn_w: weights.matrix(&names.block(0, "attn.c_attn.weight"), d, 3 * d)?,
             attn_b: weights.vector(&names.block(0, "attn.c_attn.bias"), 3 * d)?,
-            proj_w: weights.matrix(&names.block(0, "attn.c_proj.weight"), d, d)?,
-            proj_b: weights.vector(&names.block(0, "attn.c_proj.bias"), d)?,
-            ln_2: ln(0, "ln_2")?,
-            fc_w: weights.matrix(&names.block(0, "mlp.c_fc.weight"), d, ffn)?,
-            fc_b: weights.vector(&names.block(0, "mlp.c_fc.bias"), ffn)?,
-            mlp_proj_w: weights.matrix(&names.block(0, "mlp.c_proj.weight"), ffn, d)?,
-            mlp_proj_b: weights.vector(&names.block(0, "mlp.c_proj.bias"), d)?,
-            next_ln_1: ln(1, "ln_1")?,
             cfg,
         })
     }
@@ -182,13 +165,10 @@ impl Causal for Gpt2 {
 
     fn step(&self, tokens: &[u32], p: usize) -> Step {
         let d = self.hidden();
-        let h0 = self.embed(tokens, p);
-        let mut a = h0.clone();
-        self.ln_1.apply_rows(&mut a);
+        let a = self.ln_input(tokens, p);
         let mut qkv = &a * &self.attn_w;
         add_bias(&mut qkv, &self.attn_b);
         Step {
-            h0,
             q: qkv.subcols(0, d).to_owned(),
             k: qkv.subcols(d, d).to_owned(),
             v: qkv.subcols(2 * d, d).to_owned(),
@@ -199,8 +179,9 @@ impl Causal for Gpt2 {
         augment(self.ln_input(tokens, p).as_ref())
     }
 
-    /// LN_1'(block_0(prefix + t)) at the new position, augmented, for the candidate
-    /// tokens `rows` of `step` after a prefix whose keys and values are `keys`, `values`.
+    /// The attention output at the new position (c_proj's input), augmented, for the
+    /// candidate tokens `rows` of `step` after a prefix whose keys and values are `keys`,
+    /// `values`.
     fn extend(
         &self,
         keys: MatRef<'_, f64>,
@@ -208,10 +189,8 @@ impl Causal for Gpt2 {
         step: &Step,
         rows: Range<usize>,
     ) -> Mat<f64> {
-        let d = self.hidden();
         let heads = self.cfg.heads;
-        let hd = d / heads;
-        let h0 = step.h0.subrows(rows.start, rows.len());
+        let hd = self.hidden() / heads;
         let attn = causal_attention(
             keys,
             values,
@@ -222,19 +201,7 @@ impl Causal for Gpt2 {
             heads,
             hd,
         );
-        let mut h1 = &attn * &self.proj_w;
-        add_bias(&mut h1, &self.proj_b);
-        h1 += h0;
-        let mut m = h1.clone();
-        self.ln_2.apply_rows(&mut m);
-        let mut f = &m * &self.fc_w;
-        add_bias(&mut f, &self.fc_b);
-        apply(&mut f, self.cfg.activation);
-        let mut h2 = &f * &self.mlp_proj_w;
-        add_bias(&mut h2, &self.mlp_proj_b);
-        h2 += &h1;
-        self.next_ln_1.apply_rows(&mut h2);
-        augment(h2.as_ref())
+        augment(attn.as_ref())
     }
 }
 
@@ -242,14 +209,6 @@ pub(crate) fn add_bias(x: &mut Mat<f64>, b: &[f64]) {
     for j in 0..x.ncols() {
         for i in 0..x.nrows() {
             x[(i, j)] += b[j];
-        }
-    }
-}
-
-pub(crate) fn apply(x: &mut Mat<f64>, act: FfnActivation) {
-    for j in 0..x.ncols() {
-        for i in 0..x.nrows() {
-            x[(i, j)] = act.apply(x[(i, j)]);
         }
     }
 }

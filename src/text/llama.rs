@@ -1,7 +1,8 @@
 //! A LLaMA-style decoder's embeddings and first block (RMSNorm, rotary positions applied
 //! to queries and keys after the projection, grouped-query attention, SwiGLU MLP), in f64.
-//! The input projections have no bias and see RMSNorm(e_t): no position, so block 0
-//! yields the bag of distinct tokens and the order comes from block 1.
+//! The input projections have no bias and see RMSNorm(e_t): no position, so block 0's
+//! q/k/v yield the bag of distinct tokens and the order comes from its attention output
+//! (o_proj's input), where RoPE has entered.
 
 use std::ops::Range;
 
@@ -32,12 +33,6 @@ pub(crate) struct Llama {
     pub wq: Mat<f64>,
     pub wk: Mat<f64>,
     pub wv: Mat<f64>,
-    pub wo: Mat<f64>,
-    pub norm_2: Vec<f64>,
-    pub gate: Mat<f64>,
-    pub up: Mat<f64>,
-    pub down: Mat<f64>,
-    pub next_norm_1: Vec<f64>,
     /// Rotary frequencies theta^(-2i/hd), i < hd/2.
     inv_freq: Vec<f64>,
 }
@@ -52,12 +47,12 @@ pub(crate) fn detect_prefix<'a>(names: impl Iterator<Item = &'a str>) -> Option<
 
 impl Llama {
     pub fn load(cfg: TextConfig, w: &Tensors, prefix: &str) -> Result<Self, TextError> {
-        let (d, v, ffn) = (cfg.hidden, cfg.vocab, cfg.ffn);
+        let (d, v) = (cfg.hidden, cfg.vocab);
         let kv = cfg.kv_heads * cfg.head_dim;
         let qd = cfg.heads * cfg.head_dim;
         if cfg.layers < 2 {
             return Err(TextError::Unsupported(format!(
-                "a LLaMA model with {} layer: the sequence search needs the second block's gradient",
+                "a LLaMA model with {} layer: the attack reads the first block, which must not be the last (there only the pooled position has a gradient)",
                 cfg.layers
             )));
         }
@@ -75,12 +70,6 @@ impl Llama {
             wq: lin(0, "self_attn.q_proj.weight", qd, d)?,
             wk: lin(0, "self_attn.k_proj.weight", kv, d)?,
             wv: lin(0, "self_attn.v_proj.weight", kv, d)?,
-            wo: lin(0, "self_attn.o_proj.weight", d, qd)?,
-            norm_2: w.vector(&name(0, "post_attention_layernorm.weight"), d)?,
-            gate: lin(0, "mlp.gate_proj.weight", ffn, d)?,
-            up: lin(0, "mlp.up_proj.weight", ffn, d)?,
-            down: lin(0, "mlp.down_proj.weight", d, ffn)?,
-            next_norm_1: w.vector(&name(1, "input_layernorm.weight"), d)?,
             inv_freq,
             cfg,
         })
@@ -125,16 +114,13 @@ impl Causal for Llama {
     }
 
     fn step(&self, tokens: &[u32], p: usize) -> Step {
-        let h0 = Mat::from_fn(tokens.len(), self.hidden(), |i, j| {
-            self.embed[(tokens[i] as usize, j)]
-        });
         let x = self.norm_input(tokens);
         let mut q = &x * &self.wq;
         let mut k = &x * &self.wk;
         let v = &x * &self.wv;
         self.rope(&mut q, self.cfg.heads, p);
         self.rope(&mut k, self.cfg.kv_heads, p);
-        Step { h0, q, k, v }
+        Step { q, k, v }
     }
 
     fn block0_input(&self, tokens: &[u32], _p: usize) -> Mat<f64> {
@@ -149,7 +135,8 @@ impl Causal for Llama {
         rows: Range<usize>,
     ) -> Mat<f64> {
         let (a, n) = (rows.start, rows.len());
-        let attn = causal_attention(
+        // the attention output, o_proj's input (no bias: not augmented)
+        causal_attention(
             keys,
             values,
             step.q.subrows(a, n),
@@ -158,20 +145,6 @@ impl Causal for Llama {
             self.cfg.heads,
             self.cfg.kv_heads,
             self.cfg.head_dim,
-        );
-        let mut h1 = &attn * &self.wo;
-        h1 += step.h0.subrows(a, n);
-        let mut m = h1.clone();
-        rms_norm_rows(&mut m, &self.norm_2, self.cfg.layer_norm_eps);
-        let g = &m * &self.gate;
-        let u = &m * &self.up;
-        let act = Mat::from_fn(g.nrows(), g.ncols(), |i, j| {
-            let z = g[(i, j)];
-            z / (1.0 + (-z).exp()) * u[(i, j)]
-        });
-        let mut h2 = &act * &self.down;
-        h2 += &h1;
-        rms_norm_rows(&mut h2, &self.next_norm_1, self.cfg.layer_norm_eps);
-        h2
+        )
     }
 }

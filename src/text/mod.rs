@@ -3,9 +3,9 @@
 //! The pipeline, one module per stage: [`config`] and the model's tensors ->
 //! [`span`] (the row space of the first block's input projection, at the gradient's
 //! floor) -> [`filter`] (the tokens whose input lies in it, per position) ->
-//! [`search`] (prefixes extended through the first block, kept when the second block's
-//! input lies in its span) -> [`certificate`] (the recovered inputs explain both
-//! gradients) -> [`TextReport`].
+//! [`search`] (prefixes extended through the first block's causal attention, kept when
+//! the attention output lies in the span of its output projection's gradient) ->
+//! [`certificate`] (the recovered inputs explain both gradients) -> [`TextReport`].
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -149,7 +149,8 @@ pub struct TextReport {
     pub layers: Vec<LayerCheck>,
     pub token_filter: Vec<FilterStep>,
     /// The distinct tokens that passed the filter at some position (the batch's token
-    /// bag), given when block 1's span is full and sequences cannot be searched.
+    /// bag), given when the attention output's span is full and sequences cannot be
+    /// searched.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub token_bag: Vec<u32>,
     pub search: Vec<search::SearchStep>,
@@ -233,7 +234,8 @@ pub fn attack_with_progress(
     let Loaded {
         model,
         g0,
-        g1,
+        g_out,
+        out_dim,
         storage,
         dtype,
     } = Loaded::read_with(model_dir, gradient, cfg)?;
@@ -252,11 +254,11 @@ pub fn attack_with_progress(
     // both projections are fed by a norm: a LayerNorm's outputs, augmented, span d
     // dimensions of R^(d+1); an RMSNorm's all of R^d
     let span0 = RowSpan::of(g0.as_ref(), dtype, "block 0 input projection", d)?;
-    let span1 = RowSpan::of(g1.as_ref(), dtype, "block 1 input projection", d)?;
+    let span_out = RowSpan::of(g_out.as_ref(), dtype, "block 0 attention output", out_dim)?;
     seconds.span = t.elapsed().as_secs_f64();
     progress(&format!(
-        "text: spans: block 0 rank {} of {} (tau {:.1e}), block 1 rank {} (tau {:.1e}) in {:.1} s",
-        span0.rank, span0.dim, span0.tau, span1.rank, span1.tau, seconds.span
+        "text: spans: block 0 input rank {} of {} (tau {:.1e}), attention output rank {} (tau {:.1e}) in {:.1} s",
+        span0.rank, span0.dim, span0.tau, span_out.rank, span_out.tau, seconds.span
     ));
     let mut report = TextReport {
         arch,
@@ -275,10 +277,13 @@ pub fn attack_with_progress(
         seconds: StageSeconds::default(),
         notes,
     };
-    for (name, s) in [("block 0", &span0), ("block 1", &span1)] {
+    for (name, s) in [
+        ("block 0's input projection", &span0),
+        ("block 0's attention output projection", &span_out),
+    ] {
         if s.is_full() {
             report.notes.push(format!(
-                "{name}'s input-projection gradient has full rank {}: the batch has at least d = {} distinct inputs there (LayerNorm outputs span d dimensions), so its span contains every input and cannot tell true from false; no sequence can be vouched for",
+                "{name}'s gradient has full rank {}: the batch has at least {} distinct inputs there, so its span contains every input and cannot tell true from false; no sequence can be vouched for",
                 s.rank, s.effective_dim
             ));
         }
@@ -310,7 +315,7 @@ pub fn attack_with_progress(
         positions.iter().map(|p| p.tokens.len()).max().unwrap_or(0),
         seconds.filter
     ));
-    if span1.is_full() {
+    if span_out.is_full() {
         let bag: std::collections::BTreeSet<u32> = positions
             .iter()
             .flat_map(|p| p.tokens.iter().copied())
@@ -334,7 +339,7 @@ pub fn attack_with_progress(
             positions.get(p).map(|pt| pt.tokens.as_slice())
         }
     };
-    let trie = search::search(causal, &span1, tokens_at, |s| {
+    let trie = search::search(causal, &span_out, tokens_at, |s| {
         progress(&format!(
             "text: position {}: {} prefixes x tokens = {} candidates, {} kept ({:.1} s)",
             s.position,
@@ -348,13 +353,13 @@ pub fn attack_with_progress(
     let repeats: usize = trie.steps.iter().map(|s| s.repeats).sum();
     if repeats > 0 {
         report.notes.push(format!(
-            "{repeats} candidate extensions gave exactly the second-block input of a node already on their prefix (a token repeated so that attention cannot tell: LLaMA's first block sees no position); they are not kept, so a sequence with such a run of repeats is returned shorter"
+            "{repeats} candidate extensions gave exactly the attention output of a node already on their prefix (a token repeated so that attention cannot tell: LLaMA's first block sees no position); they are not kept, so a sequence with such a run of repeats is returned shorter"
         ));
     }
     if trie.overflow {
         report.notes.push(format!(
-            "more prefixes passed the block-1 test than its rank ({}): the test does not discriminate here",
-            span1.rank
+            "more prefixes passed the attention-output test than its rank ({}): the test does not discriminate here",
+            span_out.rank
         ));
     }
 
@@ -364,7 +369,9 @@ pub fn attack_with_progress(
     pairs.sort_unstable();
     pairs.dedup();
     let x0 = block0_inputs(causal, &pairs, span0.dim);
-    let x1 = Mat::from_fn(trie.nodes.len(), span1.dim, |i, j| trie.nodes[i].input[j]);
+    let x1 = Mat::from_fn(trie.nodes.len(), span_out.dim, |i, j| {
+        trie.nodes[i].input[j]
+    });
     let u = dtype.epsilon() / 2.0;
     let c0 = certificate::check(
         "block 0 input projection",
@@ -375,9 +382,9 @@ pub fn attack_with_progress(
         false,
     );
     let c1 = certificate::check(
-        "block 1 input projection",
-        &span1,
-        g1.as_ref(),
+        "block 0 attention output",
+        &span_out,
+        g_out.as_ref(),
         &x1,
         u,
         true,

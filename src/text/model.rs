@@ -69,10 +69,13 @@ impl Model {
 /// The model and the two gradients the attack reads.
 pub(crate) struct Loaded {
     pub model: Model,
-    /// G~ of the first and second blocks' input projections (rows = input coordinates,
-    /// plus the bias row where the projection has a bias).
+    /// G~ of the first block's input projection (c_attn; q/k/v) and of its attention
+    /// output projection (c_proj; o_proj): rows = input coordinates, plus the bias row
+    /// where the projection has a bias.
     pub g0: Mat<f64>,
-    pub g1: Mat<f64>,
+    pub g_out: Mat<f64>,
+    /// The dimension the output projection's inputs can span (its rank at most).
+    pub out_dim: usize,
     /// Storage precision of the gradient.
     pub storage: Dtype,
     /// The precision it was computed in (f32 values in f64 storage are f32).
@@ -105,18 +108,22 @@ impl Loaded {
                     names.block(0, "attn.c_attn.weight"),
                     names.block(0, "attn.c_attn.bias"),
                 );
-                let (w1, b1) = (
-                    names.block(1, "attn.c_attn.weight"),
-                    names.block(1, "attn.c_attn.bias"),
+                let (wo, bo) = (
+                    names.block(0, "attn.c_proj.weight"),
+                    names.block(0, "attn.c_proj.bias"),
                 );
                 let storage = grads.dtype(&w0)?;
                 let g0 = grads.augmented(&w0, &b0, d, 3 * d)?;
-                let g1 = grads.augmented(&w1, &b1, d, 3 * d)?;
+                // (d + 1) x d; its columns are the residual stream's gradients, which are
+                // mean-free (every path back into it leaves through a LayerNorm), so the
+                // rank is at most d - 1 whatever the inputs
+                let g_out = grads.augmented(&wo, &bo, d, d)?;
                 let dtype = working_dtype(&g0, storage)?;
                 Ok(Loaded {
                     model: Model::Gpt2(Box::new(model)),
                     g0,
-                    g1,
+                    g_out,
+                    out_dim: d - 1,
                     storage,
                     dtype,
                 })
@@ -153,9 +160,12 @@ impl Loaded {
                 };
                 let g0 = g(0)?;
                 let dtype = working_dtype(&g0, storage)?;
+                // dWo^T: qd x d, rows = the attention output's coordinates
+                let o = grads.matrix(&name(0, "o_proj"), d, qd)?;
                 Ok(Loaded {
                     g0,
-                    g1: g(1)?,
+                    g_out: o.transpose().to_owned(),
+                    out_dim: qd,
                     model: Model::Llama(Box::new(model)),
                     storage,
                     dtype,

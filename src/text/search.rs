@@ -1,7 +1,7 @@
-//! The sequence search (docs/DESIGN.md, "Text: sequences from the second block"):
+//! The sequence search (docs/DESIGN.md, "Text: sequences from the attention output"):
 //! a prefix is extended by the tokens that passed the filter at the next position and
-//! kept only if the second block's input at that position, after the first block run
-//! causally over the prefix, lies in the span of the second block's c_attn gradient.
+//! kept only if the first block's attention output at that position (causal, over the
+//! prefix) lies in the span of the first block's output-projection gradient.
 //! Each prefix keeps its keys and values, so an extension costs one position.
 
 use faer::Mat;
@@ -18,9 +18,9 @@ pub(crate) struct Node {
     /// The first block's key and value rows at this position (d each).
     pub key: Vec<f64>,
     pub value: Vec<f64>,
-    /// The second block's projection input here, as tested.
+    /// The attention output here, as tested.
     pub input: Vec<f64>,
-    /// Relative distance of `input` from the second block's span.
+    /// Relative distance of `input` from the output projection's span.
     pub distance: f64,
     pub children: usize,
 }
@@ -151,7 +151,7 @@ pub(crate) fn search<'a>(
         }
         progress(&step);
         steps.push(step);
-        // every accepted prefix is a distinct input of the second block: more than the
+        // every accepted prefix is a distinct input of the output projection: more than the
         // span's rank cannot all be true
         if overflow {
             break;

@@ -69,19 +69,40 @@ impl RowSpan {
                 layer: layer.to_string(),
             });
         }
-        // a wide g's thin SVD has a full basis U of R^rows; a tall one (a layer wider
-        // than its output, e.g. BERT's output.dense) needs the full SVD for it
-        let svd = if rows > cols { g.svd() } else { g.thin_svd() }
-            .map_err(|e| TextError::Numerical(format!("SVD of {layer}'s gradient: {e:?}")))?;
-        let sigma: Vec<f64> = svd.S().column_vector().iter().copied().collect();
+        // U must be a full basis of R^rows: a wide g's thin SVD gives it; a tall one
+        // (an output projection, (d+1) x d) needs the full SVD
+        let (uu, sigma) = if rows <= cols {
+            let svd = g
+                .thin_svd()
+                .map_err(|e| TextError::Numerical(format!("SVD of {layer}'s gradient: {e:?}")))?;
+            (
+                svd.U().to_owned(),
+                svd.S()
+                    .column_vector()
+                    .iter()
+                    .copied()
+                    .collect::<Vec<f64>>(),
+            )
+        } else {
+            let svd = g
+                .svd()
+                .map_err(|e| TextError::Numerical(format!("SVD of {layer}'s gradient: {e:?}")))?;
+            (
+                svd.U().to_owned(),
+                svd.S()
+                    .column_vector()
+                    .iter()
+                    .copied()
+                    .collect::<Vec<f64>>(),
+            )
+        };
         let u = dtype.epsilon() / 2.0;
         let edge = u
             * (fro / ((rows * cols) as f64).sqrt())
             * ((rows as f64).sqrt() + (cols as f64).sqrt());
         let svd_err = sigma[0] * rows.max(cols) as f64 * f64::EPSILON;
         let floor = (ROUNDING_FACTOR * edge).max(svd_err);
-        let rank = sigma.iter().filter(|&&s| s > floor).count();
-        let uu = svd.U();
+        let rank = cliff_rank(&sigma, floor);
         if rank == 0 {
             return Err(TextError::NoSignal {
                 layer: layer.to_string(),
@@ -136,7 +157,8 @@ impl RowSpan {
                 if den > 0.0 {
                     Test {
                         distance: (num / den).sqrt(),
-                        tau: TAU_FACTOR * self.edge * (tilt / den).sqrt(),
+                        tau: (TAU_FACTOR * self.edge * (tilt / den).sqrt())
+                            .max(self.evaluation_floor()),
                     }
                 } else {
                     Test {
@@ -146,6 +168,14 @@ impl RowSpan {
                 }
             })
             .collect()
+    }
+
+    /// What computing a candidate's distance costs in f64 (its input from the weights,
+    /// then the projection over `dim` coordinates: about sqrt(dim) eps), with the same
+    /// allowance `TAU_FACTOR`: under a float64 gradient a true input's distance can sit
+    /// here, above its Wedin threshold.
+    pub fn evaluation_floor(&self) -> f64 {
+        TAU_FACTOR * (self.dim as f64).sqrt() * f64::EPSILON
     }
 
     /// A candidate passes: within its own threshold, and that threshold discriminates.
@@ -171,6 +201,34 @@ impl RowSpan {
         let resid = g - q * &coef;
         resid.norm_l2() / self.fro
     }
+}
+
+/// A rounding error's singular values may stand a little above the floor estimate (the
+/// client's accumulation is not counted exactly): the rank is read at the largest ratio
+/// sigma_i / sigma_(i+1) among the i whose next value sigma_(i+1) is within this factor
+/// of the floor (the cliff nearest the floor).
+pub const NEAR_FLOOR: f64 = 10.0;
+
+/// The rank: the largest drop sigma_i / sigma_(i+1) with sigma_i above `floor` and
+/// sigma_(i+1) under `NEAR_FLOOR` times it (a value past the end counts as 0).
+pub(crate) fn cliff_rank(sigma: &[f64], floor: f64) -> usize {
+    let above = sigma.iter().filter(|&&s| s > floor).count();
+    let mut best = (above, 0.0);
+    for i in 1..=above {
+        let next = sigma.get(i).copied().unwrap_or(0.0);
+        if next > NEAR_FLOOR * floor {
+            continue;
+        }
+        let ratio = if next > 0.0 {
+            sigma[i - 1] / next
+        } else {
+            f64::INFINITY
+        };
+        if ratio > best.1 {
+            best = (i, ratio);
+        }
+    }
+    best.0
 }
 
 /// An orthonormal basis ((d+1) x k) of the span of the rows of `x`, dropping directions

@@ -12,7 +12,7 @@ use super::span::RowSpan;
 
 /// Check claimed sequences against the gradient with the attack's certificate: both
 /// blocks' inputs of `sequences` computed from the model, then the certificate's checks.
-/// Returns the two blocks' checks; a sequence with a wrong token fails block 1.
+/// Returns the two blocks' checks; a sequence with a wrong token fails the attention output's check.
 pub fn verify(
     model_dir: &Path,
     gradient: &Path,
@@ -42,11 +42,11 @@ pub fn verify(
         "block 0 input projection",
         d,
     )?;
-    let span1 = RowSpan::of(
-        loaded.g1.as_ref(),
+    let span_out = RowSpan::of(
+        loaded.g_out.as_ref(),
         loaded.dtype,
-        "block 1 input projection",
-        d,
+        "block 0 attention output",
+        loaded.out_dim,
     )?;
     let mut pairs = std::collections::BTreeSet::new();
     let mut prefixes: std::collections::BTreeMap<Vec<u32>, Vec<f64>> = Default::default();
@@ -72,7 +72,7 @@ pub fn verify(
     let pairs: Vec<_> = pairs.into_iter().collect();
     let x0 = block0_inputs(model, &pairs, span0.dim);
     let rows: Vec<&Vec<f64>> = prefixes.values().collect();
-    let x1 = Mat::from_fn(rows.len(), span1.dim, |i, j| rows[i][j]);
+    let x1 = Mat::from_fn(rows.len(), span_out.dim, |i, j| rows[i][j]);
     let u = loaded.dtype.epsilon() / 2.0;
     Ok(vec![
         certificate::check(
@@ -84,9 +84,9 @@ pub fn verify(
             false,
         ),
         certificate::check(
-            "block 1 input projection",
-            &span1,
-            loaded.g1.as_ref(),
+            "block 0 attention output",
+            &span_out,
+            loaded.g_out.as_ref(),
             &x1,
             u,
             true,

@@ -15,8 +15,9 @@ use crate::attack::exact::floor::direct_floor;
 use crate::attack::observer::Progress;
 use crate::attack::params::{AttackConfig, Method};
 use crate::attack::prior::Prior;
-use crate::attack::reconstruction::{BaselineDiagnostics, Reconstruction, Sample, Stage};
+use crate::attack::reconstruction::{BaselineDiagnostics, Reconstruction, Stage};
 use crate::attack::subspace;
+use crate::attack::verdict::{Candidate, Claim};
 use crate::attack::view::ServerView;
 use crate::model::{Gradient, Loss, Mlp};
 use crate::rng::{Salt, salted};
@@ -193,14 +194,20 @@ impl Problem {
                     .max_by(|&a, &c| lam[(i, a)].total_cmp(&lam[(i, c)]))
                     .unwrap_or(0)
             });
-            self.rec.samples.push(Sample {
-                x: (0..d).map(|j| x[(i, j)]).collect(),
-                residual: Some(residual),
-                exact: residual <= direct_floor(dtype),
-                stage,
-                label,
-                output_residual: None,
-            });
+            self.rec.samples.push(
+                Candidate {
+                    x: (0..d).map(|j| x[(i, j)]).collect(),
+                    residual: Some(residual),
+                    stage,
+                    label,
+                    output_residual: None,
+                    claim: Claim::Residual {
+                        residual,
+                        floor: direct_floor(dtype),
+                    },
+                }
+                .judge(),
+            );
         }
         if let Some(b) = &mut self.rec.diagnostics.baseline {
             b.gradient_residual = residual;

@@ -10,6 +10,7 @@ use faer::Mat;
 
 use super::unrolled::{LocalFit, STEPS};
 use crate::Result;
+use crate::attack::verdict;
 use crate::attack::{AttackConfig, Reconstruction, ServerView, Stage};
 use crate::defense::Defense;
 use crate::model::Loss;
@@ -89,7 +90,7 @@ pub fn refine(
     for (i, s) in rec.samples.iter_mut().enumerate() {
         s.x = (0..d).map(|j| fit.x[(i, j)]).collect();
         s.stage = Stage::Likelihood;
-        s.exact = false;
+        verdict::withdraw(s);
         if loss == Loss::Ce {
             s.label = (0..k).max_by(|&p, &q| fit.y[(i, p)].total_cmp(&fit.y[(i, q)]));
         }

@@ -22,6 +22,7 @@ use crate::attack::Stage;
 use faer::Mat;
 
 use crate::attack::baseline::matching::{GradientMap, LabelModel, dot};
+use crate::attack::verdict::{Candidate, Claim};
 use crate::attack::{Sample, ServerView};
 use crate::defense::Defense;
 use crate::model::{Gradient, Mlp};
@@ -226,13 +227,16 @@ pub fn refine(
     let samples = seeds
         .iter()
         .enumerate()
-        .map(|(i, s)| Sample {
-            x: (0..d).map(|j| x[(i, j)]).collect(),
-            residual: Some(residual),
-            exact: false,
-            stage: Stage::Likelihood,
-            label: s.label,
-            output_residual: Some((0..k).map(|j| r[(i, j)]).collect()),
+        .map(|(i, s)| {
+            Candidate {
+                x: (0..d).map(|j| x[(i, j)]).collect(),
+                residual: Some(residual),
+                stage: Stage::Likelihood,
+                label: s.label,
+                output_residual: Some((0..k).map(|j| r[(i, j)]).collect()),
+                claim: Claim::None,
+            }
+            .judge()
         })
         .collect();
     Ok((

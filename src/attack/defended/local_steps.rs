@@ -17,7 +17,8 @@ use faer::{Col, Mat};
 
 use super::unrolled::{LocalFit, STEPS};
 use crate::Result;
-use crate::attack::{AttackConfig, Reconstruction, Sample, ServerView, Stage};
+use crate::attack::verdict::{Candidate, Claim};
+use crate::attack::{AttackConfig, Reconstruction, ServerView, Stage};
 use crate::defense::Defense;
 use crate::model::Loss;
 
@@ -125,16 +126,19 @@ pub fn attack(
     let fit = LocalFit::new(view, steps, lr, loss, b)?.fit(&x0, &y0, &[], STEPS)?;
     let found = rec.samples.len();
     rec.samples = (0..b)
-        .map(|i| Sample {
-            x: (0..d).map(|j| fit.x[(i, j)]).collect(),
-            residual: Some(fit.objective.sqrt()),
-            exact: false,
-            stage: Stage::Likelihood,
-            label: match loss {
-                Loss::Ce => (0..k).max_by(|&p, &q| fit.y[(i, p)].total_cmp(&fit.y[(i, q)])),
-                _ => None,
-            },
-            output_residual: Some((0..k).map(|j| fit.r[(i, j)]).collect()),
+        .map(|i| {
+            Candidate {
+                x: (0..d).map(|j| fit.x[(i, j)]).collect(),
+                residual: Some(fit.objective.sqrt()),
+                stage: Stage::Likelihood,
+                label: match loss {
+                    Loss::Ce => (0..k).max_by(|&p, &q| fit.y[(i, p)].total_cmp(&fit.y[(i, q)])),
+                    _ => None,
+                },
+                output_residual: Some((0..k).map(|j| fit.r[(i, j)]).collect()),
+                claim: Claim::None,
+            }
+            .judge()
         })
         .collect();
     rec.certificate = None;

@@ -32,6 +32,7 @@ mod two_layer_fit;
 pub mod unrolled;
 
 use super::two_layer::gauss_newton;
+use super::verdict::{Candidate, Claim};
 use super::{AttackConfig, Method, Reconstruction, ServerView};
 use crate::Result;
 use crate::attack::Stage;
@@ -160,17 +161,20 @@ fn joint_fit(
             let k = view.outputs();
             let held = if hold_found { xs_len - filled } else { 0 };
             let samples: Vec<super::Sample> = (0..fit.x.nrows())
-                .map(|i| super::Sample {
-                    x: (0..d).map(|j| fit.x[(i, j)]).collect(),
-                    residual: Some(fit.objective.sqrt()),
-                    exact: i < held && rec.samples[i].exact,
-                    stage: if i < held {
-                        rec.samples[i].stage
-                    } else {
-                        Stage::Likelihood
-                    },
-                    label: None,
-                    output_residual: Some((0..k).map(|j| fit.r[(i, j)]).collect()),
+                .map(|i| {
+                    Candidate {
+                        x: (0..d).map(|j| fit.x[(i, j)]).collect(),
+                        residual: Some(fit.objective.sqrt()),
+                        stage: if i < held {
+                            rec.samples[i].stage
+                        } else {
+                            Stage::Likelihood
+                        },
+                        label: None,
+                        output_residual: Some((0..k).map(|j| fit.r[(i, j)]).collect()),
+                        claim: Claim::Kept(i < held && rec.samples[i].exact),
+                    }
+                    .judge()
                 })
                 .collect();
             rec.diagnostics.defended.likelihood.likelihood_filled = Some(filled);

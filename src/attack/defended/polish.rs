@@ -15,6 +15,7 @@ use super::reduced::Reduction;
 use crate::Result;
 use crate::attack::two_layer::TwoLayer;
 use crate::attack::two_layer::gauss_newton::DENSE_MAX_UNKNOWNS;
+use crate::attack::verdict;
 use crate::attack::{Reconstruction, Sample, Stage};
 
 /// Gauss-Newton steps per group in a polish sweep and per swap trial.
@@ -240,7 +241,7 @@ pub fn improve(
     let k = st.r.ncols();
     for (i, s) in rec.samples.iter_mut().enumerate() {
         s.x = (0..d).map(|j| x[(i, j)]).collect();
-        s.exact = false;
+        verdict::withdraw(s);
         s.stage = Stage::Likelihood;
         s.output_residual = Some((0..k).map(|j| st.r[(i, j)]).collect());
     }

@@ -16,6 +16,7 @@ use faer::{Col, Mat};
 use super::reduced::Reduction;
 use crate::Result;
 use crate::attack::two_layer::TwoLayer;
+use crate::attack::verdict;
 use crate::attack::view::Rows;
 use crate::attack::{AttackConfig, Reconstruction, Sample, ServerView};
 
@@ -74,7 +75,10 @@ pub fn reseek(
         .samples
         .into_iter()
         .filter(inside)
-        .map(|s| Sample { exact: false, ..s })
+        .map(|mut s| {
+            verdict::withdraw(&mut s);
+            s
+        })
         .collect();
     let (added, rest) = choose(red, &rec.samples, new, q)?;
     let n = added.len();

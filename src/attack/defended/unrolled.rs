@@ -503,9 +503,12 @@ impl LocalFit {
             res,
             steps,
         };
-        let m = damped::minimise(&p, at, f, iterations, Some(1e-12), |f| {
-            !(f / entries > FLOOR)
-        });
+        let stop = damped::Stop {
+            steps: iterations,
+            min_gain: Some(1e-12),
+            converged: |f: f64| !(f / entries > FLOOR),
+        };
+        let m = damped::minimise(&p, at, f, &damped::LARGE, stop);
         Ok(Fitted {
             r: m.point.steps[0].r.clone(),
             x: m.point.x,
@@ -537,9 +540,9 @@ impl damped::NormalEquations for EStep<'_> {
     /// J^T J and J^T e on the active rows.
     type System = (Mat<f64>, Col<f64>);
 
-    fn system(&self, at: &At) -> (Mat<f64>, Col<f64>) {
+    fn system(&self, at: &At) -> Option<(Mat<f64>, Col<f64>)> {
         let rows = self.fit.active(&at.res);
-        self.fit.normal(&at.steps, &at.x, self.free, &rows, &at.res)
+        Some(self.fit.normal(&at.steps, &at.x, self.free, &rows, &at.res))
     }
 
     fn step(&self, at: &At, sys: &(Mat<f64>, Col<f64>), lambda: f64) -> Option<At> {

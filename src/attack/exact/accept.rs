@@ -9,13 +9,11 @@
 
 use faer::Col;
 
+use super::context::Context;
 use super::floor::RoundingScale;
 use super::signal::{Neurons, SignalModel};
-use super::subsample::Subsample;
 use super::zero::best_residual;
-use crate::Result;
 use crate::attack::subspace::Subspace;
-use crate::attack::view::ServerView;
 
 /// A zero over its own floor is kept (as a fit) only if F on the held-back neurons is
 /// within this factor of F where it was polished: a zero fitted to the search's neurons
@@ -45,7 +43,7 @@ pub enum Verdict {
 pub struct Acceptance<'a> {
     model: &'a SignalModel,
     sub: &'a Subspace,
-    scale: RoundingScale,
+    scale: &'a RoundingScale,
     /// All m neurons (the signal direction for the amplification).
     all: Neurons,
     /// Where zeros are polished and judged: every neuron but the held-back ones.
@@ -59,25 +57,20 @@ pub struct Acceptance<'a> {
 }
 
 impl<'a> Acceptance<'a> {
-    pub fn new(
-        view: &ServerView,
-        sub: &'a Subspace,
-        model: &'a SignalModel,
-        order: &Subsample,
-        floor: f64,
-        accept: f64,
-    ) -> Result<Self> {
+    /// The rules of the run `ctx`; under known noise F up to `accept` is kept as a fit.
+    pub fn new(ctx: &'a Context<'_>, accept: f64) -> Self {
+        let (sub, order) = (ctx.sub, &ctx.order);
         let held = order.held_back();
-        Ok(Acceptance {
-            model,
+        Acceptance {
+            model: &ctx.model,
             sub,
-            scale: RoundingScale::new(view)?,
+            scale: &ctx.scale,
             all: Neurons::all(&sub.q),
             kept: Neurons::new(&sub.q, order.kept()),
             held: (!held.is_empty()).then(|| Neurons::new(&sub.q, held)),
-            floor,
+            floor: ctx.floor,
             accept,
-        })
+        }
     }
 
     /// The sample's own rounding floor of F, never above the global one.
@@ -120,10 +113,12 @@ impl<'a> Acceptance<'a> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::subsample::Subsample;
     use super::super::testing::case;
     use super::*;
     use crate::Dtype;
     use crate::attack::subspace;
+    use crate::attack::view::ServerView;
     use crate::model::{Activation, Targets};
     use crate::rng::{Salt, salted};
 
@@ -167,13 +162,12 @@ mod tests {
         let view = ServerView::from_memory(&model0, &grad, Dtype::F64).unwrap();
         let sub = subspace::estimate(&view, &Default::default()).unwrap();
         assert_eq!(sub.batch, 3);
-        let model = SignalModel::new(&view, &sub).unwrap();
-        let floor = super::super::floor::exact_floor(&view, &sub);
-        let acc = Acceptance::new(&view, &sub, &model, &order, floor, 0.0).unwrap();
+        let ctx = Context::new(&view, &sub, seed).unwrap();
+        let (model, acc) = (&ctx.model, Acceptance::new(&ctx, 0.0));
         for i in 0..3 {
             let xi: Vec<f64> = (0..x.ncols()).map(|j| x[(i, j)]).collect();
             let c = model.coords.c_of_x(&xi);
-            let (f, r) = best_residual(&model, &acc.kept, &c).unwrap();
+            let (f, r) = best_residual(model, &acc.kept, &c).unwrap();
             let own = acc.own_floor(&c, &r);
             assert!(
                 f <= own,

@@ -218,7 +218,7 @@ impl Alternation<'_> {
         }
         let mut zeros = self.inputs_with(sub, gv, found, &extra);
         for z in &mut zeros {
-            z.exact = false;
+            z.accepted = false;
         }
         zeros
     }
@@ -265,7 +265,7 @@ impl Alternation<'_> {
                 c,
                 r: r.clone(),
                 residual: *f,
-                exact: *f <= self.floor && agree == m && found.len() == b,
+                accepted: *f <= self.floor && agree == m && found.len() == b,
             });
         }
         zeros

@@ -6,8 +6,9 @@
 use super::floor::direct_floor;
 use super::{certificate, labels};
 use crate::attack::params::{AttackConfig, Method};
-use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
+use crate::attack::reconstruction::{Reconstruction, Stage};
 use crate::attack::subspace::{self, Subspace};
+use crate::attack::verdict::{self, Candidate, Claim};
 use crate::attack::view::BLOCK_ROWS;
 use crate::attack::view::ServerView;
 use crate::{Error, Result};
@@ -42,7 +43,7 @@ pub fn attack_certified(
     }
     if view.depth() >= 1 && view.first.bias.is_some() {
         let cert = certificate::certify(view, sub, &rec.samples, &[], cfg.loss)?;
-        certificate::apply(&mut rec, cert);
+        verdict::certify(&mut rec, cert);
     }
     Ok(rec)
 }
@@ -118,13 +119,24 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
             "gradient noise sd {sd:.3e}: expected relative error of the sample about {predicted:.2e}"
         ));
     }
-    rec.samples.push(Sample {
-        x,
-        residual: Some(residual),
-        exact: noise.is_none() && residual <= direct_floor(view.dtype),
-        stage: Stage::Analytic,
-        label: None,
-        output_residual: None,
-    });
+    // under noise the formula is a least-squares estimate, never exact
+    let claim = match noise {
+        None => Claim::Residual {
+            residual,
+            floor: direct_floor(view.dtype),
+        },
+        Some(_) => Claim::None,
+    };
+    rec.samples.push(
+        Candidate {
+            x,
+            residual: Some(residual),
+            stage: Stage::Analytic,
+            label: None,
+            output_residual: None,
+            claim,
+        }
+        .judge(),
+    );
     Ok(rec)
 }

@@ -20,9 +20,9 @@ use faer::{Col, Mat};
 use super::floor::RoundingScale;
 use super::signal::{Neurons, SignalModel};
 use super::zero::best_residual;
+use crate::attack::Sample;
 use crate::attack::subspace::Subspace;
 use crate::attack::view::ServerView;
-use crate::attack::{Reconstruction, Sample};
 use crate::model::{Gradient, Loss, Mlp, Targets, cast_mat};
 use crate::scalar::Real;
 use crate::{Dtype, Result};
@@ -226,15 +226,28 @@ pub fn certify(
     held: &[usize],
     loss: Option<Loss>,
 ) -> Result<Certificate> {
-    let b = sub.batch;
-    let nf = samples.len();
     let model = SignalModel::new(view, sub)?;
     let scale = RoundingScale::new(view)?;
+    certify_with(view, sub, &model, &scale, samples, held, loss)
+}
+
+/// [`certify`] with the signal model and rounding scale a run has built already.
+pub fn certify_with(
+    view: &ServerView,
+    sub: &Subspace,
+    model: &SignalModel,
+    scale: &RoundingScale,
+    samples: &[Sample],
+    held: &[usize],
+    loss: Option<Loss>,
+) -> Result<Certificate> {
+    let b = sub.batch;
+    let nf = samples.len();
     let all = Neurons::all(&sub.q);
     let held_n = (!held.is_empty()).then(|| Neurons::new(&sub.q, held.to_vec()));
     let probes: Vec<Probe> = samples
         .iter()
-        .map(|s| probe(&model, sub, &scale, &all, held_n.as_ref(), &s.x))
+        .map(|s| probe(model, sub, scale, &all, held_n.as_ref(), &s.x))
         .collect();
     let mlp = view.model()?;
     let grad = view.gradient()?;
@@ -408,19 +421,4 @@ pub(crate) fn loss_closure(
     let out = fw.output().clone();
     let r = Loss::Ce.residual(&out, &Targets::Classes(labels)).ok()?;
     closure_in(dtype, mlp, grad, x, Some(&r)).map(|v| v.1)
-}
-
-/// Mark the samples of `rec` exact exactly when the certificate vouches for them.
-pub fn apply(rec: &mut Reconstruction, cert: Certificate) {
-    for (s, e) in rec.samples.iter_mut().zip(&cert.samples) {
-        // a closing batch overrides the search's verdict (a fit over its own floor)
-        s.exact = if cert.certified {
-            e.exact
-        } else {
-            s.exact && e.exact
-        };
-    }
-    rec.diagnostics.certified = Some(cert.certified);
-    rec.diagnostics.closure_residual = cert.closure_residual;
-    rec.certificate = Some(cert);
 }

@@ -19,6 +19,7 @@ use crate::attack::evidence::SearchStats;
 use crate::attack::params::AttackConfig;
 use crate::attack::reconstruction::{Sample, Stage};
 use crate::attack::subspace::{self, Subspace};
+use crate::attack::verdict::{Candidate, Claim};
 use crate::attack::view::{FirstLayer, Rows, ServerView};
 use crate::model::{Activation, LEAKY_SLOPE};
 use crate::{Error, Result};
@@ -166,14 +167,17 @@ pub fn search(
         if !ok {
             continue;
         }
-        samples.push(Sample {
-            x: a,
-            residual: Some(z.residual.max(misfit)),
-            exact: z.exact && misfit <= MISFIT_EPS * view.dtype.epsilon(),
-            stage: Stage::Pattern,
-            label: lab.get(i).copied().flatten(),
-            output_residual: scaled.get(i).map(|r| r.iter().copied().collect()),
-        });
+        samples.push(
+            Candidate {
+                x: a,
+                residual: Some(z.residual.max(misfit)),
+                stage: Stage::Pattern,
+                label: lab.get(i).copied().flatten(),
+                output_residual: scaled.get(i).map(|r| r.iter().copied().collect()),
+                claim: Claim::Accepted(z.accepted && misfit <= MISFIT_EPS * view.dtype.epsilon()),
+            }
+            .judge(),
+        );
     }
     Ok((samples, stats, batch))
 }

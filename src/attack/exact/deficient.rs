@@ -181,7 +181,7 @@ pub fn apply(
     // the exact samples' absolute residuals and labels from their dual vectors
     let mut found = Vec::new();
     for (z, smp) in zeros.iter().zip(rec.samples.iter_mut()) {
-        if z.exact {
+        if z.accepted {
             let r = absolute_residual(sub, model, z);
             smp.output_residual = Some(r.iter().copied().collect());
             smp.label = labels::assign(cfg.loss, std::slice::from_ref(&r), view.outputs())[0];

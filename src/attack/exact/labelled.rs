@@ -22,9 +22,10 @@ use faer::{Col, Mat};
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::attack::exact::certificate::{self, CLOSURE_FACTOR};
+use crate::attack::exact::context::Context;
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
-use crate::attack::subspace::Subspace;
 use crate::attack::two_layer::TwoLayer;
+use crate::attack::verdict::{self, Candidate, Claim};
 use crate::attack::{AttackConfig, ServerView};
 use crate::model::Loss;
 use crate::numerics::damped;
@@ -138,7 +139,12 @@ pub(super) fn fit(
     };
     let f = damped::NormalEquations::objective(&p, &x0);
     let start = rel(f);
-    let m = damped::minimise(&p, x0, f, steps, None, |f| !(rel(f) > stop));
+    let stop = damped::Stop {
+        steps,
+        min_gain: None,
+        converged: |f: f64| !(rel(f) > stop),
+    };
+    let m = damped::minimise(&p, x0, f, &damped::LARGE, stop);
     let (r, _) = ce_residuals(tl, c, labels, &m.point);
     JointFit {
         x: m.point,
@@ -165,7 +171,7 @@ impl damped::NormalEquations for Tied<'_> {
     /// The chain-ruled normal matrix and right-hand side (B nf unknowns).
     type System = (Mat<f64>, Col<f64>);
 
-    fn system(&self, xc: &Mat<f64>) -> (Mat<f64>, Col<f64>) {
+    fn system(&self, xc: &Mat<f64>) -> Option<(Mat<f64>, Col<f64>)> {
         let (tl, free) = (self.tl, self.free);
         let (b, d) = xc.shape();
         let k = tl.a.nrows();
@@ -194,7 +200,7 @@ impl damped::NormalEquations for Tied<'_> {
         let g = Col::from_fn(nx, |p| gx[(p / nf, free[p % nf])])
             + tm.transpose() * Col::from_fn(b * k, |p| gr[(p / k, p % k)]);
         let rhs = Col::from_fn(nx, |p| -g[p]);
-        (nc, rhs)
+        Some((nc, rhs))
     }
 
     fn step(&self, xc: &Mat<f64>, sys: &(Mat<f64>, Col<f64>), lambda: f64) -> Option<Mat<f64>> {
@@ -355,12 +361,12 @@ fn attempt(
 /// the route read it or, when nothing told it, the best `batch_candidates` (up to
 /// `B_TRIES` of them); its samples replace the route's when the batch closes.
 pub fn run(
-    view: &ServerView,
+    ctx: &Context<'_>,
     cfg: &AttackConfig,
-    sub: &Subspace,
     zero_coordinates: &[usize],
     rec: &mut Reconstruction,
 ) -> Result<()> {
+    let (view, sub) = (ctx.view, ctx.sub);
     let d = view.input_dim();
     let known = rec.batch_estimated > sub.batch;
     let at_limit = sub.batch + zero_coordinates.len() > d;
@@ -453,7 +459,7 @@ pub fn run(
         // free residuals could park a wrong sample at r = 0: the loss's own must close too
         if closure_value <= tol && at.loss_closure.is_some_and(|v| v <= tol) {
             dd.joint.joint_accepted = Some(true);
-            accept(view, cfg, sub, rec, at, b, tol, &how)?;
+            accept(ctx, cfg, rec, at, b, tol, &how)?;
             return Ok(());
         }
         let why = if at.fit.stalled {
@@ -480,32 +486,36 @@ pub fn run(
 }
 
 /// The fit closed: its samples replace the route's, certified by the batch closure.
-#[allow(clippy::too_many_arguments)]
 fn accept(
-    view: &ServerView,
+    ctx: &Context<'_>,
     cfg: &AttackConfig,
-    sub: &Subspace,
     rec: &mut Reconstruction,
     at: Attempt,
     b: usize,
     tol: f64,
     how: &str,
 ) -> Result<()> {
+    let (view, sub) = (ctx.view, ctx.sub);
     let d = view.input_dim();
     let k = view.outputs();
     let (per, all) = at.closure.unwrap_or_default();
     let jf = at.fit;
     let samples: Vec<Sample> = (0..b)
-        .map(|i| Sample {
-            x: (0..d).map(|j| jf.x[(i, j)]).collect(),
-            residual: Some(jf.end),
-            exact: true,
-            stage: Stage::Joint,
-            label: Some(jf.labels[i]),
-            output_residual: Some((0..k).map(|j| jf.r[(i, j)]).collect()),
+        .map(|i| {
+            // the certificate below (batch closure) is what vouches for these
+            Candidate {
+                x: (0..d).map(|j| jf.x[(i, j)]).collect(),
+                residual: Some(jf.end),
+                stage: Stage::Joint,
+                label: Some(jf.labels[i]),
+                output_residual: Some((0..k).map(|j| jf.r[(i, j)]).collect()),
+                claim: Claim::None,
+            }
+            .judge()
         })
         .collect();
-    let mut cert = certificate::certify(view, sub, &samples, &[], cfg.loss)?;
+    let mut cert =
+        certificate::certify_with(view, sub, &ctx.model, &ctx.scale, &samples, &[], cfg.loss)?;
     cert.found = b;
     cert.batch = b;
     cert.closure_residual = Some(all);
@@ -553,7 +563,7 @@ fn accept(
     ));
     rec.batch_estimated = b;
     rec.samples = samples;
-    certificate::apply(rec, cert);
+    verdict::certify(rec, cert);
     Ok(())
 }
 

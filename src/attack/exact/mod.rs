@@ -1,7 +1,7 @@
 //! The exact route (docs/DESIGN.md, "Beyond the paper: exact equations"), from the
 //! bottom up: the signal model ([`signal`]), the vocabulary of zeros and unknowns
 //! ([`zero`]), when a residual is exact and the rounding scale ([`floor`]), neuron
-//! subsamples (`subsample`), one sample's problem (`problem`), labels (`labels`), the
+//! subsamples (`subsample`), the state one run builds once (`context`), one sample's problem (`problem`), labels (`labels`), the
 //! batch's verdict ([`certificate`]), when a search keeps a zero (`accept`), the span
 //! search (`search`) and its seeding rounds (`seed`, `rounds`), the
 //! alternating-projection polish for piecewise-linear activations (`alternation`,
@@ -16,6 +16,7 @@ pub(crate) mod accept;
 pub(crate) mod alternation;
 pub(crate) mod analytic;
 pub mod certificate;
+pub(crate) mod context;
 pub(crate) mod deep_pattern;
 pub(crate) mod deficient;
 pub mod floor;

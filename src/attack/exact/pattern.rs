@@ -13,8 +13,7 @@
 use faer::Col;
 
 use super::alternation::{Alternation, Found, deflate, slopes};
-use super::floor::RoundingScale;
-use super::floor::exact_floor;
+use super::context::Context;
 use super::pattern_rounds;
 use super::signal::{Neurons, SignalModel};
 use super::subsample::Subsample;
@@ -36,19 +35,31 @@ pub fn search(
     sub: &Subspace,
     cfg: &AttackConfig,
 ) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
-    let t0 = std::time::Instant::now();
-    let (lo, hi) = slopes(view.activation).ok_or_else(|| {
+    pattern_slopes(view.activation)?;
+    let ctx = Context::new(view, sub, cfg.seed)?;
+    let (zeros, stats) = search_in(&ctx, cfg)?;
+    Ok((zeros, stats, ctx.model))
+}
+
+/// The two slopes of a piecewise-linear activation (an error for any other).
+fn pattern_slopes(act: Activation) -> Result<(f64, f64)> {
+    slopes(act).ok_or_else(|| {
         Error::Unsupported(format!(
-            "the pattern search handles relu and leaky_relu; {} {}",
-            view.activation,
-            if view.activation == Activation::Identity {
+            "the pattern search handles relu and leaky_relu; {act} {}",
+            if act == Activation::Identity {
                 "makes every signal the same vector A^T r: the inputs cannot be separated"
             } else {
                 "is smooth: use the span search"
             }
         ))
-    })?;
-    let model = SignalModel::new(view, sub)?;
+    })
+}
+
+/// As [`search`] in a run's context.
+pub fn search_in(ctx: &Context<'_>, cfg: &AttackConfig) -> Result<(Vec<Zero>, SearchStats)> {
+    let t0 = std::time::Instant::now();
+    let (view, sub, model) = (ctx.view, ctx.sub, &ctx.model);
+    let (lo, hi) = pattern_slopes(view.activation)?;
     let a = model
         .output_weights()
         .ok_or_else(|| {
@@ -59,7 +70,7 @@ pub fn search(
         .clone();
     let (m, b) = (model.width(), model.batch());
     let all = Neurons::all(&sub.q);
-    let floor = exact_floor(view, sub);
+    let floor = ctx.floor;
     let small = {
         let order = Subsample::new(m, &mut salted(cfg.seed, Salt::PatternNeurons));
         Neurons::new(
@@ -76,7 +87,7 @@ pub fn search(
         ..Default::default()
     };
     let mut found: Vec<Found> = Vec::new();
-    let scale = RoundingScale::new(view)?;
+    let scale = &ctx.scale;
     let alt = Alternation {
         a: &a,
         q: &sub.q,
@@ -86,8 +97,8 @@ pub fn search(
         floor,
         floor_small,
         stop: scale.floor(0.0),
-        model: &model,
-        scale: &scale,
+        model,
+        scale,
         sub,
     };
     let vl = Col::from_fn(b, |k| sub.v[(sub.v.nrows() - 1, k)]);
@@ -138,7 +149,7 @@ pub fn search(
     } else {
         alt.inputs(sub, &gv, &found)
     };
-    Ok((zeros, stats, model))
+    Ok((zeros, stats))
 }
 
 #[cfg(test)]
@@ -147,6 +158,7 @@ mod probe {
     //! --release --lib probe -- --ignored --nocapture`, DIR a make_fixtures.py case.
     use super::*;
     use crate::attack::exact::alternation::alternate;
+    use crate::attack::exact::floor::{RoundingScale, exact_floor};
     use crate::attack::exact::seed;
     use crate::attack::exact::zero::best_residual_of;
     use crate::io::safetensors::TensorFile;

@@ -12,11 +12,12 @@
 
 use faer::{Col, Mat};
 
+use super::context::Context;
 use super::floor::exact_floor;
 use super::labels;
 use super::problem::SpanProblem;
 use super::route::{record, to_samples};
-use super::search::search;
+use super::search;
 use super::signal::{Neurons, SignalModel};
 use super::subsample::{self, Subsample};
 use super::zero::{Zero, best_residual, pack, unpack};
@@ -150,7 +151,7 @@ pub fn polish(
             c: c.clone(),
             r: r * (1.0 / nr),
             residual: f,
-            exact: f <= floor,
+            accepted: f <= floor,
         }
     };
     if starts.len() != b || b * (b - 1 + k) > MAX_JOINT_UNKNOWNS {
@@ -198,7 +199,8 @@ pub fn polish(
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let sub = subspace::estimate(view, &cfg.subspace_options())?;
     let mut rec = Reconstruction::from_subspace(Method::Refine, &sub);
-    let model = SignalModel::new(view, &sub)?;
+    let ctx = Context::new(view, &sub, cfg.seed)?;
+    let model = &ctx.model;
     let all = Neurons::all(&sub.q);
     // starts: the tensor method's estimates, else the span search's zeros
     let tensor_starts: Vec<Zero> = tensor::attack_on(view, cfg, &sub)
@@ -207,11 +209,11 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
                 .iter()
                 .filter_map(|s| {
                     let c = model.coords.c_of_x(&s.x);
-                    best_residual(&model, &all, &c).map(|(f, r)| Zero {
+                    best_residual(model, &all, &c).map(|(f, r)| Zero {
                         c,
                         r,
                         residual: f,
-                        exact: false,
+                        accepted: false,
                     })
                 })
                 .collect()
@@ -220,7 +222,7 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
     let (starts, origin) = if tensor_starts.len() == sub.batch {
         (tensor_starts, "tensor")
     } else {
-        let (z, stats, _) = search(view, &sub, cfg, &[])?;
+        let (z, stats) = search::search_in(&ctx, cfg, &[], Vec::new(), cfg.search.seconds)?;
         record(&mut rec, &stats, z.len());
         (z, "span")
     };
@@ -228,13 +230,21 @@ pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
         "refine started from {} {origin} estimates",
         starts.len()
     ));
-    let zeros: Vec<Zero> = polish(view, &sub, &model, &starts, &cfg.refine, cfg.seed)
+    let zeros: Vec<Zero> = polish(view, &sub, model, &starts, &cfg.refine, cfg.seed)
         .into_iter()
-        .filter(|z| z.exact)
+        .filter(|z| z.accepted)
         .collect();
-    rec.samples = to_samples(view, &sub, &model, &zeros, cfg, Stage::Refine);
-    let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
-    super::certificate::apply(&mut rec, cert);
+    rec.samples = to_samples(view, &sub, model, &zeros, cfg, Stage::Refine);
+    let cert = super::certificate::certify_with(
+        view,
+        &sub,
+        model,
+        &ctx.scale,
+        &rec.samples,
+        &[],
+        cfg.loss,
+    )?;
+    crate::attack::verdict::certify(&mut rec, cert);
     Ok(rec)
 }
 

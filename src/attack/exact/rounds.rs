@@ -12,20 +12,18 @@ use std::time::Instant;
 use faer::{Col, Mat};
 
 use super::accept::{Acceptance, Verdict};
-use super::floor::{exact_floor, noise_floor};
+use super::context::Context;
+use super::floor::noise_floor;
 use super::problem::SpanProblem;
 use super::search::{self, MIN_NEURONS, SCREEN_NEURONS};
 use super::seed;
 use super::signal::{Neurons, SignalModel};
-use super::subsample::{self, Subsample};
+use super::subsample;
 use super::zero::{Zero, best_residual, rel_dist, row_points, unpack};
 use crate::Result;
 use crate::attack::evidence::SearchStats;
 use crate::attack::params::AttackConfig;
-use crate::attack::subspace::Subspace;
-use crate::attack::view::ServerView;
 use crate::numerics::lm::{self, LmOptions, Problem};
-use crate::rng::{Salt, salted};
 
 /// LM iterations of a seed's polish on the subsample: seeds are rough (median error
 /// ~0.5), so they get more steps than a random start; 100 measured better than 40
@@ -150,7 +148,7 @@ impl Polisher<'_> {
             return Outcome::Degenerate;
         }
         // the sample's own floor, here and on the held-back neurons (docs/DESIGN.md, "Certificate")
-        let exact = match self.acc.judge(&cz, &rv, f) {
+        let accepted = match self.acc.judge(&cz, &rv, f) {
             Verdict::Rejected => return Outcome::Failed,
             v => v == Verdict::Exact,
         };
@@ -158,7 +156,7 @@ impl Polisher<'_> {
             c: cz,
             r: rv,
             residual: f,
-            exact,
+            accepted,
         })
     }
 }
@@ -197,17 +195,13 @@ fn descend_all(
     })
 }
 
-/// Seeded search: demixing rounds, then the random-start search for what is missing.
-pub fn search(
-    view: &ServerView,
-    sub: &Subspace,
-    cfg: &AttackConfig,
-) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
+/// Seeded search in a run's context: demixing rounds, then the random-start search for
+/// what is missing.
+pub fn search(ctx: &Context<'_>, cfg: &AttackConfig) -> Result<(Vec<Zero>, SearchStats)> {
     let t0 = Instant::now();
     let opts = &cfg.search;
-    let model = SignalModel::new(view, sub)?;
+    let (view, sub, model, order) = (ctx.view, ctx.sub, &ctx.model, &ctx.order);
     let (m, b, k) = (model.width(), model.batch(), model.k);
-    let order = Subsample::new(m, &mut salted(cfg.seed, Salt::SearchNeurons));
     let n = subsample::size(
         opts.neurons,
         SEED_NEURONS_PER_UNKNOWN,
@@ -219,11 +213,11 @@ pub fn search(
     let screen = Neurons::new(&sub.q, order.first_kept(SCREEN_NEURONS.max(4 * (b + k))));
     let n_mid = MID_NEURONS_PER_UNKNOWN * (b - 1 + k);
     let mid = (n_mid < order.kept().len()).then(|| Neurons::new(&sub.q, order.first_kept(n_mid)));
-    let floor = exact_floor(view, sub);
+    let floor = ctx.floor;
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
-    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
+    let acc = Acceptance::new(ctx, accept);
     let gv0 = sub.projected_gradient();
-    let prior = search::effective_prior(cfg, &model, &row_points(sub, &gv0));
+    let prior = search::effective_prior(cfg, model, &row_points(sub, &gv0));
     let bound = Some((prior.mean, search::PRIOR_RADIUS * prior.std.max(1e-12)));
     let vl = Col::from_fn(b, |q| sub.v[(sub.v.nrows() - 1, q)]);
 
@@ -237,7 +231,7 @@ pub fn search(
         if zeros.len() >= b || out_of_time(opts.seconds, &t0) || cfg.cancel.is_cancelled() {
             break;
         }
-        let gv = search::residual_gradient(sub, &model, &zeros);
+        let gv = search::residual_gradient(sub, model, &zeros);
         let seeds = seed::candidates(
             &gv,
             &vl,
@@ -248,12 +242,12 @@ pub fn search(
         stats.starts += seeds.len();
         stats.rounds = round + 1;
         let polisher = Polisher {
-            model: &model,
+            model,
             sub_neurons: &sub_neurons,
             screen: &screen,
             acc: &acc,
             bound,
-            signals: found_signals(&model, &sub_neurons, &zeros),
+            signals: found_signals(model, &sub_neurons, &zeros),
             promising: search::PROMISING.max(2.0 * accept),
             mid: mid.as_ref(),
             to_stall: accept > floor || view.dtype == crate::Dtype::F32,
@@ -273,7 +267,7 @@ pub fn search(
             let Some(u) = point else { continue };
             let xs = model
                 .coords
-                .x_of_c(&model.coords.c_of_t(&unpack(&model, u.as_ref()).0));
+                .x_of_c(&model.coords.c_of_t(&unpack(model, u.as_ref()).0));
             if found_x
                 .iter()
                 .any(|y| rel_dist(&xs, y) < search::DUPLICATE_TOL)
@@ -309,11 +303,10 @@ pub fn search(
     stats.seed_seconds = t0.elapsed().as_secs_f64();
     if zeros.len() < b && !out_of_time(opts.seconds, &t0) {
         // the random-start search for the rest, deflating the zeros found
-        let mut rest = cfg.clone();
-        if let Some(s) = opts.seconds {
-            rest.search.seconds = Some((s - t0.elapsed().as_secs_f64()).max(0.0));
-        }
-        let (z, s, _) = search::search_with(view, sub, &rest, &[], zeros)?;
+        let left = opts
+            .seconds
+            .map(|s| (s - t0.elapsed().as_secs_f64()).max(0.0));
+        let (z, s) = search::search_in(ctx, cfg, &[], zeros, left)?;
         zeros = z;
         stats.starts += s.starts;
         stats.candidates += s.candidates;
@@ -324,7 +317,7 @@ pub fn search(
     }
     stats.seeded = seeded;
     stats.seconds = t0.elapsed().as_secs_f64();
-    Ok((zeros, stats, model))
+    Ok((zeros, stats))
 }
 
 /// Orthonormal basis of the found samples' signals on `neurons` (None before any is found).

@@ -2,18 +2,16 @@
 //! ones, the pattern search for piecewise-linear ones) and turn its zeros into
 //! samples with output residuals and labels.
 
-use super::labels;
-use super::search::search;
+use super::context::Context;
 use super::signal::SignalModel;
-use super::subsample::Subsample;
 use super::zero::Zero;
-use super::{alternation, pattern};
+use super::{alternation, certificate, labels, pattern, search};
 use crate::attack::evidence::SearchStats;
 use crate::attack::params::{AttackConfig, Method};
 use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use crate::attack::subspace::{self, Subspace};
+use crate::attack::verdict::{self, Candidate, Claim};
 use crate::attack::view::ServerView;
-use crate::rng::{Salt, salted};
 use crate::{Error, Result};
 
 /// Turn zeros into samples: output residuals with their absolute scale and sign, labels.
@@ -30,13 +28,16 @@ pub fn to_samples(
     zeros
         .iter()
         .enumerate()
-        .map(|(i, z)| Sample {
-            x: model.coords.x_of_c(&z.c),
-            residual: Some(z.residual),
-            exact: z.exact,
-            stage,
-            label: lab.get(i).copied().flatten(),
-            output_residual: scaled.get(i).map(|r| r.iter().copied().collect()),
+        .map(|(i, z)| {
+            Candidate {
+                x: model.coords.x_of_c(&z.c),
+                residual: Some(z.residual),
+                stage,
+                label: lab.get(i).copied().flatten(),
+                output_residual: scaled.get(i).map(|r| r.iter().copied().collect()),
+                claim: Claim::Accepted(z.accepted),
+            }
+            .judge()
         })
         .collect()
 }
@@ -51,11 +52,6 @@ pub fn record(rec: &mut Reconstruction, stats: &SearchStats, found: usize) {
             rec.batch_estimated, stats.starts, stats.seconds
         ));
     }
-}
-
-/// The neurons the span searches (random starts and seeding rounds) hold back for seed `seed`.
-pub fn held_back(view: &ServerView, seed: u64) -> Vec<usize> {
-    Subsample::new(view.width(), &mut salted(seed, Salt::SearchNeurons)).held_back()
 }
 
 pub fn attack(view: &ServerView, cfg: &AttackConfig) -> Result<Reconstruction> {
@@ -89,12 +85,14 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
         rec.batch_estimated = batch;
         rec.samples = samples;
         record(&mut rec, &stats, found);
-        let cert = super::certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
-        super::certificate::apply(&mut rec, cert);
+        let cert = certificate::certify(view, &sub, &rec.samples, &[], cfg.loss)?;
+        verdict::certify(&mut rec, cert);
         return Ok(rec);
     }
-    let (zeros, stats, model, stage) = if alternation::slopes(view.activation).is_some() {
-        let (z, s, m) = pattern::search(view, &sub, cfg)?;
+    // one context for the search, the certificate and the rank-deficient step
+    let ctx = Context::new(view, &sub, cfg.seed)?;
+    let (zeros, stats, stage) = if alternation::slopes(view.activation).is_some() {
+        let (z, s) = pattern::search_in(&ctx, cfg)?;
         if z.len() < sub.batch {
             rec.notes.push(format!(
                 "pattern search found {} of {} activation patterns; without all of them the inputs \
@@ -103,27 +101,29 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
                 sub.batch
             ));
         }
-        (z, s, m, Stage::Pattern)
+        (z, s, Stage::Pattern)
     } else {
-        let (z, s, m) = if cfg.search.seed_rounds > 0 {
-            super::rounds::search(view, &sub, cfg)?
+        let (z, s) = if cfg.search.seed_rounds > 0 {
+            super::rounds::search(&ctx, cfg)?
         } else {
-            search(view, &sub, cfg, &[])?
+            search::search_in(&ctx, cfg, &[], Vec::new(), cfg.search.seconds)?
         };
-        (z, s, m, Stage::Span)
+        (z, s, Stage::Span)
     };
-    rec.samples = to_samples(view, &sub, &model, &zeros, cfg, stage);
+    let model = &ctx.model;
+    rec.samples = to_samples(view, &sub, model, &zeros, cfg, stage);
     record(&mut rec, &stats, zeros.len());
     // the span searches never touched their held-back neurons; the pattern search
     // fits a pattern on every neuron, so none is held back there
     let held = match stage {
-        Stage::Span => held_back(view, cfg.seed),
+        Stage::Span => ctx.held_back(),
         _ => Vec::new(),
     };
-    let cert = super::certificate::certify(view, &sub, &rec.samples, &held, cfg.loss)?;
-    super::certificate::apply(&mut rec, cert);
-    super::deficient::apply(view, &sub, &model, &zeros, cfg, &rank, &mut rec)?;
-    super::labelled::run(view, cfg, &sub, &rank.zero_coordinates, &mut rec)?;
+    let cert =
+        certificate::certify_with(view, &sub, model, &ctx.scale, &rec.samples, &held, cfg.loss)?;
+    verdict::certify(&mut rec, cert);
+    super::deficient::apply(view, &sub, model, &zeros, cfg, &rank, &mut rec)?;
+    super::labelled::run(&ctx, cfg, &rank.zero_coordinates, &mut rec)?;
     Ok(rec)
 }
 

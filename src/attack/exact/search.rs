@@ -13,10 +13,11 @@ use faer::{Col, Mat};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::accept::{Acceptance, Verdict};
-use super::floor::{exact_floor, noise_floor};
+use super::context::Context;
+use super::floor::noise_floor;
 use super::problem::SpanProblem;
 use super::signal::{Neurons, SignalModel};
-use super::subsample::{self, Subsample};
+use super::subsample;
 use super::zero::{Zero, best_residual, pack, rel_dist, row_points};
 use crate::Result;
 use crate::attack::evidence::SearchStats;
@@ -24,7 +25,6 @@ use crate::attack::observer::Progress;
 use crate::attack::params::AttackConfig;
 use crate::attack::prior::Prior;
 use crate::attack::subspace::Subspace;
-use crate::attack::view::ServerView;
 use crate::numerics::lm::{self, LmOptions};
 use crate::rng::{Salt, salted};
 
@@ -150,45 +150,36 @@ pub(crate) fn polish_options(noisy: bool) -> LmOptions {
     }
 }
 
-/// Run the search. `extra` are starting inputs from another stage (e.g. tensor estimates).
-pub fn search(
-    view: &ServerView,
-    sub: &Subspace,
-    cfg: &AttackConfig,
-    extra: &[Vec<f64>],
-) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
-    search_with(view, sub, cfg, extra, Vec::new())
-}
-
-/// As [`search`], continuing from zeros already found (`known`, deflated and kept).
-pub fn search_with(
-    view: &ServerView,
-    sub: &Subspace,
+/// Run the search in a run's context. `extra` are starting inputs from another stage
+/// (e.g. tensor estimates); `known` are zeros already found (deflated and kept); at most
+/// `seconds`.
+pub fn search_in(
+    ctx: &Context<'_>,
     cfg: &AttackConfig,
     extra: &[Vec<f64>],
     known: Vec<Zero>,
-) -> Result<(Vec<Zero>, SearchStats, SignalModel)> {
+    seconds: Option<f64>,
+) -> Result<(Vec<Zero>, SearchStats)> {
     let t0 = Instant::now();
     let opts = &cfg.search;
-    let model = SignalModel::new(view, sub)?;
+    let (view, sub, model, order) = (ctx.view, ctx.sub, &ctx.model, &ctx.order);
     let (m, b, k) = (model.width(), model.batch(), model.k);
-    let order = Subsample::new(m, &mut salted(cfg.seed, Salt::SearchNeurons));
     let n = subsample::size(opts.neurons, NEURONS_PER_UNKNOWN, MIN_NEURONS, b - 1 + k, m);
     let neurons = Neurons::new(&sub.q, order.first_kept(n));
     let screen = Neurons::new(&sub.q, order.first_kept(SCREEN_NEURONS.max(4 * (b + k))));
-    let floor = exact_floor(view, sub);
+    let floor = ctx.floor;
     // Under known noise, zeros are least-squares fits: accept F up to the noise floor
     // (such samples are never called exact).
     let accept = floor.max(noise_floor(view, sub, cfg.noise_std.or(view.noise_std)));
     let noisy = accept > floor;
     // zeros are polished and judged on every neuron but the held-back ones
-    let acc = Acceptance::new(view, sub, &model, &order, floor, accept)?;
+    let acc = Acceptance::new(ctx, accept);
     let all = &acc.kept;
     let promising = PROMISING.max(2.0 * accept);
 
     let gv0 = sub.projected_gradient();
     let first_rows = row_points(sub, &gv0);
-    let prior = effective_prior(cfg, &model, &first_rows);
+    let prior = effective_prior(cfg, model, &first_rows);
     let d = model.coords.input_dim();
     let bound = Some((prior.mean, PRIOR_RADIUS * prior.std.max(1e-12)));
     let in_bound = |c: &Col<f64>| {
@@ -200,18 +191,18 @@ pub fn search_with(
         let mut scored: Vec<(f64, Col<f64>, Col<f64>)> = cands
             .into_iter()
             .filter(|c| in_bound(c))
-            .filter_map(|c| best_residual(&model, &screen, &c).map(|(f, r)| (f, c, r)))
+            .filter_map(|c| best_residual(model, &screen, &c).map(|(f, r)| (f, c, r)))
             .filter(|(f, _, _)| f.is_finite())
             .collect();
         scored.sort_by(|a, b| a.0.total_cmp(&b.0));
         scored
     };
     let mut round0: Vec<Col<f64>> = extra.iter().map(|x| model.coords.c_of_x(x)).collect();
-    round0.extend(prior_points(&model, &prior, opts.prior_starts, cfg.seed));
+    round0.extend(prior_points(model, &prior, opts.prior_starts, cfg.seed));
     if known.is_empty() {
         round0.extend(first_rows);
     } else {
-        round0.extend(row_points(sub, &residual_gradient(sub, &model, &known)));
+        round0.extend(row_points(sub, &residual_gradient(sub, model, &known)));
     }
     let scored = screen_all(round0);
 
@@ -249,7 +240,7 @@ pub fn search_with(
     };
     let out_of_budget = |stats: &SearchStats| {
         stats.starts >= opts.max_starts
-            || opts.seconds.is_some_and(|s| t0.elapsed().as_secs_f64() > s)
+            || seconds.is_some_and(|s| t0.elapsed().as_secs_f64() > s)
             || cfg.cancel.is_cancelled()
     };
     let mut round = 0;
@@ -279,9 +270,9 @@ pub fn search_with(
             }
             stats.starts += 1;
             failures += 1;
-            let u0 = pack(&model, &c, &r);
+            let u0 = pack(model, &c, &r);
             let prob = SpanProblem {
-                model: &model,
+                model,
                 neurons: &neurons,
                 found: zeros.iter().map(|z| model.coords.t_of_c(&z.c)).collect(),
                 rho,
@@ -308,7 +299,7 @@ pub fn search_with(
             }
             // polish and check on every neuron, without deflation
             let full = SpanProblem {
-                model: &model,
+                model,
                 neurons: all,
                 found: Vec::new(),
                 rho,
@@ -324,7 +315,7 @@ pub fn search_with(
             };
             let (tv, rv) = full.split(&polished);
             let cz = model.coords.c_of_t(&tv);
-            if degenerate(&model, &cz) {
+            if degenerate(model, &cz) {
                 stats.degenerate += 1;
                 continue;
             }
@@ -343,7 +334,7 @@ pub fn search_with(
                     c: cz,
                     r: rv,
                     residual: f,
-                    exact: verdict == Verdict::Exact,
+                    accepted: verdict == Verdict::Exact,
                 });
                 failures = 0;
             }
@@ -360,7 +351,7 @@ pub fn search_with(
         round += 1;
         found_at_round = zeros.len();
         failures = 0;
-        let gv = residual_gradient(sub, &model, &zeros);
+        let gv = residual_gradient(sub, model, &zeros);
         let fresh = screen_all(row_points(sub, &gv));
         stats.candidates += fresh.len();
         let mut merged: Vec<_> = fresh.into_iter().chain(pending.drain(..)).collect();
@@ -369,7 +360,7 @@ pub fn search_with(
     }
     stats.rounds = round;
     stats.seconds = t0.elapsed().as_secs_f64();
-    Ok((zeros, stats, model))
+    Ok((zeros, stats))
 }
 
 /// A zero is degenerate when the activation is saturated on almost every neuron.

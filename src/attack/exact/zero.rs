@@ -121,7 +121,9 @@ pub struct Zero {
     pub r: Col<f64>,
     /// F on every neuron.
     pub residual: f64,
-    pub exact: bool,
+    /// The search's acceptance test held (the sample's own rounding floor, on all and on
+    /// the held-back neurons): the claim the route hands to the verdict.
+    pub accepted: bool,
 }
 
 /// Row points of a projected gradient GV (m x B): row j divided by its bias

@@ -16,8 +16,9 @@ pub(crate) mod moments;
 
 use crate::attack::law::{Law, LawSource};
 use crate::attack::params::{AttackConfig, Method, TensorOptions};
-use crate::attack::reconstruction::{Reconstruction, Sample, Stage, TensorDiagnostics};
+use crate::attack::reconstruction::{Reconstruction, Stage, TensorDiagnostics};
 use crate::attack::subspace::{self, Subspace};
+use crate::attack::verdict::{Candidate, Claim};
 use crate::attack::view::ServerView;
 use crate::rng::{Stream, stream};
 use crate::{Error, Result};
@@ -126,14 +127,17 @@ pub fn attack_on(view: &ServerView, cfg: &AttackConfig, sub: &Subspace) -> Resul
             }
         };
         rec.notes.extend(note);
-        rec.samples.push(Sample {
-            x: x.iter().copied().collect(),
-            residual: Some(cp.residual),
-            exact: false,
-            stage: Stage::Tensor,
-            label: None,
-            output_residual: None,
-        });
+        rec.samples.push(
+            Candidate {
+                x: x.iter().copied().collect(),
+                residual: Some(cp.residual),
+                stage: Stage::Tensor,
+                label: None,
+                output_residual: None,
+                claim: Claim::None,
+            }
+            .judge(),
+        );
     }
 
     let (mu0, s0) = DEFAULT_LAW;

@@ -215,7 +215,12 @@ impl TwoLayer {
             fixed,
             dense_max,
         };
-        let m = damped::minimise(&joint, pt, f, steps, Some(F_TOL), |_| false);
+        let stop = damped::Stop {
+            steps,
+            min_gain: Some(F_TOL),
+            converged: |_| false,
+        };
+        let m = damped::minimise(&joint, pt, f, &damped::LARGE, stop);
         Ok(Fit {
             x: m.point.x,
             r: m.point.r,
@@ -458,7 +463,7 @@ impl damped::NormalEquations for Joint<'_> {
     type Point = Point;
     type System = Normal;
 
-    fn system(&self, pt: &Point) -> Normal {
+    fn system(&self, pt: &Point) -> Option<Normal> {
         let tl = self.tl;
         let res = tl.residual(pt);
         let (mut gx, gr) = tl.vjp(pt, &tl.weigh(res));
@@ -472,13 +477,13 @@ impl damped::NormalEquations for Joint<'_> {
         }
         let dense = (pt.x.ncols() + pt.r.ncols()) * pt.x.nrows() <= self.dense_max;
         let nmat = dense.then(|| tl.normal_matrix(pt));
-        Normal {
+        Some(Normal {
             gx,
             gr,
             cx,
             cr,
             nmat,
-        }
+        })
     }
 
     fn step(&self, pt: &Point, s: &Normal, lambda: f64) -> Option<Point> {
