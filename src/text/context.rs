@@ -362,15 +362,15 @@ impl<'a> ContextSolver<'a> {
                 let l: Vec<f64> = e.S().column_vector().iter().copied().collect();
                 let top = l.last().copied().unwrap_or(0.0);
                 let mut theta = Col::<f64>::zeros(m);
-                for k in 0..m {
-                    if l[k] > top * 1e-14 {
-                        let coef: f64 = (0..m).map(|i| e.U()[(i, k)] * jtr[i]).sum::<f64>() / l[k];
+                for (k, &lk) in l.iter().enumerate() {
+                    if lk > top * 1e-14 {
+                        let coef: f64 = (0..m).map(|i| e.U()[(i, k)] * jtr[i]).sum::<f64>() / lk;
                         for i in 0..m {
                             theta[i] -= coef * e.U()[(i, k)];
                         }
                     }
                 }
-                w = &w + &f * &theta;
+                w = &w + f * &theta;
                 let pn = self.point(x, &w);
                 res = self.residual(&pn);
                 steps = step;
