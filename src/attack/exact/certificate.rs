@@ -23,7 +23,7 @@ use super::zero::best_residual;
 use crate::attack::Sample;
 use crate::attack::subspace::Subspace;
 use crate::attack::view::ServerView;
-use crate::model::{Gradient, Loss, Mlp, Targets, cast_mat};
+use crate::model::{Backward, Forward, Gradient, Loss, Mlp, Targets, cast_mat};
 use crate::scalar::Real;
 use crate::{Dtype, Result};
 
@@ -172,7 +172,8 @@ fn closure<T: Real>(
         return None;
     }
     let rt: Mat<T> = cast_mat(r.as_ref());
-    let bw = mt.backward(xt.as_ref(), &fw, rt.as_ref()).ok()?;
+    let mut bw = mt.backward(xt.as_ref(), &fw, rt.as_ref()).ok()?;
+    settle_kinks(model, grad, x, &fw, &mut bw);
     let mut num = 0.0;
     let mut den = 0.0;
     let mut per = Vec::with_capacity(nl);
@@ -189,6 +190,67 @@ fn closure<T: Real>(
     }
     let _ = out;
     Some((per, (num / den.max(f64::MIN_POSITIVE)).sqrt(), r))
+}
+
+/// A piecewise-linear activation's kink: a first-layer pre-activation z_ij within the
+/// rounding of its inner product (sqrt(d+1) u sum_k |x_ik w_jk| + |b_j|, the typical error
+/// of a length-(d+1) sum) may lie on the other side in the client's arithmetic, and
+/// sample i's share of neuron j's gradient row then differs by its whole backpropagated
+/// signal (h_ij is about 0 either way). For each such entry keep the side the observed
+/// row agrees with: the flip changes row j of the first layer by (s' - s) g_ij (x_i, 1),
+/// g_ij the signal before the activation's derivative.
+fn settle_kinks<T: Real>(
+    model: &Mlp<f64>,
+    grad: &Gradient<f64>,
+    x: &Mat<f64>,
+    fw: &Forward<T>,
+    bw: &mut Backward<T>,
+) {
+    let act = model.activation;
+    if !act.is_piecewise_linear() || model.layers.len() < 2 {
+        return;
+    }
+    let (w, b) = (&model.layers[0].weight, model.layers[0].bias.as_ref());
+    let w2 = &model.layers[1].weight;
+    let (nb, d) = x.shape();
+    let u = T::DTYPE.epsilon() / 2.0;
+    let z = &fw.pre[0];
+    let obs = &grad.layers[0];
+    for i in 0..nb {
+        for j in 0..w.nrows() {
+            let zij = z[(i, j)].to_f64();
+            let scale: f64 = (0..d).map(|k| (x[(i, k)] * w[(j, k)]).abs()).sum::<f64>()
+                + b.map_or(0.0, |b| b[j].abs());
+            if zij.abs() > ((d + 1) as f64).sqrt() * u * scale {
+                continue;
+            }
+            let g: f64 = (0..w2.nrows())
+                .map(|k| bw.deltas[1][(i, k)].to_f64() * w2[(k, j)])
+                .sum();
+            let change = (act.d1(-zij) - act.d1(zij)) * g;
+            let row = &mut bw.gradient.layers[0];
+            let (mut before, mut after) = (0.0, 0.0);
+            for k in 0..d {
+                let cur = row.weight[(j, k)].to_f64();
+                before += (cur - obs.weight[(j, k)]).powi(2);
+                after += (cur + change * x[(i, k)] - obs.weight[(j, k)]).powi(2);
+            }
+            if let (Some(rb), Some(ob)) = (&row.bias, &obs.bias) {
+                let cur = rb[j].to_f64();
+                before += (cur - ob[j]).powi(2);
+                after += (cur + change - ob[j]).powi(2);
+            }
+            if after < before {
+                for k in 0..d {
+                    let v = row.weight[(j, k)].to_f64() + change * x[(i, k)];
+                    row.weight[(j, k)] = T::from_f64(v);
+                }
+                if let Some(rb) = row.bias.as_mut() {
+                    rb[j] = T::from_f64(rb[j].to_f64() + change);
+                }
+            }
+        }
+    }
 }
 
 /// ||A - B||_F^2 with A in the dtype T, column by column (no cast or difference of the
