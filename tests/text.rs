@@ -1,6 +1,7 @@
-//! The text route on tiny GPT-2 gradients made by PyTorch (scripts/make_text_fixtures.py):
-//! every sequence recovered token for token and certified; a planted wrong token not
-//! certified; bad input as typed errors and one-line CLI failures.
+//! The text route on tiny GPT-2, LLaMA and BERT gradients made by PyTorch
+//! (scripts/make_text_fixtures.py): every sequence recovered token for token and
+//! certified; a planted wrong token not certified; bad input as typed errors and
+//! one-line CLI failures.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -221,8 +222,13 @@ fn bad_input_is_a_typed_error() {
         Err(TextError::MissingTensor { .. })
     ));
     // an architecture the route does not read
+    let t5 = tmpdir("t5");
+    let mut t5cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    t5cfg["model_type"] = Value::from("t5");
+    std::fs::write(t5.join("config.json"), t5cfg.to_string()).unwrap();
     assert!(matches!(
-        text::attack(&other, &other.join("gradient.safetensors"), &p),
+        text::attack(&t5, &grad, &p),
         Err(TextError::Unsupported(_))
     ));
     // NaN in the gradient
@@ -324,4 +330,73 @@ fn tiny_llama_lm_returns_every_prefix() {
     // a token repeated from the start gives its first position's input again: not kept
     assert!(r.search.iter().map(|s| s.repeats).sum::<usize>() > 0);
     assert!(!r.certified && r.sequences.iter().all(|s| !s.exact));
+}
+
+#[test]
+fn tiny_bert_classifier_every_sequence_certified() {
+    let dir = fixture("bert-cls-tiny");
+    let r = text::attack(
+        &dir,
+        &dir.join("gradient.safetensors"),
+        &TextParams {
+            tokenizer: Some(dir.join("tokenizer.json")),
+        },
+    )
+    .unwrap();
+    let mut got: Vec<Vec<u32>> = r.sequences.iter().map(|s| s.ids.clone()).collect();
+    let mut want = truth(&dir);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(r.certified, "{:?}", r.notes);
+    assert!(r.sequences.iter().all(|s| s.exact && s.text.is_some()));
+    assert_eq!(r.dtype, Dtype::F64);
+    let n: usize = want.iter().map(Vec::len).sum();
+    for l in &r.layers {
+        assert!(l.passed, "{l:?}");
+        assert!(l.unexplained <= l.tolerance, "{l:?}");
+    }
+    // one input per position at the per-position layers
+    for l in &r.layers[1..] {
+        assert_eq!(l.rank, n, "{l:?}");
+    }
+    let e = r.encoder.as_ref().unwrap();
+    // every true (position, token) pair found, and only those
+    let pairs: std::collections::BTreeSet<(usize, u32)> = want
+        .iter()
+        .flat_map(|s| s.iter().enumerate().map(|(p, &t)| (p, t)))
+        .collect();
+    assert_eq!(e.accepted, pairs.len());
+    assert!(e.groupings.iter().all(|g| g.valid), "{:?}", e.groupings);
+}
+
+#[test]
+fn bert_planted_wrong_token_or_swap_is_not_certified() {
+    let dir = fixture("bert-cls-tiny");
+    let grad = dir.join("gradient.safetensors");
+    let seqs = truth(&dir);
+    let ok = text::verify(&dir, &grad, &seqs).unwrap();
+    assert!(ok.iter().all(|l| l.passed), "{ok:?}");
+    // a wrong token anywhere changes every position's context (bidirectional)
+    for p in [0, 3, seqs[1].len() - 1] {
+        let mut bad = seqs.clone();
+        bad[1][p] = if bad[1][p] == 11 { 12 } else { 11 };
+        let checks = text::verify(&dir, &grad, &bad).unwrap();
+        assert!(
+            checks[1..].iter().all(|l| !l.passed),
+            "position {p}: {checks:?}"
+        );
+    }
+    // two tokens swapped between sequences: the same (position, token) bag is not
+    // enough, block 0's per-pair span passes but the contexts do not
+    let mut swapped = seqs.clone();
+    let t = swapped[1][2];
+    swapped[1][2] = swapped[2][2];
+    swapped[2][2] = t;
+    let checks = text::verify(&dir, &grad, &swapped).unwrap();
+    assert!(checks[0].passed, "{:?}", checks[0]);
+    assert!(checks[1..].iter().all(|l| !l.passed), "{checks:?}");
+    // a missing sequence leaves part of the gradient unexplained
+    let fewer = text::verify(&dir, &grad, &seqs[1..]).unwrap();
+    assert!(fewer[1..].iter().all(|l| !l.passed), "{fewer:?}");
 }

@@ -39,7 +39,7 @@ pub fn run(
         model.hidden(),
     )?;
     let t = Instant::now();
-    let filter = super::filter::TokenFilter::new(model, &span0);
+    let filter = super::filter::TokenFilter::new(model.embeddings(), &span0);
     let setup = t.elapsed().as_secs_f64();
     let n = direct_positions
         .max(1)

@@ -15,6 +15,9 @@ pub enum Arch {
     /// LLaMA-style: RMSNorm, rotary positions after the projection, grouped-query
     /// attention, SwiGLU, no biases.
     Llama,
+    /// BERT-style encoder: word + position + token-type embeddings and a LayerNorm,
+    /// bidirectional attention, post-LayerNorm blocks, Linear weights (out x in).
+    Bert,
 }
 
 /// What sits on top of the transformer (from `architectures`); it decides which
@@ -41,6 +44,35 @@ pub enum FfnActivation {
     /// 0.5 x (1 + erf(x / sqrt 2)).
     GeluErf,
     Relu,
+}
+
+impl FfnActivation {
+    pub(crate) fn apply(self, x: f64) -> f64 {
+        match self {
+            FfnActivation::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+            }
+            FfnActivation::GeluErf => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+            FfnActivation::Relu => x.max(0.0),
+        }
+    }
+
+    /// The derivative of [`apply`](Self::apply).
+    pub(crate) fn derivative(self, x: f64) -> f64 {
+        match self {
+            FfnActivation::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let t = (c * (x + 0.044715 * x * x * x)).tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            FfnActivation::GeluErf => {
+                let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)) + x * pdf
+            }
+            FfnActivation::Relu => f64::from(u8::from(x > 0.0)),
+        }
+    }
 }
 
 /// The dimensions and settings the attack needs.
@@ -264,13 +296,76 @@ impl TextConfig {
                         .map(|x| x as u32),
                 })
             }
+            "bert" => bert_config(v, path, head),
             "" => Err(TextError::Config {
                 path: path.to_path_buf(),
                 reason: "no 'model_type'".into(),
             }),
             other => Err(TextError::Unsupported(format!(
-                "model_type '{other}' (the text route reads: gpt2, llama)"
+                "model_type '{other}' (the text route reads: gpt2, llama, bert)"
             ))),
         }
     }
+}
+
+/// A BERT `config.json` (`BertConfig`): absolute positions, one of the GELUs or ReLU.
+fn bert_config(v: &Value, path: &Path, head: Head) -> Result<TextConfig, TextError> {
+    let hidden = usize_key(v, "hidden_size", path)?;
+    let heads = usize_key(v, "num_attention_heads", path)?;
+    if heads == 0 || hidden % heads != 0 {
+        return Err(TextError::Config {
+            path: path.to_path_buf(),
+            reason: format!(
+                "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+            ),
+        });
+    }
+    let act = v
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("gelu");
+    let activation = match act {
+        "gelu" => FfnActivation::GeluErf,
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => FfnActivation::GeluTanh,
+        "relu" => FfnActivation::Relu,
+        other => {
+            return Err(TextError::Unsupported(format!(
+                "BERT with hidden_act '{other}' (supported: gelu, gelu_new, gelu_pytorch_tanh, relu)"
+            )));
+        }
+    };
+    let positions_kind = v
+        .get("position_embedding_type")
+        .and_then(Value::as_str)
+        .unwrap_or("absolute");
+    if positions_kind != "absolute" {
+        return Err(TextError::Unsupported(format!(
+            "BERT with position_embedding_type '{positions_kind}' (supported: absolute)"
+        )));
+    }
+    if v.get("is_decoder").and_then(Value::as_bool) == Some(true) {
+        return Err(TextError::Unsupported("BERT with is_decoder = true".into()));
+    }
+    Ok(TextConfig {
+        arch: Arch::Bert,
+        head,
+        hidden,
+        heads,
+        kv_heads: heads,
+        head_dim: hidden / heads,
+        rope_theta: 0.0,
+        layers: usize_key(v, "num_hidden_layers", path)?,
+        vocab: usize_key(v, "vocab_size", path)?,
+        positions: usize_key(v, "max_position_embeddings", path)?,
+        ffn: usize_key(v, "intermediate_size", path)?,
+        layer_norm_eps: v
+            .get("layer_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-12),
+        activation,
+        pad_token_id: v
+            .get("pad_token_id")
+            .and_then(Value::as_u64)
+            .map(|x| x as u32),
+    })
 }

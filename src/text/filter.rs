@@ -11,7 +11,7 @@
 use faer::{Col, Mat};
 
 use super::causal::Causal;
-use super::gpt2::Gpt2;
+use super::gpt2::Embeddings;
 use super::span::RowSpan;
 
 /// A screen passes every candidate whose expanded distance is under this multiple of tau
@@ -40,7 +40,7 @@ pub struct PositionTokens {
 /// the span basis U (rank columns): ||N^T x~||^2 = ||x~||^2 - ||U^T x~||^2, so when the
 /// rank is below k the V x d x rank product replaces the V x d x k one.
 pub(crate) struct TokenFilter<'a> {
-    model: &'a Gpt2,
+    model: Embeddings<'a>,
     span: &'a RowSpan,
     /// M is the span basis U (the distance is taken as ||x~||^2 - ||U^T x~||^2).
     on_span: bool,
@@ -69,10 +69,10 @@ fn centre_rows(x: &mut Mat<f64>) {
 }
 
 impl<'a> TokenFilter<'a> {
-    pub fn new(model: &'a Gpt2, span: &'a RowSpan) -> Self {
+    pub fn new(model: Embeddings<'a>, span: &'a RowSpan) -> Self {
         let d = model.hidden();
-        let gamma = model.ln_1.gamma.clone();
-        let beta = &model.ln_1.beta;
+        let gamma = model.ln.gamma.clone();
+        let beta = &model.ln.beta;
         let mut ce = model.wte.clone();
         centre_rows(&mut ce);
         let ga = Mat::from_fn(ce.nrows(), d, |i, j| ce[(i, j)] * gamma[j]);
@@ -126,7 +126,7 @@ impl<'a> TokenFilter<'a> {
     /// The expanded (screening) distance of every token at position `p`.
     pub fn screen(&self, p: usize) -> Vec<f64> {
         let d = self.model.hidden();
-        let beta = &self.model.ln_1.beta;
+        let beta = &self.model.ln.beta;
         let mut cw: Vec<f64> = (0..d).map(|j| self.model.wpe[(p, j)]).collect();
         let m = cw.iter().sum::<f64>() / d as f64;
         cw.iter_mut().for_each(|x| *x -= m);
@@ -153,7 +153,7 @@ impl<'a> TokenFilter<'a> {
         let papb = &self.pa * &pb_col;
         (0..self.ce.nrows())
             .map(|t| {
-                let s2 = (self.ee[t] + 2.0 * ew[t] + ww) / d as f64 + self.model.ln_1.eps;
+                let s2 = (self.ee[t] + 2.0 * ew[t] + ww) / d as f64 + self.model.ln.eps;
                 let s = s2.sqrt();
                 // ||M^T x~||^2 and ||x~||^2, expanded
                 let proj = (self.papa[t] + 2.0 * papb[t] + pbpb) / s2
@@ -187,7 +187,7 @@ impl<'a> TokenFilter<'a> {
         let mut tokens = Vec::new();
         let mut distances = Vec::new();
         if !near.is_empty() {
-            let x = self.model.block0_input(&near, p);
+            let x = self.model.input(&near, p);
             let tests = self.span.test(x.as_ref());
             for (i, &t) in near.iter().enumerate() {
                 if self.span.accepts(tests[i]) {
@@ -212,7 +212,7 @@ impl<'a> TokenFilter<'a> {
     /// the whole vocabulary at `p`.
     pub fn direct(&self, p: usize) -> Vec<f64> {
         let all: Vec<u32> = (0..self.ce.nrows() as u32).collect();
-        let x = self.model.block0_input(&all, p);
+        let x = self.model.input(&all, p);
         self.span
             .test(x.as_ref())
             .into_iter()

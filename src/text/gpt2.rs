@@ -37,6 +37,31 @@ impl LayerNorm {
     }
 }
 
+/// What the filter reads of a model with learned positions: the token and position
+/// embeddings (the position rows with anything added to every position, e.g. BERT's
+/// token type 0) and the LayerNorm feeding the first block's input projection.
+#[derive(Clone, Copy)]
+pub(crate) struct Embeddings<'a> {
+    pub wte: &'a Mat<f64>,
+    pub wpe: &'a Mat<f64>,
+    pub ln: &'a LayerNorm,
+}
+
+impl Embeddings<'_> {
+    pub fn hidden(&self) -> usize {
+        self.wte.ncols()
+    }
+
+    /// The first block's input (LN(wte[t] + wpe[p]), 1) of `tokens` at `p`.
+    pub fn input(&self, tokens: &[u32], p: usize) -> Mat<f64> {
+        let mut x = Mat::from_fn(tokens.len(), self.hidden(), |i, j| {
+            self.wte[(tokens[i] as usize, j)] + self.wpe[(p, j)]
+        });
+        self.ln.apply_rows(&mut x);
+        augment(x.as_ref())
+    }
+}
+
 /// The weights of GPT-2 the attack reads, as f64.
 pub(crate) struct Gpt2 {
     pub cfg: TextConfig,
@@ -107,6 +132,15 @@ impl Gpt2 {
 
     pub fn hidden(&self) -> usize {
         self.cfg.hidden
+    }
+
+    /// What the token filter reads: wte, wpe and ln_1.
+    pub fn embeddings(&self) -> Embeddings<'_> {
+        Embeddings {
+            wte: &self.wte,
+            wpe: &self.wpe,
+            ln: &self.ln_1,
+        }
     }
 
     /// The residual stream wte[t] + wpe[p] (T x d) for `tokens` at position `p`.

@@ -20,10 +20,14 @@
 //! # Ok::<(), gradleak::text::TextError>(())
 //! ```
 
+pub mod assemble;
 pub mod bench;
+pub(crate) mod bert;
 pub(crate) mod causal;
 pub mod certificate;
 pub mod config;
+pub mod context;
+pub mod encoder;
 pub mod filter;
 pub(crate) mod gpt2;
 pub(crate) mod llama;
@@ -44,7 +48,7 @@ use std::time::Instant;
 use faer::Mat;
 
 use self::certificate::LayerCheck;
-use self::config::{Head, TextConfig};
+use self::config::{Arch, Head, TextConfig};
 use self::span::RowSpan;
 use self::tokenizer::{Decoder, GPT2_VOCAB};
 use crate::Dtype;
@@ -150,6 +154,9 @@ pub struct TextReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub token_bag: Vec<u32>,
     pub search: Vec<search::SearchStep>,
+    /// The encoder route's figures (BERT; there is no prefix search).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<encoder::EncoderStats>,
     pub seconds: StageSeconds,
     pub notes: Vec<String>,
 }
@@ -221,6 +228,9 @@ pub fn attack_with_progress(
             cfg.vocab
         )));
     }
+    if cfg.arch == Arch::Bert {
+        return encoder::attack(model_dir, gradient, cfg, decoder.as_ref(), notes, progress);
+    }
     let Loaded {
         model,
         g0,
@@ -263,6 +273,7 @@ pub fn attack_with_progress(
         token_filter: Vec::new(),
         token_bag: Vec::new(),
         search: Vec::new(),
+        encoder: None,
         seconds: StageSeconds::default(),
         notes,
     };

@@ -50,7 +50,7 @@ impl Model {
     pub fn filter(&self, span0: &RowSpan) -> Vec<filter::PositionTokens> {
         match self {
             Model::Gpt2(m) => {
-                let f = filter::TokenFilter::new(m, span0);
+                let f = filter::TokenFilter::new(m.embeddings(), span0);
                 let mut positions = Vec::new();
                 for p in 0..m.cfg.positions {
                     let pt = f.at(p);
@@ -128,6 +128,9 @@ impl Loaded {
                     dtype,
                 })
             }
+            Arch::Bert => Err(TextError::Unsupported(
+                "a BERT is read by the encoder route (text::encoder), not as a causal model".into(),
+            )),
             Arch::Llama => {
                 let prefix = llama::detect_prefix(weights.names()).ok_or_else(|| {
                     TextError::MissingTensor {
@@ -174,7 +177,7 @@ impl Loaded {
 
 /// The precision the first block's gradient was computed in (`attack::precision::detect`:
 /// f64 storage whose entries are all exact f32 numbers was computed in f32).
-fn working_dtype(g0: &Mat<f64>, storage: Dtype) -> Result<Dtype, TextError> {
+pub(crate) fn working_dtype(g0: &Mat<f64>, storage: Dtype) -> Result<Dtype, TextError> {
     Ok(crate::attack::precision::detect(
         &crate::attack::Rows::Memory(g0.clone()),
         None,

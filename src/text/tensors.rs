@@ -39,6 +39,12 @@ impl Tensors {
         Ok(self.file.dtype(name)?)
     }
 
+    /// The shape of tensor `name`.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>, TextError> {
+        self.require(name)?;
+        Ok(self.file.shape(name)?.to_vec())
+    }
+
     fn require(&self, name: &str) -> Result<(), TextError> {
         if self.file.contains(name) {
             Ok(())

@@ -18,7 +18,11 @@ pub fn verify(
     gradient: &Path,
     sequences: &[Vec<u32>],
 ) -> Result<Vec<LayerCheck>, TextError> {
-    let loaded = Loaded::read(model_dir, gradient)?;
+    let cfg = super::config::TextConfig::read(model_dir)?;
+    if cfg.arch == super::config::Arch::Bert {
+        return super::encoder::verify(model_dir, gradient, cfg, sequences);
+    }
+    let loaded = Loaded::read_with(model_dir, gradient, cfg)?;
     let cfg = loaded.model.cfg();
     let model = loaded.model.causal();
     let d = cfg.hidden;
