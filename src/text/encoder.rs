@@ -2,7 +2,7 @@
 //! bidirectional, so there is no prefix search. Spans of block 0's per-position layers
 //! -> the token filter (block 0's query/key/value span) -> the context of each candidate
 //! pair ([`context`](super::context)) -> sequences from the attention equations
-//! ([`assemble`](super::assemble)) -> the certificate on every span.
+//! ([`assemble`]) -> the certificate on every span.
 
 use std::path::Path;
 use std::time::Instant;
