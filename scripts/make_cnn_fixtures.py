@@ -9,6 +9,8 @@ order, and y) and case.json.
 Run: python scripts/make_cnn_fixtures.py tests/fixtures/cnn          (tiny cases, committed)
      python scripts/make_cnn_fixtures.py DIR --large                   (LeNet and the VGG-style
                                           ConvNet at B = 1..64, f32 and f64; ~10-40 MB each: DIR in /tmp)
+     python scripts/make_cnn_fixtures.py DIR --pixels                  (the pixel stage's cases: LeNet and
+                                          LeNet without pools at B = 1, 4, 16, and prior.npy, the mean crop)
 Photos: ../shared/data/photos beside the checkout (--photos DIR to change it).
 """
 
@@ -57,6 +59,17 @@ def lenet(act=nn.ReLU, pool=nn.MaxPool2d):
         nn.Conv2d(6, 16, 5), act(), pool(2),
         nn.Flatten(),
         nn.Linear(400, 120), act(), nn.Linear(120, 84), act(), nn.Linear(84, 10),
+    )
+
+
+def lenet_np(act=nn.ReLU):
+    """LeNet without its pooling layers and with 8 conv1 channels (the pixel stage's
+    determined variant, docs/DESIGN.md "Pixels: the conv stage"): conv5-8, conv5-16,
+    fc 9216-120-84-10."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 5), act(), nn.Conv2d(8, 16, 5), act(),
+        nn.Flatten(),
+        nn.Linear(9216, 120), act(), nn.Linear(120, 84), act(), nn.Linear(84, 10),
     )
 
 
@@ -156,6 +169,16 @@ def main():
     if "--photos" in sys.argv:
         global PHOTOS
         PHOTOS = sys.argv[sys.argv.index("--photos") + 1]
+    if "--pixels" in sys.argv:
+        x32 = rgb_crops(32)
+        os.makedirs(out, exist_ok=True)
+        # the public prior: the mean image of every crop
+        np.save(os.path.join(out, "prior.npy"), x32.mean(0, keepdims=True))
+        for dtype, tag in ((torch.float64, "f64"), (torch.float32, "f32")):
+            for b in (1, 4, 16):
+                make(out, f"lenetnp-{tag}-b{b}", lenet_np, 32, b, dtype, 300 + b, rows=x32)
+                make(out, f"lenet-{tag}-b{b}", lenet, 32, b, dtype, 100 + b, rows=x32)
+        return
     if "--large" in sys.argv:
         x32 = rgb_crops(32)
         for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
