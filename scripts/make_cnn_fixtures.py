@@ -73,6 +73,15 @@ def lenet_np(act=nn.ReLU):
     )
 
 
+def pixnet():
+    """A tiny ReLU CNN whose conv layers the gradient determines at B = 1 (3x8x8:
+    conv3-6, conv3-8, fc 128-16-4): the pixel stage's committed test case."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 4),
+    )
+
+
 def convnet():
     """A VGG-style small CNN: three conv3 blocks (32, 64, 64 channels) with 2x2 max
     pooling, then a 1024-1024-10 ReLU head."""
@@ -190,6 +199,8 @@ def main():
     make(out, "lenet-f32", lenet, 32, 2, torch.float32, 1)
     make(out, "zoo-f64", zoo, 12, 3, torch.float64, 2)
     make(out, "zoo-f32", zoo, 12, 3, torch.float32, 3)
+    make(out, "pixnet-f64", pixnet, 8, 1, torch.float64, 4)
+    make(out, "pixnet-f64-b4", pixnet, 8, 4, torch.float64, 5)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ fn problem(dir: &Path) -> ConvProblem {
 /// fixtures' 6-8-3 head is too narrow for the route: they test the client only.)
 #[test]
 fn head_features_and_labels_are_exact_and_certified() {
-    for (name, tol) in [("lenet-f32", 1e-5)] {
+    for (name, tol) in [("lenet-f32", 1e-5), ("pixnet-f64", 1e-12)] {
         let dir = fixture(name);
         let p = problem(&dir);
         let cfg = AttackParams::new(Method::Auto)
@@ -93,7 +93,7 @@ fn cli_attacks_a_model_folder_and_names_bad_layers() {
         "{stdout}"
     );
     assert!(stdout.contains("recovered within 1e-3: 2/2"), "{stdout}");
-    let x = gradleak::io::npy::read_matrix(&tmp.join("feats.npy")).unwrap();
+    let x = gradleak::io::npy::read_matrix(tmp.join("feats.npy")).unwrap();
     assert_eq!(x.shape(), (2, 400));
     // a description with a layer gradleak does not know: one line, non-zero exit
     let bad = tmp.join("bad");

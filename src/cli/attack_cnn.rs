@@ -9,8 +9,8 @@ use faer::Mat;
 
 use gradleak::Dtype;
 use gradleak::attack::conv::{ConvProblem, pixels};
-use gradleak::attack::{Sample, Stage};
 use gradleak::attack::{self, AttackConfig};
+use gradleak::attack::{Sample, Stage};
 use gradleak::io::cnn::{read_model_dir, read_tensors};
 use gradleak::io::npy;
 use gradleak::io::outputs::Outputs;
@@ -19,6 +19,9 @@ use gradleak::model::Loss;
 use gradleak::report::AttackReport;
 
 use super::progress::{Mode, cpu_seconds};
+
+/// Where the pixels go, the prior image and the loss given on the command line.
+pub type PixelRun<'a> = (&'a Path, Option<Vec<f64>>, Option<Loss>);
 
 /// Where the CNN attack writes and what it compares with.
 pub struct CnnRun<'a> {
@@ -30,8 +33,7 @@ pub struct CnnRun<'a> {
     pub out: &'a Path,
     pub report: Option<&'a Path>,
     pub labels: Option<&'a Path>,
-    /// Where the pixels go, the prior image and the loss given on the command line.
-    pub pixels: Option<(&'a Path, Option<Vec<f64>>, Option<Loss>)>,
+    pub pixels: Option<PixelRun<'a>>,
     pub mode: Mode,
 }
 
@@ -109,7 +111,9 @@ pub fn run(r: CnnRun<'_>, cfg: &AttackConfig) -> anyhow::Result<()> {
     let pix = match &r.pixels {
         Some((path, prior, loss)) => {
             let prior = prior.as_deref().ok_or_else(|| {
-                anyhow::anyhow!("--pixels needs --prior-image: the prior fills what the gradient leaves free")
+                anyhow::anyhow!(
+                    "--pixels needs --prior-image: the prior fills what the gradient leaves free"
+                )
             })?;
             let loss = loss.unwrap_or(Loss::Ce);
             let t = Instant::now();
@@ -161,13 +165,18 @@ fn print_pixels(
         px.exact,
         px.feature_closure,
         if px.guessed_pooling {
-            format!("max pooling's kept positions guessed ({} rounds); ", px.rounds)
+            format!(
+                "max pooling's kept positions guessed ({} rounds); ",
+                px.rounds
+            )
         } else {
             String::new()
         },
         secs
     );
-    println!(" layer            unknowns  forward  gradient  free>=   free(est)  determined  residual  steps");
+    println!(
+        " layer            unknowns  forward  gradient  free>=   free(est)  determined  residual  steps"
+    );
     for l in &px.layers {
         println!(
             " {:<16} {:>8} {:>8} {:>9} {:>7} {:>11.1} {:>11} {:>9.1e} {:>6}",

@@ -35,7 +35,9 @@ pub fn solve<A: LinearMap>(a: &A, b: &[f64], x0: &[f64], tol: f64, max_iter: usi
     let ax = a.apply(&x);
     let mut r: Vec<f64> = b.iter().zip(&ax).map(|(b, v)| b - v).collect();
     let mut s = a.adjoint(&r);
-    let scale = dot(&a.adjoint(b), &a.adjoint(b)).sqrt().max(f64::MIN_POSITIVE);
+    let scale = dot(&a.adjoint(b), &a.adjoint(b))
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
     let mut p = s.clone();
     let mut gamma = dot(&s, &s);
     let mut iterations = 0;
@@ -63,7 +65,13 @@ pub fn solve<A: LinearMap>(a: &A, b: &[f64], x0: &[f64], tol: f64, max_iter: usi
     }
     let nb = dot(b, b).sqrt().max(f64::MIN_POSITIVE);
     let ax = a.apply(&x);
-    let res = b.iter().zip(&ax).map(|(b, v)| (b - v).powi(2)).sum::<f64>().sqrt() / nb;
+    let res = b
+        .iter()
+        .zip(&ax)
+        .map(|(b, v)| (b - v).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        / nb;
     Solved {
         x,
         residual: res,

@@ -31,6 +31,10 @@ pub const ACTIVE_SHARE: f64 = 1e-4;
 /// most this share of its norm (the solve keeps exactly the part of the move in the
 /// equations' null space).
 pub const UNIQUE_SHARE: f64 = 1e-6;
+/// A solve whose equations fit worse than this (relative) is inconsistent: a guessed
+/// kept position or activation pattern above it is wrong, so its values do not become
+/// equations of the layer below (the f32 determined case fits to 1.5e-7).
+pub const CONSISTENT: f64 = 1e-5;
 /// Rounds of the whole walk when max pooling's kept positions are guessed (each walk
 /// starts from the pixels of the last).
 pub const POOL_ROUNDS: usize = 4;
@@ -190,7 +194,7 @@ fn descend(
             let conv_in = below_of(l - 2);
             for _ in 0..KEPT_ROUNDS {
                 let pre = through_activation(*a, unpool(&st, &kept, w, below), &fw.outputs[l - 2])?;
-                let (val, _, _) = solve_conv(p, l - 2, c, &pre, conv_in, None)?;
+                let (val, _, _, _) = solve_conv(p, l - 2, c, &pre, conv_in, None)?;
                 let z = conv_output(c, &val);
                 let act = Mat::from_fn(z.nrows(), z.ncols(), |i, j| a.eval(z[(i, j)]));
                 let (_, next) = kernels::max_pool(&act, w);
@@ -200,13 +204,10 @@ fn descend(
                 kept = next;
             }
             let pre = through_activation(*a, unpool(&st, &kept, w, below), &fw.outputs[l - 2])?;
-            let (val, solve, delta) = solve_conv(p, l - 2, c, &pre, conv_in, Some(&mut rng))?;
+            let (val, solve, delta, known) =
+                solve_conv(p, l - 2, c, &pre, conv_in, Some(&mut rng))?;
             solves.push(solve);
-            st = State {
-                known: vec![true; val.nrows() * val.ncols()],
-                val,
-                delta,
-            };
+            st = State { val, known, delta };
             l -= 2;
             continue;
         }
@@ -224,7 +225,7 @@ fn descend(
                     .filter(|&i| st.known[i])
                     .map(|i| st.val[(i / st.val.ncols(), i % st.val.ncols())])
                     .collect();
-                let (val, solve) = solve_probed(&eq, &rhs, below, Some(&mut rng));
+                let (val, solve, known) = solve_probed(&eq, &rhs, below, Some(&mut rng));
                 solves.push(LayerSolve {
                     layer: l,
                     name: "avgpool".into(),
@@ -233,19 +234,15 @@ fn descend(
                     ..solve
                 });
                 State {
-                    known: vec![true; val.nrows() * val.ncols()],
+                    known,
                     delta: kernels::avg_pool_back(&st.delta, w),
                     val,
                 }
             }
             Layer::Conv(c) => {
-                let (val, solve, delta) = solve_conv(p, l, c, &st, below, Some(&mut rng))?;
+                let (val, solve, delta, known) = solve_conv(p, l, c, &st, below, Some(&mut rng))?;
                 solves.push(solve);
-                State {
-                    known: vec![true; val.nrows() * val.ncols()],
-                    val,
-                    delta,
-                }
+                State { val, known, delta }
             }
             Layer::Linear(_) => {
                 return Err(Error::Unsupported(format!(
@@ -285,8 +282,12 @@ fn conv_output(c: &Conv<f64>, a: &Mat<f64>) -> Mat<f64> {
     kernels::positions_to_rows(&z, a.nrows(), c.window.positions(), bias.as_deref())
 }
 
+/// A conv layer's solved input, its report, dL/d input and which entries are fixed.
+type ConvSolve = (Mat<f64>, LayerSolve, Mat<f64>, Vec<bool>);
+
 /// Conv layer `l`'s input from its output state, started at `below`; with `probe`, the
-/// free directions are counted. Returns the input, the solve, and dL/d input.
+/// free directions are counted. Returns the input, the solve, dL/d input and which
+/// input entries the equations fix (the layer below takes only those as known).
 fn solve_conv(
     p: &ConvProblem,
     l: usize,
@@ -294,9 +295,12 @@ fn solve_conv(
     st: &State,
     below: &Mat<f64>,
     probe: Option<&mut ChaCha8Rng>,
-) -> Result<(Mat<f64>, LayerSolve, Mat<f64>)> {
+) -> Result<ConvSolve> {
     let cnn = &p.cnn;
-    let param = cnn.layers[..l].iter().filter(|x| x.param().is_some()).count();
+    let param = cnn.layers[..l]
+        .iter()
+        .filter(|x| x.param().is_some())
+        .count();
     let grad = &p.grad.params[param].weight;
     let (bsz, pos, o) = (below.nrows(), c.window.positions(), c.param.weight.nrows());
     let dz = kernels::rows_to_positions(&st.delta, pos);
@@ -325,7 +329,7 @@ fn solve_conv(
     eq.w_forward = if nf > 0 { unit(&raw[..nf]) } else { 1.0 };
     eq.w_gradient = unit(&raw[nf..]);
     let rhs = eq.rhs(&z, grad);
-    let (val, solve) = solve_probed(&eq, &rhs, below, probe);
+    let (val, solve, fixed) = solve_probed(&eq, &rhs, below, probe);
     let delta = if l > 0 {
         kernels::col2im(&(&eq.dz * &c.param.weight), bsz, &c.window)
     } else {
@@ -338,23 +342,26 @@ fn solve_conv(
         gradient_equations: eq.gradient_count(),
         ..solve
     };
-    Ok((val, solve, delta))
+    Ok((val, solve, delta, fixed))
 }
 
 /// Solve from `start` (B x n) and from `start` plus a random move; the part of the move
-/// that survives lies in the equations' null space and counts the free directions.
+/// that survives lies in the equations' null space and counts the free directions, and
+/// an entry it leaves unmoved is fixed by the equations (e_k is orthogonal to the null
+/// space). Without `probe` every entry counts as fixed.
 fn solve_probed<A: LinearMap>(
     eq: &A,
     rhs: &[f64],
     start: &Mat<f64>,
     probe: Option<&mut ChaCha8Rng>,
-) -> (Mat<f64>, LayerSolve) {
+) -> (Mat<f64>, LayerSolve, Vec<bool>) {
     let (b, n) = (start.nrows(), start.ncols());
     let x0: Vec<f64> = (0..b * n).map(|i| start[(i / n, i % n)]).collect();
     let sol = cgls::solve(eq, rhs, &x0, TOLERANCE, ITERATIONS);
     let scale = (x0.iter().map(|v| v * v).sum::<f64>() / x0.len().max(1) as f64)
         .sqrt()
         .max(1e-3);
+    let mut fixed = vec![true; b * n];
     let (share, steps) = match probe {
         None => (f64::NAN, 0),
         Some(rng) => {
@@ -373,6 +380,9 @@ fn solve_probed<A: LinearMap>(
                 .map(|(a, c)| (a - c).powi(2))
                 .sum();
             let total: f64 = mv.iter().map(|v| v * v).sum();
+            for (f, (a, c)) in fixed.iter_mut().zip(moved.x.iter().zip(&sol.x)) {
+                *f = (a - c).abs() <= UNIQUE_SHARE * scale && sol.residual <= CONSISTENT;
+            }
             ((kept / total).sqrt(), moved.iterations)
         }
     };
@@ -392,6 +402,7 @@ fn solve_probed<A: LinearMap>(
             residual: sol.residual,
             iterations: sol.iterations.max(steps),
         },
+        fixed,
     )
 }
 

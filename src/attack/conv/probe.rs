@@ -23,7 +23,10 @@ fn probe() {
     let (spec, model, _) = crate::io::cnn::read_model_dir(dir).unwrap();
     let (grad, dtype) = crate::io::cnn::read_tensors(&dir.join("gradient.safetensors")).unwrap();
     let p = super::ConvProblem::new(&spec, &model, &grad, dtype, None).unwrap();
-    let x = TensorFile::open(dir.join("batch.safetensors")).unwrap().matrix("x").unwrap();
+    let x = TensorFile::open(dir.join("batch.safetensors"))
+        .unwrap()
+        .matrix("x")
+        .unwrap();
     let h = p.features(&x).unwrap();
     let view = &p.view;
     let cfg = AttackConfig::new(Method::Auto, 1);
@@ -70,7 +73,8 @@ fn probe() {
                 q[j] = !q[j];
             }
             let mut st = SearchStats::default();
-            if let Some((r, _, _)) = alternate(&a, &all, q, (0.0, 1.0), (alt.stop, floor), &mut st) {
+            if let Some((r, _, _)) = alternate(&a, &all, q, (0.0, 1.0), (alt.stop, floor), &mut st)
+            {
                 back += (r == *pat) as usize;
             }
         }
@@ -86,15 +90,22 @@ fn probe() {
         let mut new = 0;
         for z in &zeros {
             let (res, _) = alt.run_from(&z.c);
-            if let Some(f) = res {
-                if !alt.duplicate(&union, &f.0) {
-                    union.push(f);
-                    new += 1;
-                }
+            if let Some(f) = res
+                && !alt.duplicate(&union, &f.0)
+            {
+                union.push(f);
+                new += 1;
             }
         }
-        let covered = truth.iter().filter(|(_, t)| union.iter().any(|(p, _, _)| p == t)).count();
-        println!("seed {s}: {} zeros, {new} new patterns, union {} (true: {covered})", zeros.len(), union.len());
+        let covered = truth
+            .iter()
+            .filter(|(_, t)| union.iter().any(|(p, _, _)| p == t))
+            .count();
+        println!(
+            "seed {s}: {} zeros, {new} new patterns, union {} (true: {covered})",
+            zeros.len(),
+            union.len()
+        );
     }
     if union.len() == b {
         let zs = alt.inputs(&sub, &sub.projected_gradient(), &union);
@@ -108,16 +119,32 @@ fn probe() {
     let hm = &p.head.model;
     let hg = &p.head.gradient;
     let (w1, g1) = (&hm.layers[0].weight, &hg.layers[0].weight);
-    let (b1, gb1) = (hm.layers[0].bias.as_ref().unwrap(), hg.layers[0].bias.as_ref().unwrap());
-    let cols: Vec<usize> = (0..w1.ncols()).filter(|&c| (0..g1.nrows()).any(|j| g1[(j, c)] != 0.0)).collect();
-    let rowsk: Vec<usize> = (0..w1.nrows()).filter(|&j| gb1[j] != 0.0 || (0..g1.ncols()).any(|c| g1[(j, c)] != 0.0)).collect();
+    let (b1, gb1) = (
+        hm.layers[0].bias.as_ref().unwrap(),
+        hg.layers[0].bias.as_ref().unwrap(),
+    );
+    let cols: Vec<usize> = (0..w1.ncols())
+        .filter(|&c| (0..g1.nrows()).any(|j| g1[(j, c)] != 0.0))
+        .collect();
+    let rowsk: Vec<usize> = (0..w1.nrows())
+        .filter(|&j| gb1[j] != 0.0 || (0..g1.ncols()).any(|c| g1[(j, c)] != 0.0))
+        .collect();
     let oracle = std::env::var("ORACLE").is_ok();
     let rowsk: Vec<usize> = if oracle {
-        rowsk.into_iter().filter(|&j| !truth.iter().all(|(_, p)| p[j])).collect()
+        rowsk
+            .into_iter()
+            .filter(|&j| !truth.iter().all(|(_, p)| p[j]))
+            .collect()
     } else {
         rowsk
     };
-    println!("kept {} of {} columns, {} of {} neurons", cols.len(), w1.ncols(), rowsk.len(), w1.nrows());
+    println!(
+        "kept {} of {} columns, {} of {} neurons",
+        cols.len(),
+        w1.ncols(),
+        rowsk.len(),
+        w1.nrows()
+    );
     let cut = |w: &Mat<f64>, b: &Col<f64>, rs: &[usize], cs: &[usize]| crate::model::Dense {
         weight: Mat::from_fn(rs.len(), cs.len(), |i, k| w[(rs[i], cs[k])]),
         bias: Some(Col::from_fn(rs.len(), |i| b[rs[i]])),
@@ -125,9 +152,25 @@ fn probe() {
     let mut layers = hm.layers.clone();
     let mut glayers = hg.layers.clone();
     let outs: Vec<usize> = (0..layers[1].weight.nrows()).collect();
-    for (ls, src) in [(&mut layers, hm), (&mut glayers, &crate::model::Mlp::new(hg.layers.clone(), hm.activation).unwrap())] {
-        ls[0] = cut(&src.layers[0].weight, src.layers[0].bias.as_ref().unwrap(), &rowsk, &cols);
-        ls[1] = cut(&src.layers[1].weight, src.layers[1].bias.as_ref().unwrap(), &outs, &rowsk);
+    for (ls, src) in [
+        (&mut layers, hm),
+        (
+            &mut glayers,
+            &crate::model::Mlp::new(hg.layers.clone(), hm.activation).unwrap(),
+        ),
+    ] {
+        ls[0] = cut(
+            &src.layers[0].weight,
+            src.layers[0].bias.as_ref().unwrap(),
+            &rowsk,
+            &cols,
+        );
+        ls[1] = cut(
+            &src.layers[1].weight,
+            src.layers[1].bias.as_ref().unwrap(),
+            &outs,
+            &rowsk,
+        );
     }
     let _ = (b1, gb1);
     let rm = crate::model::Mlp::new(layers, hm.activation).unwrap();
@@ -141,6 +184,10 @@ fn probe() {
         let t = std::time::Instant::now();
         let rec = crate::attack::run(v, &cfg).unwrap();
         let exact = rec.samples.iter().filter(|s| s.exact).count();
-        println!("{name}: {} samples, {exact} exact, {:.1} s", rec.samples.len(), t.elapsed().as_secs_f64());
+        println!(
+            "{name}: {} samples, {exact} exact, {:.1} s",
+            rec.samples.len(),
+            t.elapsed().as_secs_f64()
+        );
     }
 }
