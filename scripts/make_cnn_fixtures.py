@@ -9,6 +9,8 @@ order, and y) and case.json.
 Run: python scripts/make_cnn_fixtures.py tests/fixtures/cnn          (tiny cases, committed)
      python scripts/make_cnn_fixtures.py DIR --large                   (LeNet and the VGG-style
                                           ConvNet at B = 1..64, f32 and f64; ~10-40 MB each: DIR in /tmp)
+     python scripts/make_cnn_fixtures.py DIR --pixels                  (the pixel stage's cases: LeNet and
+                                          LeNet without pools at B = 1, 4, 16, and prior.npy, the mean crop)
 Photos: ../shared/data/photos beside the checkout (--photos DIR to change it).
 """
 
@@ -57,6 +59,26 @@ def lenet(act=nn.ReLU, pool=nn.MaxPool2d):
         nn.Conv2d(6, 16, 5), act(), pool(2),
         nn.Flatten(),
         nn.Linear(400, 120), act(), nn.Linear(120, 84), act(), nn.Linear(84, 10),
+    )
+
+
+def lenet_np(act=nn.ReLU):
+    """LeNet without its pooling layers and with 8 conv1 channels (the pixel stage's
+    determined variant, docs/DESIGN.md "Pixels: the conv stage"): conv5-8, conv5-16,
+    fc 9216-120-84-10."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 5), act(), nn.Conv2d(8, 16, 5), act(),
+        nn.Flatten(),
+        nn.Linear(9216, 120), act(), nn.Linear(120, 84), act(), nn.Linear(84, 10),
+    )
+
+
+def pixnet():
+    """A tiny ReLU CNN whose conv layers the gradient determines at B = 1 (3x8x8:
+    conv3-6, conv3-8, fc 128-16-4): the pixel stage's committed test case."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 4),
     )
 
 
@@ -156,6 +178,16 @@ def main():
     if "--photos" in sys.argv:
         global PHOTOS
         PHOTOS = sys.argv[sys.argv.index("--photos") + 1]
+    if "--pixels" in sys.argv:
+        x32 = rgb_crops(32)
+        os.makedirs(out, exist_ok=True)
+        # the public prior: the mean image of every crop
+        np.save(os.path.join(out, "prior.npy"), x32.mean(0, keepdims=True))
+        for dtype, tag in ((torch.float64, "f64"), (torch.float32, "f32")):
+            for b in (1, 4, 16):
+                make(out, f"lenetnp-{tag}-b{b}", lenet_np, 32, b, dtype, 300 + b, rows=x32)
+                make(out, f"lenet-{tag}-b{b}", lenet, 32, b, dtype, 100 + b, rows=x32)
+        return
     if "--large" in sys.argv:
         x32 = rgb_crops(32)
         for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
@@ -167,6 +199,8 @@ def main():
     make(out, "lenet-f32", lenet, 32, 2, torch.float32, 1)
     make(out, "zoo-f64", zoo, 12, 3, torch.float64, 2)
     make(out, "zoo-f32", zoo, 12, 3, torch.float32, 3)
+    make(out, "pixnet-f64", pixnet, 8, 1, torch.float64, 4)
+    make(out, "pixnet-f64-b4", pixnet, 8, 4, torch.float64, 5)
 
 
 if __name__ == "__main__":

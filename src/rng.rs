@@ -43,6 +43,8 @@ pub enum Salt {
     Ig,
     /// Starts of the labelled joint fit (rank-deficient inputs).
     JointStarts,
+    /// The random move that counts a CNN layer's free directions (`conv::pixels`).
+    Pixels,
 }
 
 impl Salt {
@@ -57,6 +59,7 @@ impl Salt {
             Salt::Dlg => 0x00d1_9d19,
             Salt::Ig => 0x0016_1616,
             Salt::JointStarts => 0x0010_1e7f,
+            Salt::Pixels => 0x0091_7e15,
         }
     }
 }

@@ -34,8 +34,7 @@ fn problem(dir: &Path) -> ConvProblem {
 /// fixtures' 6-8-3 head is too narrow for the route: they test the client only.)
 #[test]
 fn head_features_and_labels_are_exact_and_certified() {
-    {
-        let (name, tol) = ("lenet-f32", 1e-5);
+    for (name, tol) in [("lenet-f32", 1e-5), ("pixnet-f64", 1e-12)] {
         let dir = fixture(name);
         let p = problem(&dir);
         let cfg = AttackParams::new(Method::Auto)

@@ -19,7 +19,7 @@ fn cases() -> Vec<PathBuf> {
         .filter(|p| p.join("case.json").exists())
         .collect();
     v.sort();
-    assert_eq!(v.len(), 3, "expected the three committed CNN fixtures");
+    assert_eq!(v.len(), 5, "expected the five committed CNN fixtures");
     v
 }
 

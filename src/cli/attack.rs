@@ -97,6 +97,10 @@ pub struct AttackArgs {
     /// Recovered labels as int64 .npy (-1 where unknown), in the order of --out.
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// CNN models: also recover the pixels below the features (B x C*H*W float64 .npy,
+    /// in the order of --out); --prior-image fills what the gradient leaves free.
+    #[arg(long)]
+    pixels: Option<PathBuf>,
 }
 
 pub fn run(a: AttackArgs) -> anyhow::Result<()> {
@@ -127,14 +131,15 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
     if let Some(pr) = a.prior.as_deref().map(super::parse).transpose()? {
         p = p.prior(pr);
     }
+    let mut prior_image = None;
     if let Some(path) = &a.prior_image {
         let m = npy::read_matrix(path)?;
         let n = m.nrows().max(1) as f64;
-        p = p.prior_image(
-            (0..m.ncols())
-                .map(|j| m.col(j).iter().sum::<f64>() / n)
-                .collect(),
-        );
+        let mean: Vec<f64> = (0..m.ncols())
+            .map(|j| m.col(j).iter().sum::<f64>() / n)
+            .collect();
+        p = p.prior_image(mean.clone());
+        prior_image = Some(mean);
     }
     if let Some(s) = a.noise_std {
         p = p.noise_std(s);
@@ -150,6 +155,7 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
             out: &a.out,
             report: a.report.as_deref(),
             labels: a.labels.as_deref(),
+            pixels: a.pixels.as_deref().map(|path| (path, prior_image, a.loss)),
             mode,
         };
         return super::attack_cnn::run(run, &cfg);

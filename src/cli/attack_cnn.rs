@@ -8,15 +8,20 @@ use std::time::Instant;
 use faer::Mat;
 
 use gradleak::Dtype;
-use gradleak::attack::conv::ConvProblem;
+use gradleak::attack::conv::{ConvProblem, pixels};
 use gradleak::attack::{self, AttackConfig};
+use gradleak::attack::{Sample, Stage};
 use gradleak::io::cnn::{read_model_dir, read_tensors};
 use gradleak::io::npy;
 use gradleak::io::outputs::Outputs;
 use gradleak::metrics;
+use gradleak::model::Loss;
 use gradleak::report::AttackReport;
 
 use super::progress::{Mode, cpu_seconds};
+
+/// Where the pixels go, the prior image and the loss given on the command line.
+pub type PixelRun<'a> = (&'a Path, Option<Vec<f64>>, Option<Loss>);
 
 /// Where the CNN attack writes and what it compares with.
 pub struct CnnRun<'a> {
@@ -28,6 +33,7 @@ pub struct CnnRun<'a> {
     pub out: &'a Path,
     pub report: Option<&'a Path>,
     pub labels: Option<&'a Path>,
+    pub pixels: Option<PixelRun<'a>>,
     pub mode: Mode,
 }
 
@@ -102,6 +108,23 @@ pub fn run(r: CnnRun<'_>, cfg: &AttackConfig) -> anyhow::Result<()> {
             .collect();
         files.write(path, &npy::labels_bytes(&l)?)?;
     }
+    let pix = match &r.pixels {
+        Some((path, prior, loss)) => {
+            let prior = prior.as_deref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--pixels needs --prior-image: the prior fills what the gradient leaves free"
+                )
+            })?;
+            let loss = loss.unwrap_or(Loss::Ce);
+            let t = Instant::now();
+            let px = super::with_spinner("solving the conv layers", || {
+                pixels::recover(&p, feats, loss, prior, p.view.dtype, cfg.seed())
+            })?;
+            files.write(path, &npy::matrix_bytes(&px.x)?)?;
+            Some((px, t.elapsed().as_secs_f64()))
+        }
+        None => None,
+    };
     files.commit()?;
     println!(
         "CNN features: batch size {}; recovered {} ({} exact), missing {}; certified {}; {:.2} s ({:.2} s CPU)",
@@ -122,6 +145,76 @@ pub fn run(r: CnnRun<'_>, cfg: &AttackConfig) -> anyhow::Result<()> {
     if let Some(m) = &matched {
         super::table::print_matched(m);
     }
+    if let Some((px, secs)) = &pix {
+        print_pixels(px, *secs, feats, r.truth.as_ref(), r.tol)?;
+    }
     eprintln!("wrote {}", r.out.display());
+    Ok(())
+}
+
+/// The pixel stage's table (one line per solved layer) and its match with the truth.
+fn print_pixels(
+    px: &pixels::Pixels,
+    secs: f64,
+    feats: &attack::Reconstruction,
+    truth: Option<&(Mat<f64>, Option<Vec<usize>>)>,
+    tol: f64,
+) -> anyhow::Result<()> {
+    println!(
+        "pixels: exact {}; feature closure {:.1e}; {}{:.2} s",
+        px.exact,
+        px.feature_closure,
+        if px.guessed_pooling {
+            format!(
+                "max pooling's kept positions guessed ({} rounds); ",
+                px.rounds
+            )
+        } else {
+            String::new()
+        },
+        secs
+    );
+    println!(
+        " layer            unknowns  forward  gradient  free>=   free(est)  determined  residual  steps"
+    );
+    for l in &px.layers {
+        println!(
+            " {:<16} {:>8} {:>8} {:>9} {:>7} {:>11.1} {:>11} {:>9.1e} {:>6}",
+            l.name,
+            l.unknowns,
+            l.forward_equations,
+            l.gradient_equations,
+            l.free_at_least,
+            l.free_estimate,
+            l.determined,
+            l.residual,
+            l.iterations
+        );
+    }
+    if let Some((tx, ty)) = truth {
+        let samples: Vec<Sample> = (0..px.x.nrows())
+            .map(|i| Sample {
+                x: px.x.row(i).iter().copied().collect(),
+                residual: None,
+                exact: px.exact,
+                stage: Stage::Pattern,
+                label: feats.samples[i].label,
+                output_residual: None,
+            })
+            .collect();
+        let m = metrics::evaluate(tx, &samples, Some((0.0, 1.0)), tol, ty.as_deref())?;
+        let psnrs: Vec<String> = m
+            .per_sample
+            .iter()
+            .map(|s| s.psnr.map_or("-".into(), |v| format!("{v:.1}")))
+            .collect();
+        println!(
+            "pixels vs truth: max rel. error {:.2e}, median {:.2e}; mean PSNR {:.2} dB (per sample: {})",
+            m.max_rel_error,
+            m.median_rel_error,
+            m.mean_psnr.unwrap_or(f64::NAN),
+            psnrs.join(" ")
+        );
+    }
     Ok(())
 }

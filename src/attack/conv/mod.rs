@@ -1,8 +1,14 @@
 //! The attack on a convolutional client (docs/DESIGN.md, "Convolutional models"):
 //! the fully connected head's exact route recovers and certifies the features
-//! h_i = phi(x_i) and the labels ([`head`]).
+//! h_i = phi(x_i) and the labels ([`head`]); below them each conv layer's equations in
+//! its input ([`equations`]) give the pixels as far as the gradient determines them
+//! ([`pixels`]).
 
+pub mod equations;
 pub mod head;
+pub mod pixels;
+#[cfg(test)]
+mod probe;
 
 use serde::Serialize;
 
@@ -14,6 +20,7 @@ use crate::model::cnn::{Cnn, CnnGradient, ModelSpec, Tensors};
 use crate::{Dtype, Result};
 
 pub use head::Head;
+pub use pixels::{LayerSolve, Pixels};
 
 /// The exact route, passed in by the caller (`attack::run`).
 pub type Inner = fn(&ServerView, &AttackConfig) -> Result<Reconstruction>;
@@ -94,8 +101,18 @@ pub struct ConvReconstruction {
 }
 
 /// Attack the problem with `inner` (the exact route) on its head.
+/// A prior image given for the pixels is not the head's (feature) prior: the head's
+/// route runs without it.
 pub fn attack(p: &ConvProblem, cfg: &AttackConfig, inner: Inner) -> Result<ConvReconstruction> {
-    let features = inner(&p.view, cfg)?;
+    let mut head_cfg = cfg.clone();
+    if head_cfg
+        .prior_image
+        .as_ref()
+        .is_some_and(|v| v.len() != p.head.feature_dim())
+    {
+        head_cfg.prior_image = None;
+    }
+    let features = inner(&p.view, &head_cfg)?;
     Ok(ConvReconstruction {
         features,
         head_layer: p.cnn.names[p.head.params_below].clone(),

@@ -155,9 +155,9 @@ impl Cnn<f64> {
                     }
                     let p = &mut conv.param;
                     let b0 = p.bias.clone();
-                    for (o, &s) in scale.iter().enumerate().take(n) {
+                    for (o, &so) in scale.iter().enumerate().take(n) {
                         for j in 0..p.weight.ncols() {
-                            p.weight[(o, j)] *= s;
+                            p.weight[(o, j)] *= so;
                         }
                     }
                     p.bias = Some(Col::from_fn(n, |o| {
