@@ -2,7 +2,9 @@
 //! pair i is its sequence's attention, so with z_q = 1 for the pairs q of that sequence
 //! and 0 otherwise, every head h satisfies
 //!
-//!     sum_q z_q exp(q^h_i . k^h_q / sqrt(d_h)) (v^h_q - c^h_i) = 0,
+//! ```text
+//! sum_q z_q exp(q^h_i . k^h_q / sqrt(d_h)) (v^h_q - c^h_i) = 0,
+//! ```
 //!
 //! d homogeneous equations, linear in z over the solved pairs: z spans the null space of
 //! A_i (d x Q), read as the eigenvector of A_i^T A_i of the smallest eigenvalue, scaled to
