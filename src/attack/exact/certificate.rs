@@ -216,12 +216,19 @@ fn settle_kinks<T: Real>(
     let u = T::DTYPE.epsilon() / 2.0;
     let z = &fw.pre[0];
     let obs = &grad.layers[0];
+    let reach = ((d + 1) as f64).sqrt() * u;
+    // sum_k |x_ik w_jk| <= ||x_i|| ||w_j||: a cheap screen before the exact scale
+    let xn: Vec<f64> = (0..nb).map(|i| x.row(i).norm_l2()).collect();
+    let wn: Vec<f64> = (0..w.nrows()).map(|j| w.row(j).norm_l2()).collect();
     for i in 0..nb {
         for j in 0..w.nrows() {
             let zij = z[(i, j)].to_f64();
-            let scale: f64 = (0..d).map(|k| (x[(i, k)] * w[(j, k)]).abs()).sum::<f64>()
-                + b.map_or(0.0, |b| b[j].abs());
-            if zij.abs() > ((d + 1) as f64).sqrt() * u * scale {
+            let bj = b.map_or(0.0, |b| b[j].abs());
+            if zij.abs() > reach * (xn[i] * wn[j] + bj) {
+                continue;
+            }
+            let scale: f64 = (0..d).map(|k| (x[(i, k)] * w[(j, k)]).abs()).sum::<f64>() + bj;
+            if zij.abs() > reach * scale {
                 continue;
             }
             let g: f64 = (0..w2.nrows())
