@@ -400,3 +400,83 @@ fn bert_planted_wrong_token_or_swap_is_not_certified() {
     let fewer = text::verify(&dir, &grad, &seqs[1..]).unwrap();
     assert!(fewer[1..].iter().all(|l| !l.passed), "{fewer:?}");
 }
+
+/// The distinct tokens of `seqs`, each cut to its first `keep(len)` tokens.
+fn distinct(seqs: &[Vec<u32>], keep: impl Fn(usize) -> usize) -> Vec<u32> {
+    let set: std::collections::BTreeSet<u32> = seqs
+        .iter()
+        .flat_map(|s| s[..keep(s.len())].iter().copied())
+        .collect();
+    set.into_iter().collect()
+}
+
+#[test]
+fn embedding_gradient_support_is_the_token_bag() {
+    // classification: every non-pad input has a gradient, and only those
+    let dir = fixture("gpt2-cls-tiny");
+    let r = text::attack(
+        &dir,
+        &dir.join("gradient.safetensors"),
+        &TextParams::default(),
+    )
+    .unwrap();
+    let seqs = truth(&dir);
+    let sup = r
+        .support
+        .as_ref()
+        .expect("a classifier's wte gradient is read");
+    assert_eq!(sup.tokens, distinct(&seqs, |n| n));
+    assert_eq!(sup.longest, seqs.iter().map(Vec::len).max());
+    // a tied LM head adds a term to every row: no support
+    let r = attack_lm_prefixes("gpt2-lm-tiny");
+    assert!(r.support.is_none());
+    // the tiny LLaMA's config ties its LM head too (tie_word_embeddings: true)
+    assert!(attack_lm_prefixes("llama-lm-tiny").support.is_none());
+}
+
+#[test]
+fn a_token_the_sequences_leave_out_is_not_certified() {
+    // plant a gradient on the embedding row of a token no sequence holds: the spans are
+    // unchanged and still pass, but the recovered sequences no longer account for the
+    // embedding gradient's support
+    let dir = fixture("gpt2-cls-tiny");
+    let seqs = truth(&dir);
+    let used = distinct(&seqs, |n| n);
+    let absent = (0..4096u32)
+        .find(|t| used.binary_search(t).is_err())
+        .unwrap();
+    let d = 64;
+    let out = tmpdir("support");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join(f), out.join(f)).unwrap();
+    }
+    rewrite(
+        &dir.join("gradient.safetensors"),
+        &out.join("gradient.safetensors"),
+        safetensors::Dtype::F32,
+        |name, k, x| {
+            if name.ends_with("wte.weight") && k / d == absent as usize {
+                1e-3
+            } else {
+                x
+            }
+        },
+    );
+    let r = text::attack(
+        &out,
+        &out.join("gradient.safetensors"),
+        &TextParams::default(),
+    )
+    .unwrap();
+    assert!(r.layers.iter().all(|l| l.passed), "{:?}", r.layers);
+    assert!(!r.certified);
+    assert!(r.sequences.iter().all(|s| !s.exact));
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("leave 1 of those tokens out")),
+        "{:?}",
+        r.notes
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -96,6 +96,9 @@ pub struct TextConfig {
     pub layer_norm_eps: f64,
     pub activation: FfnActivation,
     pub pad_token_id: Option<u32>,
+    /// The LM head reuses the token embedding (`tie_word_embeddings`; transformers'
+    /// default: GPT-2 and BERT yes, LLaMA no), so its gradient is dense.
+    pub tied_embeddings: bool,
 }
 
 fn usize_key(v: &Value, key: &str, path: &Path) -> Result<usize, TextError> {
@@ -106,6 +109,13 @@ fn usize_key(v: &Value, key: &str, path: &Path) -> Result<usize, TextError> {
             path: path.to_path_buf(),
             reason: format!("'{key}' missing or not a non-negative integer"),
         })
+}
+
+/// `tie_word_embeddings`, or the architecture's default when the config omits it.
+fn tied(v: &Value, default: bool) -> bool {
+    v.get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(default)
 }
 
 impl TextConfig {
@@ -215,6 +225,7 @@ impl TextConfig {
                         .get("pad_token_id")
                         .and_then(Value::as_u64)
                         .map(|x| x as u32),
+                    tied_embeddings: tied(v, true),
                 })
             }
             "llama" => {
@@ -294,6 +305,7 @@ impl TextConfig {
                         .get("pad_token_id")
                         .and_then(Value::as_u64)
                         .map(|x| x as u32),
+                    tied_embeddings: tied(v, false),
                 })
             }
             "bert" => bert_config(v, path, head),
@@ -367,5 +379,6 @@ fn bert_config(v: &Value, path: &Path, head: Head) -> Result<TextConfig, TextErr
             .get("pad_token_id")
             .and_then(Value::as_u64)
             .map(|x| x as u32),
+        tied_embeddings: tied(v, true),
     })
 }

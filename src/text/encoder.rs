@@ -221,6 +221,7 @@ pub(crate) fn attack(
         layers: Vec::new(),
         token_filter: Vec::new(),
         token_bag: Vec::new(),
+        support: None,
         search: Vec::new(),
         encoder: None,
         seconds: StageSeconds::default(),

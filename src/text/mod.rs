@@ -38,6 +38,7 @@ pub(crate) mod tensors;
 pub mod tokenizer;
 mod verify;
 
+pub use model::Support;
 use model::block0_inputs;
 pub(crate) use model::{Loaded, Model};
 pub use verify::verify;
@@ -153,6 +154,10 @@ pub struct TextReport {
     /// searched.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub token_bag: Vec<u32>,
+    /// The batch's tokens and longest length from the embeddings' gradients (no span
+    /// needed; absent when the file lacks them or a tied LM head fills every row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub support: Option<Support>,
     pub search: Vec<search::SearchStep>,
     /// The encoder route's figures (BERT; there is no prefix search).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -236,6 +241,7 @@ pub fn attack_with_progress(
         g0,
         g_out,
         out_dim,
+        support,
         storage,
         dtype,
     } = Loaded::read_with(model_dir, gradient, cfg)?;
@@ -272,6 +278,7 @@ pub fn attack_with_progress(
         layers: Vec::new(),
         token_filter: Vec::new(),
         token_bag: Vec::new(),
+        support: support.clone(),
         search: Vec::new(),
         encoder: None,
         seconds: StageSeconds::default(),
@@ -289,12 +296,33 @@ pub fn attack_with_progress(
         }
     }
     if span0.is_full() {
+        if let Some(sup) = &support {
+            report.notes.push(support_note(sup));
+            report.token_bag = sup.tokens.clone();
+        }
         report.seconds = seconds;
         return Ok(report);
     }
 
     let t = Instant::now();
-    let positions = model.filter(&span0);
+    let mut positions = model.filter(&span0);
+    if let Some(sup) = &support {
+        // a token whose embedding row has no gradient is in no non-pad position
+        let mut dropped = 0;
+        for p in positions.iter_mut() {
+            let before = p.tokens.len();
+            p.tokens.retain(|t| sup.tokens.binary_search(t).is_ok());
+            dropped += before - p.tokens.len();
+        }
+        if let Some(n) = sup.longest {
+            positions.truncate(n);
+        }
+        if dropped > 0 {
+            report.notes.push(format!(
+                "the token embedding's gradient is zero on {dropped} (position, token) pairs that passed the span test: they are not in the batch and were dropped"
+            ));
+        }
+    }
     // LLaMA: one bag for every position (block 0 sees no position)
     let every = matches!(model, Model::Llama(_));
     let max_positions = model.cfg().positions;
@@ -316,6 +344,12 @@ pub fn attack_with_progress(
         seconds.filter
     ));
     if span_out.is_full() {
+        if let Some(sup) = &support {
+            report.notes.push(support_note(sup));
+            report.token_bag = sup.tokens.clone();
+            report.seconds = seconds;
+            return Ok(report);
+        }
         let bag: std::collections::BTreeSet<u32> = positions
             .iter()
             .flat_map(|p| p.tokens.iter().copied())
@@ -396,7 +430,21 @@ pub fn attack_with_progress(
             "language-model head: the last position of each sequence predicts nothing, so its input carries no gradient in the blocks; each sequence is recovered without its last token and not marked exact".into(),
         );
     }
-    report.certified = c0.passed && c1.passed && !trie.overflow && complete;
+    let mut accounted = true;
+    if let Some(sup) = &support {
+        let found: std::collections::BTreeSet<u32> = trie.nodes.iter().map(|n| n.token).collect();
+        let longest = trie.nodes.iter().map(|n| n.position + 1).max().unwrap_or(0);
+        let missing = sup.tokens.iter().filter(|t| !found.contains(t)).count();
+        if missing > 0 || sup.longest.is_some_and(|l| l != longest) {
+            accounted = false;
+            report.notes.push(format!(
+                "the embeddings' gradients name {} distinct tokens and a longest sequence of {}; the recovered sequences leave {missing} of those tokens out and reach {longest} positions",
+                sup.tokens.len(),
+                sup.longest.map_or("?".to_string(), |l| l.to_string()),
+            ));
+        }
+    }
+    report.certified = c0.passed && c1.passed && !trie.overflow && complete && accounted;
     for leaf in trie.leaves() {
         let ids = trie.sequence(leaf);
         let max_distance = trie
@@ -424,4 +472,17 @@ pub fn attack_with_progress(
     report.search = trie.steps;
     report.seconds = seconds;
     Ok(report)
+}
+
+/// What the embeddings' gradients identify when no span can order the tokens.
+fn support_note(sup: &Support) -> String {
+    format!(
+        "what is still identifiable: the token embedding's gradient is nonzero on exactly the batch's {} distinct tokens (report.token_bag){}; their order is not identified by a span test",
+        sup.tokens.len(),
+        sup.longest
+            .map(|l| format!(
+                ", and the position embedding's on the first {l} positions (the longest sequence)"
+            ))
+            .unwrap_or_default()
+    )
 }

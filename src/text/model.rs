@@ -66,6 +66,41 @@ impl Model {
     }
 }
 
+/// What the embeddings' gradients say without any span: which tokens and positions
+/// the batch uses (a row of an embedding's gradient is a sum over the batch's uses of
+/// that row, and exactly zero when there is none).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Support {
+    /// The distinct tokens of the batch's non-pad positions, ascending.
+    pub tokens: Vec<u32>,
+    /// The length of the longest sequence (nonzero rows of the position embedding's
+    /// gradient), where the model has learned positions.
+    pub longest: Option<usize>,
+}
+
+/// [`Support`] from the gradient file, when it holds the embedding's gradient and the
+/// head does not reuse it (a tied LM head adds a term to every row).
+fn support(
+    grads: &Tensors,
+    cfg: &TextConfig,
+    wte: &str,
+    wpe: Option<&str>,
+) -> Result<Option<Support>, TextError> {
+    let usable = cfg.head != super::config::Head::LanguageModel || !cfg.tied_embeddings;
+    if !usable || !grads.names().any(|n| n == wte) {
+        return Ok(None);
+    }
+    let tokens = grads.nonzero_rows(wte, cfg.vocab, cfg.hidden)?;
+    let longest = match wpe {
+        Some(w) if grads.names().any(|n| n == w) => grads
+            .nonzero_rows(w, cfg.positions, cfg.hidden)?
+            .last()
+            .map(|&p| p as usize + 1),
+        _ => None,
+    };
+    Ok(Some(Support { tokens, longest }))
+}
+
 /// The model and the two gradients the attack reads.
 pub(crate) struct Loaded {
     pub model: Model,
@@ -76,6 +111,10 @@ pub(crate) struct Loaded {
     pub g_out: Mat<f64>,
     /// The dimension the output projection's inputs can span (its rank at most).
     pub out_dim: usize,
+    /// The batch's distinct tokens, read off the rows of the token embedding's gradient
+    /// that are not zero (only the batch's tokens receive one), where that gradient
+    /// is in the file and the head does not reuse the embedding.
+    pub support: Option<Support>,
     /// Storage precision of the gradient.
     pub storage: Dtype,
     /// The precision it was computed in (f32 values in f64 storage are f32).
@@ -119,8 +158,10 @@ impl Loaded {
                 // rank is at most d - 1 whatever the inputs
                 let g_out = grads.augmented(&wo, &bo, d, d)?;
                 let dtype = working_dtype(&g0, storage)?;
+                let support = support(&grads, &model.cfg, &names.wte(), Some(&names.wpe()))?;
                 Ok(Loaded {
                     model: Model::Gpt2(Box::new(model)),
+                    support,
                     g0,
                     g_out,
                     out_dim: d - 1,
@@ -162,7 +203,14 @@ impl Loaded {
                 let dtype = working_dtype(&g0, storage)?;
                 // dWo^T: qd x d, rows = the attention output's coordinates
                 let o = grads.matrix(&name(0, "o_proj"), d, qd)?;
+                let support = support(
+                    &grads,
+                    &model.cfg,
+                    &format!("{prefix}embed_tokens.weight"),
+                    None,
+                )?;
                 Ok(Loaded {
+                    support,
                     g0,
                     g_out: o.transpose().to_owned(),
                     out_dim: qd,

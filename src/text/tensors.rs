@@ -78,6 +78,39 @@ impl Tensors {
         Ok(Mat::from_fn(rows, cols, |i, j| v[i * cols + j]))
     }
 
+    /// The rows of the rows x cols tensor `name` that hold a nonzero entry, read in
+    /// blocks from the mapped file (an embedding gradient is V x d: 150 MB in f32).
+    pub fn nonzero_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<u32>, TextError> {
+        let got = self.shape(name)?;
+        if got != [rows, cols] {
+            return Err(TextError::Shape {
+                path: self.file.path().to_path_buf(),
+                name: name.to_string(),
+                expected: vec![rows, cols],
+                got,
+            });
+        }
+        let m = self.file.mapped(name)?;
+        let mut out = Vec::new();
+        const BLOCK: usize = 4096;
+        for start in (0..rows).step_by(BLOCK) {
+            let r = start..(start + BLOCK).min(rows);
+            let b = m.block(r.clone())?;
+            for i in 0..b.nrows() {
+                if (0..cols).any(|j| b[(i, j)] != 0.0) {
+                    out.push((start + i) as u32);
+                }
+            }
+            m.release(r);
+        }
+        Ok(out)
+    }
+
     /// A vector of length n.
     pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f64>, TextError> {
         self.values(name, &[n])
