@@ -90,11 +90,11 @@ def _kind(model):
     return SUPPORTED[name]
 
 
-def _named_grads(model, grads):
-    """{name: tensor} in named_parameters order, validated against the model."""
+def _named_grads(model, grads, params=None):
+    """{name: tensor} in named_parameters order (or of `params`), validated against the model."""
     import torch
 
-    params = list(model.named_parameters())
+    params = list(model.named_parameters()) if params is None else params
     if isinstance(grads, dict):
         names = {n for n, _ in params}
         extra = [k for k in grads if k not in names]
@@ -409,6 +409,8 @@ def attack(model, grads, tokenizer=None, *, check=True):
     Unsupported models and bad gradients raise GradleakError."""
     from safetensors.torch import save_file
 
+    if _is_lora(model):
+        return _lora_attack(model, grads, tokenizer, check)
     arch, head = _kind(model)
     g = _named_grads(model, grads)
     t0 = time.time()
@@ -465,6 +467,73 @@ def attack(model, grads, tokenizer=None, *, check=True):
     report["python"].update(py)
     labels = rc["labels"] if rc else None
     return TextReconstruction(ids, texts, exact, labels, certified, rc or {}, report)
+
+
+def _is_lora(model):
+    """A peft model with LoRA adapters (its trainable parameters are the adapters')."""
+    return hasattr(model, "get_base_model") and any(
+        ".lora_A." in n or ".lora_B." in n for n, _ in model.named_parameters())
+
+
+def _save_lora(model, mdir):
+    """The base model as save_pretrained would write it (config.json, model.safetensors
+    under transformers' names) and the adapters' lora_A weights in
+    adapter_model.safetensors, for the Rust LoRA route."""
+    from safetensors.torch import save_file
+
+    base = model.get_base_model()
+    sd = {}
+    for n, t in base.state_dict().items():
+        if ".lora_" in n or ".original_module." in n:
+            continue
+        n = n.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        sd[n] = t.detach().to("cpu").clone().contiguous()
+    mdir.mkdir(parents=True, exist_ok=True)
+    base.config.save_pretrained(mdir)
+    save_file(sd, str(mdir / "model.safetensors"))
+    ad = {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if ".lora_A." in n}
+    save_file(ad, str(mdir / "adapter_model.safetensors"))
+
+
+def _lora_attack(model, grads, tokenizer, check):
+    """LoRA: the Rust route reads block 0's c_attn adapter (docs/DESIGN.md "Text:
+    LoRA"); a single recovered sequence of a classifier is certified by recomputing the
+    adapters' gradient under each label."""
+    from safetensors.torch import save_file
+
+    arch, head = _kind(model.get_base_model())
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    g = _named_grads(model, grads, params)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="gradleak-lora-") as d:
+        mdir = Path(d) / "model"
+        _save_lora(model, mdir)
+        gfile = Path(d) / "gradient.safetensors"
+        save_file(g, str(gfile))
+        tfile = _tokenizer_file(tokenizer, d)
+        t_save = time.time() - t0
+        report = run_rust(mdir, gfile, tfile)
+    seqs = report.get("sequences", [])
+    ids = [list(map(int, s["ids"])) for s in seqs]
+    dec = _decoder(tokenizer)
+    texts = [s.get("text") if s.get("text") is not None or dec is None else dec(i) for s, i in zip(seqs, ids)]
+    rust_cert = bool(report.get("certified", False))
+    rc = None
+    if check and ids and head == "cls":
+        t1 = time.time()
+        dtype = next(model.parameters()).dtype
+        tol = recompute_tolerance(dtype)
+        best = None
+        for lab in range(model.config.num_labels):
+            r = rel_diff(gradient_of(model, ids, [lab] * len(ids)), g)
+            if best is None or r < best[0]:
+                best = (r, lab)
+        rc = {"rel_diff": best[0], "tolerance": tol, "ok": bool(best[0] <= tol),
+              "labels": [best[1]] * len(ids), "seconds": time.time() - t1}
+    certified = rust_cert and (rc is None or rc["ok"])
+    exact = [certified] * len(ids)
+    report.setdefault("python", {}).update({"save_seconds": t_save, "rust_certified": rust_cert, "recompute": rc})
+    return TextReconstruction(ids, texts, exact, rc["labels"] if rc else None, certified, rc or {}, report)
 
 
 # --------------------------------------------------------------------------- metrics

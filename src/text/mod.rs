@@ -31,6 +31,7 @@ pub mod encoder;
 pub mod filter;
 pub(crate) mod gpt2;
 pub(crate) mod llama;
+pub mod lora;
 pub(crate) mod model;
 pub mod search;
 pub mod span;
@@ -235,6 +236,9 @@ pub fn attack_with_progress(
     }
     if cfg.arch == Arch::Bert {
         return encoder::attack(model_dir, gradient, cfg, decoder.as_ref(), notes, progress);
+    }
+    if lora::is_lora(tensors::Tensors::open(gradient, "gradient")?.names()) {
+        return lora::attack(model_dir, gradient, cfg, decoder.as_ref(), notes, progress);
     }
     let Loaded {
         model,

@@ -1,0 +1,218 @@
+//! LoRA fine-tuning (docs/DESIGN.md, "Text: LoRA"): only the adapters have gradients.
+//!
+//! peft's adapter on block 0's c_attn adds s B A x to the projection (A: r x d, B:
+//! 3d x r, B = 0 at the start). Its gradients are dA = s B^T G^T and dB = s G^T A^T
+//! with G = sum_t x_t (x) delta_t, so dA = 0 while B = 0, and the rows of
+//! dB^T = s sum_t (A x_t) (x) delta_t span {A x_t}: the inputs seen through A, in R^r.
+//! When the distinct inputs are fewer than r that span is a proper subspace and the
+//! token filter runs in it; at r or more it is all of R^r and nothing is identified.
+
+use std::path::Path;
+use std::time::Instant;
+
+use faer::Mat;
+
+use super::certificate;
+use super::config::TextConfig;
+use super::gpt2::{Gpt2, Names};
+use super::span::RowSpan;
+use super::tensors::Tensors;
+use super::tokenizer::Decoder;
+use super::{FilterStep, RecoveredSequence, StageSeconds, TextError, TextReport};
+
+/// The file peft's `save_pretrained` writes the adapter weights to.
+pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+
+/// The gradient holds LoRA adapters (peft's names: `...lora_A.<adapter>.weight`).
+pub(crate) fn is_lora<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+    names.any(|n| n.contains(".lora_A.") || n.contains(".lora_B."))
+}
+
+/// The one tensor whose name holds `part` and ends in `.weight`.
+fn find(t: &Tensors, part: &str) -> Option<String> {
+    t.names()
+        .find(|n| n.contains(part) && n.ends_with(".weight"))
+        .map(str::to_string)
+}
+
+/// Tokens scored per block of the vocabulary (V x d in f64 would be 300 MB).
+const CHUNK: usize = 4096;
+
+/// The attack on a GPT-2 whose only gradients are LoRA adapters'.
+pub(crate) fn attack(
+    model_dir: &Path,
+    gradient: &Path,
+    cfg: TextConfig,
+    decoder: Option<&Decoder>,
+    notes: Vec<String>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<TextReport, TextError> {
+    let t0 = Instant::now();
+    let mut seconds = StageSeconds::default();
+    if cfg.arch != super::config::Arch::Gpt2 {
+        return Err(TextError::Unsupported(format!(
+            "LoRA gradients of a {:?} model (the LoRA route reads GPT-2)",
+            cfg.arch
+        )));
+    }
+    let weights = Tensors::open(&model_dir.join("model.safetensors"), "model")?;
+    let names = Names::detect(weights.names()).ok_or_else(|| TextError::MissingTensor {
+        path: model_dir.join("model.safetensors"),
+        role: "model",
+        name: "wte.weight".into(),
+    })?;
+    let model = Gpt2::load(cfg, &weights, &names)?;
+    let (d, vocab) = (model.cfg.hidden, model.cfg.vocab);
+    let grads = Tensors::open(gradient, "gradient")?;
+    let site = "h.0.attn.c_attn.lora_B";
+    let b_name = find(&grads, site).ok_or_else(|| {
+        TextError::Unsupported(
+            "LoRA gradients without an adapter on block 0's attn.c_attn: the route reads that layer's adapter".into(),
+        )
+    })?;
+    let adapters = Tensors::open(&model_dir.join(ADAPTER_FILE), "adapter")?;
+    let a_name =
+        find(&adapters, "h.0.attn.c_attn.lora_A").ok_or_else(|| TextError::MissingTensor {
+            path: model_dir.join(ADAPTER_FILE),
+            role: "adapter",
+            name: "transformer.h.0.attn.c_attn.lora_A.weight".into(),
+        })?;
+    let r = adapters.shape(&a_name)?.first().copied().unwrap_or(0);
+    let a = adapters.matrix(&a_name, r, d)?;
+    let storage = grads.dtype(&b_name)?;
+    // dB is 3d x r; its transpose's rows are the r coordinates of A x
+    let db = grads.matrix(&b_name, 3 * d, r)?;
+    let g = db.transpose().to_owned();
+    let dtype = super::model::working_dtype(&g, storage)?;
+    seconds.load = t0.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let span = RowSpan::of(g.as_ref(), dtype, "block 0 LoRA adapter", r)?;
+    seconds.span = t.elapsed().as_secs_f64();
+    progress(&format!(
+        "text: LoRA rank {r}: block 0's adapter gradient has rank {} (tau {:.1e}) in {:.1} s",
+        span.rank, span.tau, seconds.span
+    ));
+    let mut report = TextReport {
+        arch: model.cfg.arch,
+        head: model.cfg.head,
+        hidden: d,
+        vocab,
+        storage,
+        dtype,
+        certified: false,
+        sequences: Vec::new(),
+        layers: Vec::new(),
+        token_filter: Vec::new(),
+        token_bag: Vec::new(),
+        support: None,
+        search: Vec::new(),
+        encoder: None,
+        seconds: StageSeconds::default(),
+        notes,
+    };
+    report.notes.push(format!(
+        "LoRA (rank {r}): only the adapters have gradients; block 0's lora_B gradient spans the inputs seen through lora_A, in R^{r}, so at most {} distinct inputs can be told apart",
+        r - 1
+    ));
+    if span.is_full() {
+        report.notes.push(format!(
+            "block 0's adapter gradient has full rank {r}: the batch has at least {r} distinct (token, position) inputs, so every projected input lies in its span and nothing is identified"
+        ));
+        report.seconds = seconds;
+        return Ok(report);
+    }
+
+    let t = Instant::now();
+    let at = a.transpose().to_owned();
+    let mut positions: Vec<(Vec<u32>, Mat<f64>)> = Vec::new();
+    for p in 0..model.cfg.positions {
+        let (mut tokens, mut rows, mut dist) = (Vec::new(), Vec::new(), Vec::new());
+        let mut min_rejected = f64::INFINITY;
+        for start in (0..vocab).step_by(CHUNK) {
+            let ids: Vec<u32> = (start..(start + CHUNK).min(vocab))
+                .map(|t| t as u32)
+                .collect();
+            let z = model.ln_input(&ids, p) * &at;
+            for (i, test) in span.test(z.as_ref()).into_iter().enumerate() {
+                if span.accepts(test) {
+                    tokens.push(ids[i]);
+                    rows.push(z.row(i).iter().copied().collect::<Vec<f64>>());
+                    dist.push(test.distance);
+                } else {
+                    min_rejected = min_rejected.min(test.distance);
+                }
+            }
+        }
+        if tokens.is_empty() {
+            break;
+        }
+        report.token_filter.push(FilterStep {
+            position: p,
+            tokens: tokens.len(),
+            max_distance: dist.iter().copied().fold(0.0, f64::max),
+            min_rejected,
+        });
+        let z = Mat::from_fn(rows.len(), r, |i, j| rows[i][j]);
+        positions.push((tokens, z));
+    }
+    seconds.filter = t.elapsed().as_secs_f64();
+    progress(&format!(
+        "text: LoRA token filter: {} positions in {:.1} s",
+        positions.len(),
+        seconds.filter
+    ));
+
+    let t = Instant::now();
+    let n: usize = positions.iter().map(|(tk, _)| tk.len()).sum();
+    let inputs = Mat::from_fn(n, r, |i, j| {
+        let (mut i, mut k) = (i, 0);
+        while i >= positions[k].0.len() {
+            i -= positions[k].0.len();
+            k += 1;
+        }
+        positions[k].1[(i, j)]
+    });
+    let u = dtype.epsilon() / 2.0;
+    let check = certificate::check("block 0 LoRA adapter", &span, g.as_ref(), &inputs, u, true);
+    seconds.certificate = t.elapsed().as_secs_f64();
+    let single = positions.iter().all(|(tk, _)| tk.len() == 1);
+    if single && !positions.is_empty() {
+        // one token per position: one sequence (B = 1, or B identical sequences)
+        let ids: Vec<u32> = positions.iter().map(|(tk, _)| tk[0]).collect();
+        let complete = model.cfg.head != super::config::Head::LanguageModel;
+        if !complete {
+            report.notes.push(
+                "language-model head: the last position predicts nothing, so its input carries no gradient; the sequence is recovered without its last token and not marked exact".into(),
+            );
+        }
+        report.certified = check.passed && complete;
+        report.sequences.push(RecoveredSequence {
+            text: decoder.and_then(|dec| dec.decode(&ids)),
+            ids,
+            exact: report.certified,
+            max_distance: check.max_distance,
+        });
+    } else {
+        let bag: std::collections::BTreeSet<u32> = positions
+            .iter()
+            .flat_map(|(tk, _)| tk.iter().copied())
+            .collect();
+        report.notes.push(format!(
+            "what is identified: the (token, position) inputs ({n} pairs over {} positions, report.token_filter; the bag in report.token_bag); some position holds more than one token, so the batch has several sequences, and block 0's adapter does not order them",
+            positions.len()
+        ));
+        report.token_bag = bag.into_iter().collect();
+    }
+    progress(&format!(
+        "text: LoRA: {} sequences, certified: {} (unexplained {:.1e}, tolerance {:.1e}) in {:.1} s",
+        report.sequences.len(),
+        report.certified,
+        check.unexplained,
+        check.tolerance,
+        t0.elapsed().as_secs_f64()
+    ));
+    report.layers = vec![check];
+    report.seconds = seconds;
+    Ok(report)
+}
