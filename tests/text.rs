@@ -480,3 +480,131 @@ fn a_token_the_sequences_leave_out_is_not_certified() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Write `tensors` (name, shape, f32 values) as a safetensors file.
+fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (
+                n.to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// A LoRA client on the tiny GPT-2: block 0's c_attn inputs of `seq` seen through a
+/// seeded A (r x d), dB = sum_t delta_t (x) (A x_t) with seeded signals delta_t, in a
+/// folder with the base model and peft's adapter file.
+fn lora_case(seq: &[u32], r: usize, name: &str) -> PathBuf {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Uniform};
+    let dir = fixture("gpt2-cls-tiny");
+    let m = TensorFile::open(dir.join("model.safetensors")).unwrap();
+    let (wte, wpe) = (
+        m.values("transformer.wte.weight").unwrap().1,
+        m.values("transformer.wpe.weight").unwrap().1,
+    );
+    let (g, b) = (
+        m.values("transformer.h.0.ln_1.weight").unwrap().1,
+        m.values("transformer.h.0.ln_1.bias").unwrap().1,
+    );
+    let d = g.len();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let (small, unit) = (
+        Uniform::new(-0.1, 0.1).unwrap(),
+        Uniform::new(-1.0, 1.0).unwrap(),
+    );
+    let a: Vec<f64> = (0..r * d).map(|_| small.sample(&mut rng)).collect();
+    let mut db = vec![0.0f64; 3 * d * r];
+    for (p, &t) in seq.iter().enumerate() {
+        let e: Vec<f64> = (0..d)
+            .map(|j| wte[t as usize * d + j] + wpe[p * d + j])
+            .collect();
+        let mu = e.iter().sum::<f64>() / d as f64;
+        let var = e.iter().map(|x| (x - mu) * (x - mu)).sum::<f64>() / d as f64;
+        let x: Vec<f64> = (0..d)
+            .map(|j| (e[j] - mu) / (var + 1e-5).sqrt() * g[j] + b[j])
+            .collect();
+        let ax: Vec<f64> = (0..r)
+            .map(|k| (0..d).map(|j| a[k * d + j] * x[j]).sum())
+            .collect();
+        for o in 0..3 * d {
+            let delta: f64 = unit.sample(&mut rng);
+            for k in 0..r {
+                db[o * r + k] += delta * ax[k];
+            }
+        }
+    }
+    let out = tmpdir(name);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join(f), out.join(f)).unwrap();
+    }
+    let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    write_f32(
+        &out.join("adapter_model.safetensors"),
+        &[(
+            "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight",
+            vec![r, d],
+            f32s(&a),
+        )],
+    );
+    write_f32(
+        &out.join("gradient.safetensors"),
+        &[(
+            "base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight",
+            vec![3 * d, r],
+            f32s(&db),
+        )],
+    );
+    out
+}
+
+#[test]
+fn lora_adapter_gradient_reads_one_sequence_under_its_rank() {
+    let seq = truth(&fixture("gpt2-cls-tiny"))[0].clone();
+    // 16 distinct (token, position) inputs: read exactly with r = 24, nothing with r = 16
+    let dir = lora_case(&seq, 24, "lora24");
+    let r = text::attack(
+        &dir,
+        &dir.join("gradient.safetensors"),
+        &TextParams::default(),
+    )
+    .unwrap();
+    assert_eq!(r.sequences.len(), 1, "{:?}", r.notes);
+    assert_eq!(r.sequences[0].ids, seq);
+    assert!(r.certified && r.sequences[0].exact, "{:?}", r.layers);
+    assert_eq!(r.layers[0].rank, seq.len());
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir = lora_case(&seq, 16, "lora16");
+    let r = text::attack(
+        &dir,
+        &dir.join("gradient.safetensors"),
+        &TextParams::default(),
+    )
+    .unwrap();
+    assert!(r.sequences.is_empty() && !r.certified);
+    assert!(
+        r.notes.iter().any(|n| n.contains("full rank 16")),
+        "{:?}",
+        r.notes
+    );
+    // without the adapter file: a typed error naming it
+    std::fs::remove_file(dir.join("adapter_model.safetensors")).unwrap();
+    let e = text::attack(
+        &dir,
+        &dir.join("gradient.safetensors"),
+        &TextParams::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("adapter"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
