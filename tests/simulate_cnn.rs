@@ -32,7 +32,11 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).arg("simulate").args(args).output().unwrap()
+    Command::new(BIN)
+        .arg("simulate")
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn simulate(args: &[&str], save: &Path) -> serde_json::Value {
@@ -73,17 +77,20 @@ fn feature_error(save: &Path) -> f64 {
 fn lenet_and_convnet_features_exact_certified_and_reproducible() {
     let data = photos();
     let dir = tmpdir("exact");
-    for (model, batch, dtype, bound) in [
-        ("lenet", "2", "f64", 1e-12),
-        ("convnet", "3", "f32", 1e-5),
-    ] {
+    for (model, batch, dtype, bound) in
+        [("lenet", "2", "f64", 1e-12), ("convnet", "3", "f32", 1e-5)]
+    {
         let args = [
             "--model", model, "--data", &data, "--batch", batch, "--dtype", dtype, "--seed", "2",
         ];
         let save = dir.join(format!("{model}-a"));
         let r = simulate(&args, &save);
         let f = &r["features"];
-        assert_eq!(f["certified"], true, "{model}: {}", r["attack"]["certificate"]);
+        assert_eq!(
+            f["certified"], true,
+            "{model}: {}",
+            r["attack"]["certificate"]
+        );
         assert_eq!(f["exact"].as_u64().unwrap(), batch.parse::<u64>().unwrap());
         assert_eq!(f["recovered_fraction"], 1.0, "{model}");
         assert_eq!(f["label_accuracy"], 1.0, "{model}");
@@ -140,6 +147,25 @@ fn lenet_and_convnet_features_exact_certified_and_reproducible() {
         std::fs::read(save.join("gradient.safetensors")).unwrap(),
         std::fs::read(dir.join("lenet-a/gradient.safetensors")).unwrap()
     );
+    // a folder with an eval-mode BatchNorm (the zoo fixture, 3x12x12): folded, saved folded
+    let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cnn/zoo-f64");
+    let save = dir.join("zoo");
+    let r = simulate(
+        &[
+            "--model",
+            zoo.to_str().unwrap(),
+            "--data",
+            &format!("{data}:12"),
+            "--batch",
+            "1",
+        ],
+        &save,
+    );
+    assert_eq!(r["features"]["certified"], true);
+    let err = feature_error(&save);
+    assert!(err < 1e-12, "zoo: features off the truth by {err:e}");
+    let text = std::fs::read_to_string(save.join("model/model.json")).unwrap();
+    assert!(!text.contains("BatchNorm2d"), "saved unfolded: {text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -200,6 +226,10 @@ fn options_that_do_not_fit_a_cnn_are_one_line_errors() {
         "--report",
         r,
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
