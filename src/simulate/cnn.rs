@@ -77,6 +77,8 @@ pub struct CnnSimOutput {
     /// The recovered pixels in the truth's order (C, H, W), when the pixel stage ran.
     pub pixels: Option<Vec<Option<Vec<f64>>>>,
     pub image: ImageShape,
+    /// The client's precision (the saved model and gradient are written in it).
+    pub dtype: Dtype,
 }
 
 /// Rows from channels-last (the data loaders' H, W, C) to PyTorch's C, H, W.
@@ -292,6 +294,7 @@ pub fn run(cfg: &CnnSimConfig) -> Result<CnnSimOutput> {
         features,
         pixels: pixel_rows,
         image,
+        dtype: cfg.dtype,
     })
 }
 
@@ -316,11 +319,7 @@ impl CnnSimOutput {
             dir.join("features.npy"),
             &rows(&self.features, self.true_features.ncols()),
         )?;
-        let dtype = if self.report.dtype == "f32" {
-            Dtype::F32
-        } else {
-            Dtype::F64
-        };
+        let dtype = self.dtype;
         cnn::write_model_dir(
             &dir.join("model"),
             &self.spec,
