@@ -217,3 +217,107 @@ impl AttackReport {
         }
     }
 }
+
+/// The features h_i = phi(x_i) a CNN round recovered, against the true ones.
+#[derive(Clone, Debug, Serialize)]
+pub struct CnnFeatureSummary {
+    pub median_rel_error: f64,
+    pub max_rel_error: f64,
+    pub recovered_fraction: f64,
+    pub missing: usize,
+    /// Found samples the head's route called exact.
+    pub exact: usize,
+    /// The head's certificate holds (every sample found, the batch reproduces the gradient).
+    pub certified: bool,
+    pub closure_residual: Option<f64>,
+    pub label_accuracy: Option<f64>,
+    pub per_sample: Vec<PerSample>,
+}
+
+impl CnnFeatureSummary {
+    pub fn new(m: &Metrics, rec: &Reconstruction, certified: bool) -> Self {
+        CnnFeatureSummary {
+            median_rel_error: m.median_rel_error,
+            max_rel_error: m.max_rel_error,
+            recovered_fraction: m.recovered_fraction,
+            missing: m.missing,
+            exact: rec.samples.iter().filter(|s| s.exact).count(),
+            certified,
+            closure_residual: rec.certificate.as_ref().and_then(|c| c.closure_residual),
+            label_accuracy: m.label_accuracy,
+            per_sample: per_sample(m, rec),
+        }
+    }
+}
+
+/// The pixels a CNN round recovered below the features, against the true pixels.
+#[derive(Clone, Debug, Serialize)]
+pub struct CnnPixelSummary {
+    /// Every layer determined, nothing guessed, features of the pixels closing at the floor.
+    pub exact: bool,
+    pub feature_closure: f64,
+    pub guessed_pooling: bool,
+    pub layers: Vec<crate::attack::conv::LayerSolve>,
+    pub median_rel_error: f64,
+    pub max_rel_error: f64,
+    pub recovered_fraction: f64,
+    pub mean_psnr: Option<f64>,
+    /// PSNR of the prior (the data set's mean image) alone, for comparison.
+    pub prior_psnr: Option<f64>,
+    pub per_sample: Vec<SampleMetrics>,
+    pub seconds: f64,
+}
+
+impl CnnPixelSummary {
+    pub fn new(
+        px: crate::attack::conv::Pixels,
+        m: Metrics,
+        prior_psnr: Option<f64>,
+        seconds: f64,
+    ) -> Self {
+        CnnPixelSummary {
+            exact: px.exact,
+            feature_closure: px.feature_closure,
+            guessed_pooling: px.guessed_pooling,
+            layers: px.layers,
+            median_rel_error: m.median_rel_error,
+            max_rel_error: m.max_rel_error,
+            recovered_fraction: m.recovered_fraction,
+            mean_psnr: m.mean_psnr,
+            prior_psnr,
+            per_sample: m.per_sample,
+            seconds,
+        }
+    }
+}
+
+/// The report of a simulated round with a convolutional client.
+#[derive(Clone, Debug, Serialize)]
+pub struct CnnSimulationReport {
+    pub gradleak_version: &'static str,
+    pub data: String,
+    /// `lenet`, `convnet`, or the model folder.
+    pub model: String,
+    /// (C, H, W) of one input.
+    pub input: [usize; 3],
+    pub batch_true: usize,
+    pub batch_estimated: usize,
+    /// The head's first Linear layer (PyTorch name), its input d and width m, min(m, d + 1).
+    pub head_layer: String,
+    pub feature_dim: usize,
+    pub head_width: usize,
+    pub batch_limit: usize,
+    pub outputs: usize,
+    pub loss: String,
+    pub init: String,
+    pub dtype: String,
+    pub method: String,
+    pub seed: u64,
+    pub tol: f64,
+    pub features: CnnFeatureSummary,
+    pub pixels: Option<CnnPixelSummary>,
+    /// Why the pixel stage did not run when it was asked for (e.g. features missing).
+    pub pixels_skipped: Option<String>,
+    pub seconds: Seconds,
+    pub attack: AttackSummary,
+}

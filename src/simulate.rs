@@ -1,5 +1,8 @@
 //! One simulated round, end to end: data -> server's parameters -> client gradient
-//! -> defences -> attack -> metrics -> report.
+//! -> defences -> attack -> metrics -> report; [`cnn`]: the same round with a
+//! convolutional client.
+
+pub mod cnn;
 
 use std::time::Instant;
 

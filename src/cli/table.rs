@@ -144,3 +144,109 @@ pub fn print_matched(m: &gradleak::metrics::Metrics) {
         )),
     );
 }
+
+/// A CNN round: the setting, the features per sample, the certificate, and the pixels.
+pub fn print_cnn_simulation(r: &gradleak::report::CnnSimulationReport) {
+    let f = &r.features;
+    println!(
+        "{} | {} on {}x{}x{} | B = {} (estimated {}) | head '{}' {} -> {} (limit {}) | {} | init {} | {} | method {}",
+        r.data,
+        r.model,
+        r.input[0],
+        r.input[1],
+        r.input[2],
+        r.batch_true,
+        r.batch_estimated,
+        r.head_layer,
+        r.feature_dim,
+        r.head_width,
+        r.batch_limit,
+        r.loss,
+        r.init,
+        r.dtype,
+        r.method
+    );
+    println!(
+        "{:>6} {:>12} {:>10} {:>12} {:>6} {:>10} {:>7}",
+        "sample", "feat.error", "cosine", "residual", "exact", "stage", "label"
+    );
+    for p in &f.per_sample {
+        let m = &p.metrics;
+        let label = match (m.label_true, m.label_recovered) {
+            (Some(t), Some(g)) => format!("{g}/{t}{}", if g == t { "" } else { "!" }),
+            (Some(t), None) => format!("-/{t}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:>6} {:>12} {:>10} {:>12} {:>6} {:>10} {:>7}",
+            m.truth,
+            m.rel_error.map_or("missing".into(), |e| format!("{e:.3e}")),
+            m.cosine.map_or("-".into(), |c| format!("{c:.6}")),
+            fmt_opt(p.residual, 2),
+            p.exact.map_or("-", |e| if e { "yes" } else { "no" }),
+            p.stage.map_or("-", |s| s.name()),
+            label,
+        );
+    }
+    println!(
+        "features: median rel. error {:.3e} | max {:.3e} | recovered within {:.0e}: {}/{} | exact {} | missing {}{} | attack {:.2} s, total {:.2} s{}",
+        f.median_rel_error,
+        f.max_rel_error,
+        r.tol,
+        (f.recovered_fraction * r.batch_true as f64).round(),
+        r.batch_true,
+        f.exact,
+        f.missing,
+        f.label_accuracy.map_or(String::new(), |a| format!(
+            " | label accuracy {:.0}%",
+            100.0 * a
+        )),
+        r.seconds.attack,
+        r.seconds.total,
+        r.seconds
+            .cpu
+            .map_or(String::new(), |c| format!(" ({c:.2} s CPU)"))
+    );
+    if let Some(c) = &r.attack.certificate {
+        println!("{}", certificate_line(c));
+    }
+    for n in &r.attack.notes {
+        println!("note: {n}");
+    }
+    if let Some(why) = &r.pixels_skipped {
+        println!("pixels: not run: {why}");
+    }
+    if let Some(px) = &r.pixels {
+        println!(
+            "pixels: exact {} | feature closure {:.1e}{} | max rel. error {:.2e}, median {:.2e} | mean PSNR {} (prior alone {}) | {:.2} s",
+            px.exact,
+            px.feature_closure,
+            if px.guessed_pooling {
+                " | max pooling's kept positions guessed"
+            } else {
+                ""
+            },
+            px.max_rel_error,
+            px.median_rel_error,
+            px.mean_psnr.map_or("-".into(), |p| format!("{p:.1} dB")),
+            px.prior_psnr.map_or("-".into(), |p| format!("{p:.1} dB")),
+            px.seconds
+        );
+        println!(
+            " layer            unknowns  forward  gradient  free>=   free(est)  determined  residual"
+        );
+        for l in &px.layers {
+            println!(
+                " {:<16} {:>8} {:>8} {:>9} {:>7} {:>11.1} {:>11} {:>9.1e}",
+                l.name,
+                l.unknowns,
+                l.forward_equations,
+                l.gradient_equations,
+                l.free_at_least,
+                l.free_estimate,
+                l.determined,
+                l.residual
+            );
+        }
+    }
+}
