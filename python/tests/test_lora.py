@@ -54,9 +54,12 @@ def test_two_sequences_give_their_inputs_not_an_order():
     rec = gt.attack(model, grads, tokenizer=tok)
     assert rec.ids == [] and not rec.certified, rec.report
     assert rec.report["token_bag"] == sorted({t for s in ids for t in s})
+    # every true pair passes; block 0's inputs are nearly additive in (token, position),
+    # so a cross pair (u, q) with (u, p), (t, p), (t, q) true may pass too (docs/DESIGN.md)
     L = max(len(s) for s in ids)
     per_pos = [len({s[p] for s in ids if p < len(s)}) for p in range(L)]
-    assert [f["tokens"] for f in rec.report["token_filter"]] == per_pos
+    got = [f["tokens"] for f in rec.report["token_filter"]]
+    assert len(got) == L and all(g >= w for g, w in zip(got, per_pos)), (got, per_pos)
 
 
 @needs_rust
