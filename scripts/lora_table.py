@@ -8,11 +8,7 @@ dropout), B fortunes truncated to L GPT-2 tokens, the adapters' float32 gradient
 """
 import argparse
 import resource
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import torch  # noqa: E402
 import peft  # noqa: E402
 

@@ -53,6 +53,7 @@ def test_two_sequences_give_their_inputs_not_an_order():
     model, grads, ids, _, tok = lora_client(r=48, batch=2, seq_len=10)
     rec = gt.attack(model, grads, tokenizer=tok)
     assert rec.ids == [] and not rec.certified, rec.report
+    # 28 dimensions of R^48 off the span: no false token, the bag is the batch's
     assert rec.report["token_bag"] == sorted({t for s in ids for t in s})
     # every true pair passes; block 0's inputs are nearly additive in (token, position),
     # so a cross pair (u, q) with (u, p), (t, p), (t, q) true may pass too (docs/DESIGN.md)

@@ -271,8 +271,9 @@ pub(crate) fn attack(
             .flat_map(|(tk, _)| tk.iter().copied())
             .collect();
         report.notes.push(format!(
-            "what is identified: the bag of distinct tokens (report.token_bag) and, per position, the tokens whose input lies in the span ({n} pairs over {} positions, report.token_filter: every true pair, and possibly cross pairs, since block 0's inputs are nearly additive in token and position); some position holds more than one token, so the batch has several sequences, and block 0's adapter does not order them",
-            positions.len()
+            "what is identified: per position, the tokens whose input lies in the span ({n} pairs over {} positions, report.token_filter; their tokens in report.token_bag): every true pair, possibly cross pairs (block 0's inputs are nearly additive in token and position), and, with {} dimensions of R^{r} left off the span, possibly false ones; some position holds more than one token, and block 0's adapter does not order sequences",
+            positions.len(),
+            r - span.rank
         ));
         report.token_bag = bag.into_iter().collect();
     }
