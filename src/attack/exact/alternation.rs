@@ -9,7 +9,7 @@
 use faer::linalg::solvers::{Solve, SolveLstsq};
 use faer::{Col, Mat};
 
-use super::floor::RoundingScale;
+use super::floor::{EVAL_FACTOR, RoundingScale};
 use super::signal::{Neurons, SignalModel};
 use super::zero::{Zero, best_residual_of};
 use crate::attack::evidence::SearchStats;
@@ -159,7 +159,8 @@ impl Alternation<'_> {
         (res, stats.lm_iterations)
     }
 
-    /// F of a found pattern is under its own rounding floor SAMPLE_FACTOR u (1 + amp).
+    /// F of a found pattern is under its own rounding floor SAMPLE_FACTOR u (1 + amp) plus
+    /// the f64 evaluation's EVAL_FACTOR u_64 (1 + amp), and under the global floor.
     pub(crate) fn own_floor(&self, pat: &[bool], r: &Col<f64>, f: f64) -> bool {
         let s = self.signal(pat, r);
         let ns = s.norm_l2();
@@ -167,7 +168,8 @@ impl Alternation<'_> {
             return false;
         }
         let amp = self.scale.amplification(self.sub, &(s * (1.0 / ns)));
-        f <= self.scale.floor(amp)
+        let eval = EVAL_FACTOR * (f64::EPSILON / 2.0) * (1.0 + amp);
+        f <= (self.scale.floor(amp) + eval).min(self.floor)
     }
 
     /// A pattern with no active neuron (or, for ReLU, fewer than B) carries no sample.
