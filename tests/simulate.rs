@@ -103,3 +103,38 @@ fn report_fields_save_and_reproducibility() {
     assert!(r["median_rel_error"] != r3["median_rel_error"] || r["per_sample"] != r3["per_sample"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Regression (702e7ae): the pattern search kept a ReLU pattern only under its own
+/// rounding floor, which true f64 patterns overshoot by F's own evaluation (2-3.4e-14
+/// against 1.5-1.8e-14 here): 6 of 16 patterns were kept and no input came back.
+#[test]
+fn relu_digits_b16_all_patterns_kept() {
+    let dir = tmpdir("relu16");
+    let r = simulate(
+        &[
+            "--data",
+            "digits",
+            "--init",
+            "torch-default",
+            "--activation",
+            "relu",
+            "--batch",
+            "16",
+            "--width",
+            "1024",
+            "--seed",
+            "1",
+            "--tol",
+            "1e-6",
+            "--dtype",
+            "f64",
+        ],
+        &dir.join("r.json"),
+    );
+    assert_eq!(
+        r["recovered_fraction"], 1.0,
+        "max error {}",
+        r["max_rel_error"]
+    );
+    assert_eq!(r["attack"]["certificate"]["certified"], true);
+}

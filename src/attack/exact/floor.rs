@@ -61,6 +61,12 @@ pub fn noise_floor(view: &ServerView, sub: &Subspace, noise: Option<f64>) -> f64
 /// and up to 42 on the demo's digits in f64 (zeros polished by the seeding rounds); a wrong
 /// zero planted inside the old global floor sits at 1e5 u (1 + amp_i)).
 pub const SAMPLE_FACTOR: f64 = 100.0;
+/// What the pattern search adds to a pattern's own floor for F's evaluation in f64,
+/// EVAL_FACTOR u_64 (1 + amp_i): true f64 samples measured F / (u (1 + amp_i)) up to 1.5e3
+/// (docs/DESIGN.md, "Certificate"), and true ReLU patterns of digits B = 16, m = 1024 up to
+/// 3.4e-14 against own floors 1.5e-14 to 1.8e-14, which left 6 of 16 patterns kept. Next to
+/// a float32 gradient's floor (u = 6e-8) the term is nothing.
+pub const EVAL_FACTOR: f64 = 2e3;
 /// Per-column squared norms of G~ (d+1), for the rounding amplification.
 pub struct RoundingScale {
     colsq: Vec<f64>,

@@ -9,27 +9,65 @@ use super::alternation::{Alternation, Found, deflate};
 use super::seed;
 use crate::attack::evidence::SearchStats;
 
-/// Run the alternation from every seed on `threads` threads (results in seed order).
+/// The pattern rounds run up to this many times `--seed-rounds` rounds: a round that
+/// reaches a few new patterns of a narrow basin is cheap, and later rounds work in a
+/// smaller residual space (VGG-style head, B = 64: 19-41 rounds to all 64).
+pub const PATTERN_ROUND_FACTOR: usize = 4;
+/// Rounds that find nothing new in a row before the rounds stop (a fruitless round is
+/// not the end: the next one demixes with fresh FastICA seeds).
+pub const PATTERN_PATIENCE: usize = 4;
+
+/// Run the alternation from every seed on `threads` threads (results in seed order):
+/// the plain one, and where that keeps no new pattern (none, not under its own floor, or
+/// one of `before`, the patterns of earlier rounds) the realisable one in the row space
+/// `basis`. What each seed runs depends on the seed alone, so any `threads` gives the
+/// same results.
 fn from_seeds(
     alt: &Alternation<'_>,
     seeds: &[Col<f64>],
+    basis: &Mat<f64>,
+    before: &[Found],
     threads: usize,
 ) -> Vec<(Option<Found>, usize)> {
+    let one = |c: &Col<f64>| {
+        let (res, iters) = alt.run_from(c);
+        let new = res.as_ref().is_some_and(|(p, r, f)| {
+            !alt.degenerate(p) && alt.own_floor(p, r, *f) && !alt.duplicate(before, p)
+        });
+        if new {
+            return (res, iters);
+        }
+        let (res, more) = alt.run_in(c, basis);
+        (res, iters + more)
+    };
     let threads = threads.clamp(1, seeds.len().max(1));
     if threads == 1 {
-        return seeds.iter().map(|c| alt.run_from(c)).collect();
+        return seeds.iter().map(one).collect();
     }
     let chunk = seeds.len().div_ceil(threads);
     std::thread::scope(|s| {
         let handles: Vec<_> = seeds
             .chunks(chunk)
-            .map(|part| s.spawn(move || part.iter().map(|c| alt.run_from(c)).collect::<Vec<_>>()))
+            .map(|part| s.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
             .flat_map(|h| h.join().expect("alternation thread panicked"))
             .collect()
     })
+}
+
+/// An orthonormal basis (B x k) of the row space of `res` (directions over 1e-9 of the
+/// largest singular value): where the missing samples' c lie.
+fn row_basis(res: &Mat<f64>) -> Mat<f64> {
+    let b = res.ncols();
+    let Ok(svd) = res.thin_svd() else {
+        return Mat::identity(b, b);
+    };
+    let s = svd.S().column_vector();
+    let smax = s.iter().copied().fold(0.0, f64::max);
+    let k = (0..s.nrows()).filter(|&i| s[i] > 1e-9 * smax).count();
+    svd.V().subcols(0, k).to_owned()
 }
 
 /// Demixing rounds: add the exact patterns they reach to `found`.
@@ -46,11 +84,13 @@ pub(crate) fn rounds(
     stats: &mut SearchStats,
 ) {
     let b = gv.ncols();
-    for round in 0..max_rounds {
+    let mut idle = 0;
+    for round in 0..max_rounds.saturating_mul(PATTERN_ROUND_FACTOR) {
         if found.len() >= b {
             break;
         }
         let res = deflate(alt, gv, found);
+        let basis = row_basis(&res);
         let seeds = seed::candidates(
             &res,
             vl,
@@ -61,7 +101,7 @@ pub(crate) fn rounds(
         stats.starts += seeds.len();
         stats.rounds = round + 1;
         let before = found.len();
-        for (res, iters) in from_seeds(alt, &seeds, threads) {
+        for (res, iters) in from_seeds(alt, &seeds, &basis, &found[..], threads) {
             stats.lm_iterations += iters;
             let Some((pat, r, f)) = res else { continue };
             if alt.degenerate(&pat) || !alt.own_floor(&pat, &r, f) {
@@ -73,7 +113,12 @@ pub(crate) fn rounds(
             }
         }
         if found.len() == before {
-            break;
+            idle += 1;
+            if idle >= PATTERN_PATIENCE {
+                break;
+            }
+        } else {
+            idle = 0;
         }
     }
     stats.seeded = found.len();
