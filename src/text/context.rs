@@ -286,9 +286,13 @@ impl<'a> ContextSolver<'a> {
         let p = pinv(t.as_ref());
         let pr = pinv(self.m0tr.as_mat());
         let prn = (0..rc).map(|i| pr[(i, 0)].powi(2)).sum::<f64>().sqrt();
-        let y = Mat::from_fn(rc, z + 1, |i, j| {
-            if j < z { v[(i, j)] } else { pr[(i, 0)] / prn }
-        });
+        let y = Mat::from_fn(
+            rc,
+            z + 1,
+            |i, j| {
+                if j < z { v[(i, j)] } else { pr[(i, 0)] / prn }
+            },
+        );
         let b = Col::from_fn(rc, |j| self.bc[(d, j)]);
         if std::env::var("GRADLEAK_DEBUG_BERT").is_ok() {
             let by = y.transpose() * &b;

@@ -420,7 +420,8 @@ mod tests {
 
     #[test]
     fn screen_passes_true_pairs_and_refuses_planted_ones() {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/bert-cls-tiny");
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/bert-cls-tiny");
         let cfg = TextConfig::read(&dir).unwrap();
         let l = load(&dir, &dir.join("gradient.safetensors"), cfg).unwrap();
         let s = spans(&l.grads, l.dtype, l.model.hidden()).unwrap();
@@ -431,10 +432,18 @@ mod tests {
         let all: Vec<(usize, u32)> = real.iter().chain(&wrong).copied().collect();
         let solved = solver.solve(&all, l.model.input_of(&all).as_ref());
         for s in &solved[..real.len()] {
-            assert!(s.screened && s.accepted, "true pair {:?} refused", (s.position, s.token));
+            assert!(
+                s.screened && s.accepted,
+                "true pair {:?} refused",
+                (s.position, s.token)
+            );
         }
         for s in &solved[real.len()..] {
-            assert!(!s.screened && !s.accepted, "planted pair {:?} passed", (s.position, s.token));
+            assert!(
+                !s.screened && !s.accepted,
+                "planted pair {:?} passed",
+                (s.position, s.token)
+            );
         }
     }
 }
