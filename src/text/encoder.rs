@@ -396,7 +396,9 @@ mod tests {
 
     /// The tiny BERT fixture's true (position, token) pairs, and pairs made of a batch
     /// token at a position where no sequence has it.
-    fn pairs(dir: &Path) -> (Vec<(usize, u32)>, Vec<(usize, u32)>) {
+    type Pairs = Vec<(usize, u32)>;
+
+    fn pairs(dir: &Path) -> (Pairs, Pairs) {
         let truth: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("truth.json")).unwrap())
                 .unwrap();
