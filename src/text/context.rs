@@ -11,35 +11,48 @@
 //! x's, whose contexts can be traded), so c is pinned down by Gauss-Newton on the
 //! nonlinear S_h, S_g and S_o residuals over that null space.
 
+use faer::linalg::solvers::Solve;
 use faer::{Col, Mat, MatRef, Side};
 
 use super::bert::Bert;
 use super::span::{RowSpan, Test};
 
-/// Gauss-Newton steps per candidate at most. True pairs measured at the floor after 2-3
-/// steps (BERT-base dims, B = 8); a pair shared by several sequences, whose null space
-/// holds each of its contexts, took 7.
+/// Gauss-Newton steps per candidate at most (the screen's, then the full system's). True
+/// pairs measured at the floor after 2-3 steps (BERT-base dims, B = 8); a pair shared by
+/// several sequences, whose null space holds each of its contexts, took 7.
 pub const GN_STEPS: usize = 12;
 
-/// A candidate whose residual is still above this share of its starting residual
+/// A candidate whose screen residual is still above this share of its starting residual
 /// after `STALL_AFTER` steps is dropped: a true pair's residual falls by about 100 in
 /// the first step (measured 5e-2 -> 5e-4, BERT-base dims, B = 8), a false pair's by
-/// at most a fifth (0.23 -> 0.22; B = 32: 8.5e-2 -> 6.8e-2).
+/// at most a fifth on the full system (0.23 -> 0.22; B = 32: 8.5e-2 -> 6.8e-2).
 pub const STALL_SHARE: f64 = 0.5;
 pub const STALL_AFTER: usize = 1;
+
+/// The screen's S_g equations per unknown of the family: rows S of output.dense's input
+/// with |S| + 1 - r_g = `SCREEN_EQUATIONS` m. Linearised, a false pair's residual keeps
+/// about sqrt(1 - 1 / SCREEN_EQUATIONS) = 0.71 of itself after a step (above
+/// `STALL_SHARE`); a true pair's goes to the floor as on the full system.
+pub const SCREEN_EQUATIONS: usize = 2;
+
+/// Gauss-Newton steps on S_h alone before the screen: they set LN_a's scale, which the
+/// family's chart (b.w = 1) leaves free; S_h's other equations already hold.
+pub const SCALE_STEPS: usize = 1;
 
 /// One candidate's outcome.
 #[derive(Clone, Debug)]
 pub struct Solved {
     pub position: usize,
     pub token: u32,
-    /// The context c (d), h and o (augmented) at the solution.
+    /// The context c (d) at the solution.
     pub c: Vec<f64>,
     /// Distances of (h, 1), (g, 1), (o, 1) from S_h, S_g, S_o, with their thresholds.
     pub tests: [Test; 3],
-    /// ||A_x w_0 - r|| / ||r||: the linear residual before Gauss-Newton.
-    pub linear: f64,
+    /// Gauss-Newton steps on the screen's rows, then on the full system.
+    pub screen_steps: usize,
     pub steps: usize,
+    /// The screen's necessary test passed (the full system was solved).
+    pub screened: bool,
     pub accepted: bool,
 }
 
@@ -59,6 +72,43 @@ pub(crate) struct ContextSolver<'a> {
     r: Col<f64>,
     /// Dimension of the null space searched by Gauss-Newton.
     pub family: usize,
+    /// The family's shared directions (when it has any).
+    shared: Option<Family>,
+}
+
+/// The context family of every candidate, w = w_x + F theta with F shared (docs/DESIGN.md,
+/// "Text: BERT", shared family): null(A_x) lies in null(M_0) + span(M_0^+ a_x), and
+/// a_x = N_g^T (x + b_o) enters through p_a = P (x + b_o) alone.
+struct Family {
+    /// P = M_0^+ N_g^T (r_c x d).
+    p: Mat<f64>,
+    /// Y = [Z, p_r / |p_r|] (r_c x (z+1)): null(M_0) and M_0^+ r.
+    y: Mat<f64>,
+    /// beta = b^T Y: the chart b.w = 1 is the constraint beta phi = 1 + b.p_a.
+    beta: Col<f64>,
+    /// F (r_c x m), its top d rows times W_o: EW = (B_c,top F)^T W_o (m x d), and b^T F.
+    f: Mat<f64>,
+    ew: Mat<f64>,
+    bf: Col<f64>,
+    /// EW centred by rows, times gamma_a (m x d): the LN_a tangent's shared part, and
+    /// that times W_i (m x ffn) and times N_h,top (m x K_h).
+    ewg: Mat<f64>,
+    q: Mat<f64>,
+    qh: Mat<f64>,
+    screen: Screen,
+}
+
+/// The screen's rows S of S_g: (g_S, 1) in span(B_g[S, bias]), a necessary condition of
+/// (g, 1) in S_g with |S| + 1 - r_g equations.
+struct Screen {
+    rows: Vec<usize>,
+    /// Q[:, S] (m x |S|) and W_i[:, S] (d x |S|).
+    q: Mat<f64>,
+    wi: Mat<f64>,
+    /// Orthonormal complement of span(B_g[S, bias]) in R^(|S|+1), bias row dropped (its
+    /// coordinate is the constant 1): |S| x K_S; `last` is the bias row.
+    n: Mat<f64>,
+    last: Vec<f64>,
 }
 
 /// Centre each column of `m` (subtract its mean over rows): C m.
@@ -103,9 +153,10 @@ fn aug_row(v: &[f64]) -> Mat<f64> {
     Mat::from_fn(1, v.len() + 1, |_, j| if j < v.len() { v[j] } else { 1.0 })
 }
 
-/// The forward pass of one candidate at w: c, (n^_a, sigma_a), h, z, g, (n^_b, sigma_b), o.
+/// The forward pass of one candidate at w: c, c W_o, (n^_a, sigma_a), h, z, g, (n^_b, sigma_b), o.
 struct Point {
     c: Vec<f64>,
+    yc: Vec<f64>,
     den: f64,
     na: Vec<f64>,
     sa: f64,
@@ -115,6 +166,42 @@ struct Point {
     nb: Vec<f64>,
     sb: f64,
     o: Vec<f64>,
+}
+
+/// One Gauss-Newton step from J^T (m x equations) and the residual: the solution of
+/// (J^T J + mu I) theta = -J^T res by Cholesky, mu = 1e-14 of J^T J's largest diagonal
+/// entry (a pseudo-inverse that drops directions under 1e-7 of the strongest).
+fn gn_step(jt: &Mat<f64>, res: &[f64]) -> Option<Col<f64>> {
+    let m = jt.nrows();
+    let mut jtj = jt * jt.transpose();
+    let rc = Col::from_fn(res.len(), |j| -res[j]);
+    let jtr = jt * &rc;
+    let top = (0..m).map(|i| jtj[(i, i)]).fold(0.0, f64::max);
+    if !(top > 0.0 && top.is_finite()) {
+        return None;
+    }
+    for i in 0..m {
+        jtj[(i, i)] += top * 1e-14;
+    }
+    let theta = jtj.llt(Side::Lower).ok()?.solve(&jtr);
+    let finite = theta.iter().all(|v| v.is_finite());
+    finite.then_some(theta)
+}
+
+fn norm(r: &[f64]) -> f64 {
+    r.iter().map(|v| v * v).sum::<f64>().sqrt()
+}
+
+/// Orthonormal complement of the column space of `a` (n x k, n > k), from its full SVD;
+/// columns under 1e-10 of the largest singular value count as missing.
+fn complement_of(a: MatRef<'_, f64>) -> Mat<f64> {
+    let n = a.nrows();
+    let Ok(svd) = a.svd() else {
+        return Mat::zeros(n, 0);
+    };
+    let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
+    let keep = s.iter().filter(|&&v| v > s[0] * 1e-10).count();
+    svd.U().subcols(keep, n - keep).to_owned()
 }
 
 impl<'a> ContextSolver<'a> {
@@ -151,7 +238,7 @@ impl<'a> ContextSolver<'a> {
             .saturating_sub(rank_x)
             .max(rc.saturating_sub(kh.saturating_sub(1)))
             .min(rc);
-        ContextSolver {
+        let mut solver = ContextSolver {
             model,
             span_h,
             span_g,
@@ -163,6 +250,119 @@ impl<'a> ContextSolver<'a> {
             m0tr,
             r,
             family,
+            shared: None,
+        };
+        if family > 0 {
+            // null(M_0) has the family's m dimensions (measured: BERT-base dims, B = 8,
+            // 22 eigenvalues of M_0^T M_0 at <= 5.4e-9, the next 3.8e-3)
+            solver.shared = solver.family_of(family);
+        }
+        solver
+    }
+
+    /// The shared family (None when M_0's spectrum cannot be split at z).
+    fn family_of(&self, z: usize) -> Option<Family> {
+        let m = self.model;
+        let d = m.hidden();
+        let rc = self.bc.ncols();
+        let eig = self.m0tm0.self_adjoint_eigen(Side::Lower).ok()?;
+        let lam: Vec<f64> = eig.S().column_vector().iter().copied().collect();
+        let v = eig.U();
+        if z >= rc || lam[z] <= 0.0 {
+            return None;
+        }
+        // M_0^+ y = sum over the kept eigenvectors of v_k (v_k . M_0^T y) / lambda_k
+        let vr = v.subcols(z, rc - z);
+        let pinv = |t: MatRef<'_, f64>| -> Mat<f64> {
+            let mut c = vr.transpose() * t;
+            for k in 0..rc - z {
+                for j in 0..c.ncols() {
+                    c[(k, j)] /= lam[z + k];
+                }
+            }
+            vr * c
+        };
+        let t = (&self.ng * &self.m0).transpose().to_owned();
+        let p = pinv(t.as_ref());
+        let pr = pinv(self.m0tr.as_mat());
+        let prn = (0..rc).map(|i| pr[(i, 0)].powi(2)).sum::<f64>().sqrt();
+        let y = Mat::from_fn(
+            rc,
+            z + 1,
+            |i, j| {
+                if j < z { v[(i, j)] } else { pr[(i, 0)] / prn }
+            },
+        );
+        let b = Col::from_fn(rc, |j| self.bc[(d, j)]);
+        if std::env::var("GRADLEAK_DEBUG_BERT").is_ok() {
+            let by = y.transpose() * &b;
+            eprintln!(
+                "DBG family z {z} lam {:?} top {:.3e} |b^T Z| {:.3e} b.p_r {:.3e}",
+                &lam[..(z + 3).min(rc)],
+                lam[rc - 1],
+                (0..z).map(|j| by[j] * by[j]).sum::<f64>().sqrt(),
+                by[z]
+            );
+        }
+        let (f, beta) = {
+            // the chart b.w = 1 is one linear constraint on phi: F spans beta's complement
+            let beta = y.transpose() * &b;
+            let bn = beta.norm_l2();
+            let hat = Col::from_fn(z + 1, |i| beta[i] / bn);
+            // Householder H with H e_1 = -sign(hat_0) hat: its other columns are
+            // orthonormal and orthogonal to beta
+            let s = if hat[0] >= 0.0 { 1.0 } else { -1.0 };
+            let u = Col::from_fn(z + 1, |i| hat[i] + if i == 0 { s } else { 0.0 });
+            let uu = u.squared_norm_l2();
+            let h = Mat::from_fn(z + 1, z, |i, j| {
+                let col = j + 1;
+                f64::from(u8::from(i == col)) - 2.0 * u[i] * u[col] / uu
+            });
+            (&y * &h, beta)
+        };
+        let bft = self.bc.subrows(0, d) * &f;
+        let ew = bft.transpose() * &m.wo;
+        let bf = f.transpose() * &b;
+        let gamma = &m.ln_a.gamma;
+        let mut ewg = ew.transpose().to_owned();
+        centre_cols(&mut ewg);
+        let ewg = Mat::from_fn(ewg.ncols(), d, |t, i| ewg[(i, t)] * gamma[i]);
+        let q = &ewg * &m.wi;
+        let qh = &ewg * self.span_h.complement.subrows(0, d);
+        let screen = self.screen(&q, f.ncols());
+        Some(Family {
+            p,
+            y,
+            beta,
+            f,
+            ew,
+            bf,
+            ewg,
+            q,
+            qh,
+            screen,
+        })
+    }
+
+    /// Rows S evenly spread over the ffn coordinates, |S| = r_g + `SCREEN_EQUATIONS` m - 1
+    /// (all of them when that is more).
+    fn screen(&self, q: &Mat<f64>, m: usize) -> Screen {
+        let model = self.model;
+        let ffn = model.wi.ncols();
+        let basis = &self.span_g.basis;
+        let rg = basis.ncols();
+        let size = (rg + SCREEN_EQUATIONS * m).saturating_sub(1).clamp(1, ffn);
+        let rows: Vec<usize> = (0..size).map(|i| i * ffn / size).collect();
+        let bs = Mat::from_fn(size + 1, rg, |i, j| {
+            basis[(if i < size { rows[i] } else { ffn }, j)]
+        });
+        let full = complement_of(bs.as_ref());
+        Screen {
+            q: Mat::from_fn(q.nrows(), size, |t, j| q[(t, rows[j])]),
+            wi: Mat::from_fn(model.hidden(), size, |i, j| model.wi[(i, rows[j])]),
+            n: full.subrows(0, size).to_owned(),
+            last: (0..full.ncols()).map(|j| full[(size, j)]).collect(),
+            rows,
         }
     }
 
@@ -187,8 +387,9 @@ impl<'a> ContextSolver<'a> {
         let c: Vec<f64> = (0..d)
             .map(|i| (0..rc).map(|j| self.bc[(i, j)] * w[j]).sum::<f64>() / den)
             .collect();
-        let yc = &row(&c) * &m.wo;
-        let y: Vec<f64> = (0..d).map(|j| x[j] + yc[(0, j)] + m.bo[j]).collect();
+        let ycm = &row(&c) * &m.wo;
+        let yc: Vec<f64> = (0..d).map(|j| ycm[(0, j)]).collect();
+        let y: Vec<f64> = (0..d).map(|j| x[j] + yc[j] + m.bo[j]).collect();
         let (na, sa) = ln_parts(&y, m.ln_a.eps);
         let h: Vec<f64> = (0..d)
             .map(|j| m.ln_a.gamma[j] * na[j] + m.ln_a.beta[j])
@@ -204,6 +405,7 @@ impl<'a> ContextSolver<'a> {
             .collect();
         Point {
             c,
+            yc,
             den,
             na,
             sa,
@@ -216,32 +418,120 @@ impl<'a> ContextSolver<'a> {
         }
     }
 
+    /// S_h's residual N_h^T (h, 1).
+    fn residual_h(&self, pt: &Point) -> Vec<f64> {
+        let rh = &aug_row(&pt.h) * &self.span_h.complement;
+        (0..rh.ncols()).map(|j| rh[(0, j)]).collect()
+    }
+
     /// The residual [N_h^T (h, 1); (I - B_g B_g^T) (g, 1); N_o^T (o, 1)] (S_g's through
     /// its basis: its complement is ffn + 1 - r_g wide).
     fn residual(&self, pt: &Point) -> Vec<f64> {
-        let rh = &aug_row(&pt.h) * &self.span_h.complement;
         let ga = aug_row(&pt.g);
         let bg = &self.span_g.basis;
         let rg = &ga - (&ga * bg) * bg.transpose();
         let ro = &aug_row(&pt.o) * &self.span_o.complement;
-        [rh, rg, ro]
-            .iter()
-            .flat_map(|r| (0..r.ncols()).map(move |j| r[(0, j)]))
+        let mut out = self.residual_h(pt);
+        for r in [rg, ro] {
+            out.extend((0..r.ncols()).map(|j| r[(0, j)]));
+        }
+        out
+    }
+
+    /// The screen's residual [N_h^T (h, 1); N_S^T (g_S, 1)].
+    fn residual_screen(&self, fam: &Family, pt: &Point) -> Vec<f64> {
+        let s = &fam.screen;
+        let gs = Mat::from_fn(1, s.rows.len(), |_, j| pt.g[s.rows[j]]);
+        let rs = &gs * &s.n;
+        let mut out = self.residual_h(pt);
+        out.extend((0..rs.ncols()).map(|j| rs[(0, j)] + s.last[j]));
+        out
+    }
+
+    /// The LN_a tangent along F at `pt` times a right matrix M (d x n), from its shared
+    /// part `phi` = EWg M: [(phi - b_F (gamma C yc) M) / den - u ((gamma n^) M)] / sigma,
+    /// u = n^ . dy / d (docs/DESIGN.md, "Text: BERT", shared family).
+    fn tangent_times(
+        &self,
+        fam: &Family,
+        pt: &Point,
+        u: &[f64],
+        phi: &Mat<f64>,
+        right: MatRef<'_, f64>,
+    ) -> Mat<f64> {
+        let gamma = &self.model.ln_a.gamma;
+        let d = gamma.len();
+        let mean = pt.yc.iter().sum::<f64>() / d as f64;
+        let ycg = Mat::from_fn(1, d, |_, i| gamma[i] * (pt.yc[i] - mean));
+        let ng = Mat::from_fn(1, d, |_, i| gamma[i] * pt.na[i]);
+        let a1 = &ycg * right;
+        let a2 = &ng * right;
+        Mat::from_fn(phi.nrows(), phi.ncols(), |t, j| {
+            ((phi[(t, j)] - fam.bf[t] * a1[(0, j)]) / pt.den - u[t] * a2[(0, j)]) / pt.sa
+        })
+    }
+
+    /// The LN_a tangent itself (m x d): `tangent_times` with M = I.
+    fn tangent_rows(&self, fam: &Family, pt: &Point, u: &[f64]) -> Mat<f64> {
+        let gamma = &self.model.ln_a.gamma;
+        let d = gamma.len();
+        let mean = pt.yc.iter().sum::<f64>() / d as f64;
+        Mat::from_fn(fam.ewg.nrows(), d, |t, i| {
+            let a1 = gamma[i] * (pt.yc[i] - mean);
+            let a2 = gamma[i] * pt.na[i];
+            ((fam.ewg[(t, i)] - fam.bf[t] * a1) / pt.den - u[t] * a2) / pt.sa
+        })
+    }
+
+    /// u_t = n^ . dy_t / d with dy = (EW - b_F yc) / den.
+    fn tangent_u(&self, fam: &Family, pt: &Point) -> Vec<f64> {
+        let d = pt.na.len();
+        let n = Col::from_fn(d, |i| pt.na[i]);
+        let en = &fam.ew * &n;
+        let yn: f64 = (0..d).map(|i| pt.yc[i] * pt.na[i]).sum();
+        (0..fam.bf.nrows())
+            .map(|t| (en[t] - fam.bf[t] * yn) / (pt.den * d as f64))
             .collect()
     }
 
-    /// J^T (m x (K_h + K_o)) at `pt` along the directions `f` (r_c x m) of w.
-    fn jacobian_t(&self, pt: &Point, f: MatRef<'_, f64>) -> Mat<f64> {
+    /// J^T of S_h's residual alone (m x K_h).
+    fn jacobian_h(&self, fam: &Family, pt: &Point) -> Mat<f64> {
+        let u = self.tangent_u(fam, pt);
+        let nh = self.span_h.complement.subrows(0, pt.na.len());
+        self.tangent_times(fam, pt, &u, &fam.qh, nh)
+    }
+
+    /// J^T of the screen's residual (m x (K_h + K_S)).
+    fn jacobian_screen(&self, fam: &Family, pt: &Point) -> Mat<f64> {
+        let s = &fam.screen;
+        let u = self.tangent_u(fam, pt);
+        let nh = self.span_h.complement.subrows(0, pt.na.len());
+        let jh = self.tangent_times(fam, pt, &u, &fam.qh, nh);
+        let mut dg = self.tangent_times(fam, pt, &u, &s.q, s.wi.as_ref());
+        let act = self.model.cfg.activation;
+        for (j, &col) in s.rows.iter().enumerate() {
+            let a = act.derivative(pt.z[col]);
+            for t in 0..dg.nrows() {
+                dg[(t, j)] *= a;
+            }
+        }
+        let jg = &dg * &s.n;
+        let (kh, ks) = (jh.ncols(), jg.ncols());
+        Mat::from_fn(dg.nrows(), kh + ks, |t, j| {
+            if j < kh { jh[(t, j)] } else { jg[(t, j - kh)] }
+        })
+    }
+
+    /// J^T of the full residual (m x (K_h + ffn + 1 + K_o)) along F.
+    fn jacobian_full(&self, fam: &Family, pt: &Point) -> Mat<f64> {
         let m = self.model;
         let d = m.hidden();
-        let k = f.ncols();
-        // dc = (B_top F - c (b^T F)) / den, as k tangent rows
-        let bf = self.bc.subrows(0, d) * f;
-        let bb = self.bc.subrows(d, 1) * f;
-        let dc = Mat::from_fn(k, d, |t, i| (bf[(i, t)] - pt.c[i] * bb[(0, t)]) / pt.den);
-        let mut dh = &dc * &m.wo;
-        ln_tangent(&mut dh, &pt.na, pt.sa, &m.ln_a.gamma);
-        let mut dg = &dh * &m.wi;
+        let u = self.tangent_u(fam, pt);
+        let dh = self.tangent_rows(fam, pt, &u);
+        let nh = self.span_h.complement.subrows(0, d);
+        let jh = self.tangent_times(fam, pt, &u, &fam.qh, nh);
+        let mut dg = self.tangent_times(fam, pt, &u, &fam.q, m.wi.as_ref());
+        let k = dg.nrows();
         for j in 0..dg.ncols() {
             let s = m.cfg.activation.derivative(pt.z[j]);
             for t in 0..k {
@@ -251,7 +541,6 @@ impl<'a> ContextSolver<'a> {
         let mut du = &dg * &m.wf;
         du += &dh;
         ln_tangent(&mut du, &pt.nb, pt.sb, &m.ln_b.gamma);
-        let jh = &dh * self.span_h.complement.subrows(0, d);
         let ffn = dg.ncols();
         let bg = self.span_g.basis.subrows(0, ffn);
         // (dg, 0) - ((dg, 0) B_g) B_g^T
@@ -274,30 +563,58 @@ impl<'a> ContextSolver<'a> {
     /// Solve every candidate; `xs` rows are their block-0 inputs (augmented).
     pub fn solve(&self, pairs: &[(usize, u32)], xs: MatRef<'_, f64>) -> Vec<Solved> {
         let d = self.model.hidden();
-        let rc = self.bc.ncols();
-        let b = Col::from_fn(rc, |j| self.bc[(d, j)]);
-        // a_x = N_g^T (x + b_o) for every candidate at once
         let xb = Mat::from_fn(xs.nrows(), d, |i, j| xs[(i, j)] + self.model.bo[j]);
-        let ax = &xb * &self.ng;
-        let rr: f64 = self.r.squared_norm_l2();
-        (0..pairs.len())
-            .map(|i| {
-                let a = Col::from_fn(ax.ncols(), |j| ax[(i, j)]);
-                let x: Vec<f64> = (0..d).map(|j| xs[(i, j)]).collect();
-                self.solve_one(pairs[i], &x, &a, &b, rr)
-            })
-            .collect()
+        let x = |i: usize| -> Vec<f64> { (0..d).map(|j| xs[(i, j)]).collect() };
+        match &self.shared {
+            Some(fam) => {
+                // p_a = P (x + b_o) for every candidate at once
+                let pa = &xb * fam.p.transpose();
+                (0..pairs.len())
+                    .map(|i| {
+                        let p = Col::from_fn(pa.ncols(), |j| pa[(i, j)]);
+                        self.solve_family(fam, pairs[i], &x(i), &p)
+                    })
+                    .collect()
+            }
+            None => {
+                let ax = &xb * &self.ng;
+                (0..pairs.len())
+                    .map(|i| {
+                        let a = Col::from_fn(ax.ncols(), |j| ax[(i, j)]);
+                        self.solve_linear(pairs[i], &x(i), &a)
+                    })
+                    .collect()
+            }
+        }
     }
 
-    fn solve_one(
+    fn outcome(
         &self,
         (position, token): (usize, u32),
-        x: &[f64],
-        a: &Col<f64>,
-        b: &Col<f64>,
-        rr: f64,
+        pt: Point,
+        screen_steps: usize,
+        steps: usize,
+        screened: bool,
     ) -> Solved {
-        let rc = b.nrows();
+        let tests = self.tests(&pt);
+        let accepted = screened && self.within(&pt, &tests);
+        Solved {
+            position,
+            token,
+            c: pt.c,
+            tests,
+            screen_steps,
+            steps,
+            screened,
+            accepted,
+        }
+    }
+
+    /// No family (m = 0): the least-squares solution of A_x w = r is the context.
+    fn solve_linear(&self, pair: (usize, u32), x: &[f64], a: &Col<f64>) -> Solved {
+        let d = self.model.hidden();
+        let rc = self.bc.ncols();
+        let b = Col::from_fn(rc, |j| self.bc[(d, j)]);
         // A^T A = M0^T M0 + u b^T + b u^T + |a|^2 b b^T, u = M0^T a; A^T r = M0^T r + b (a . r)
         let u = self.m0.transpose() * a;
         let aa = a.squared_norm_l2();
@@ -306,104 +623,124 @@ impl<'a> ContextSolver<'a> {
             self.m0tm0[(i, j)] + u[i] * b[j] + b[i] * u[j] + aa * b[i] * b[j]
         });
         let atr = Col::from_fn(rc, |i| self.m0tr[i] + b[i] * ar);
-        let failed = |linear: f64| Solved {
-            position,
-            token,
-            c: Vec::new(),
-            tests: [Test {
-                distance: 1.0,
-                tau: 0.0,
-            }; 3],
-            linear,
-            steps: 0,
-            accepted: false,
-        };
-        let Ok(eig) = gram.self_adjoint_eigen(Side::Lower) else {
-            return failed(1.0);
-        };
-        let lam: Vec<f64> = eig.S().column_vector().iter().copied().collect();
-        let v = eig.U();
-        let m = self.family;
-        // w0 = sum over the kept eigenvectors (ascending: the last rc - m)
         let mut w = Col::<f64>::zeros(rc);
-        for k in m..rc {
-            if lam[k] <= 0.0 {
-                continue;
-            }
-            let coef: f64 = (0..rc).map(|i| v[(i, k)] * atr[i]).sum::<f64>() / lam[k];
-            for i in 0..rc {
-                w[i] += coef * v[(i, k)];
+        if let Ok(eig) = gram.self_adjoint_eigen(Side::Lower) {
+            let v = eig.U();
+            for (k, &lk) in eig.S().column_vector().iter().enumerate() {
+                if lk <= 0.0 {
+                    continue;
+                }
+                let coef: f64 = (0..rc).map(|i| v[(i, k)] * atr[i]).sum::<f64>() / lk;
+                for i in 0..rc {
+                    w[i] += coef * v[(i, k)];
+                }
             }
         }
-        let aw = &self.m0 * &w;
-        let bw: f64 = (0..rc).map(|i| b[i] * w[i]).sum();
-        let lin2: f64 = (0..aw.nrows())
-            .map(|j| (aw[j] + a[j] * bw - self.r[j]).powi(2))
-            .sum();
-        let linear = (lin2 / rr).sqrt();
-        let f = v.subcols(0, m);
+        let pt = self.point(x, &w);
+        self.outcome(pair, pt, 0, 0, true)
+    }
+
+    /// Screen, then the full system warm-started at the screen's point.
+    fn solve_family(&self, fam: &Family, pair: (usize, u32), x: &[f64], pa: &Col<f64>) -> Solved {
+        let d = self.model.hidden();
+        let rc = self.bc.ncols();
+        let m = fam.f.ncols();
+        // w_x = -p_a (+ Y beta (1 + b.p_a) / |beta|^2 when the chart is a constraint)
+        let mut w = Col::from_fn(rc, |i| -pa[i]);
+        let bpa: f64 = (0..rc).map(|j| self.bc[(d, j)] * pa[j]).sum();
+        let s = (1.0 + bpa) / fam.beta.squared_norm_l2();
+        w += &fam.y * (&fam.beta * s);
         let mut pt = self.point(x, &w);
-        let mut res = self.residual(&pt);
-        let norm = |r: &[f64]| r.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let start = norm(&res);
-        let mut best_norm = start;
+        if !(pt.den.is_finite() && pt.den != 0.0) {
+            return self.outcome(pair, pt, 0, 0, false);
+        }
+        // the chart leaves LN_a's scale free: fix it on S_h alone first (its other
+        // equations hold along the family), so the screen starts where A_x w = r does
+        for _ in 0..SCALE_STEPS {
+            let res = self.residual_h(&pt);
+            let jt = self.jacobian_h(fam, &pt);
+            let Some(theta) = gn_step(&jt, &res) else {
+                break;
+            };
+            w = &w + &fam.f * &theta;
+            pt = self.point(x, &w);
+        }
+        // the screen: a necessary test on S_h and the rows S of S_g
+        let start = norm(&self.residual_screen(fam, &pt));
+        let (mut best, mut best_w) = (start, w.clone());
+        let mut screen_steps = 0;
+        let mut screened = self.screen_within(fam, &pt);
+        while !screened && screen_steps < GN_STEPS {
+            let jt = self.jacobian_screen(fam, &pt);
+            let res = self.residual_screen(fam, &pt);
+            let Some(theta) = gn_step(&jt, &res) else {
+                break;
+            };
+            w = &w + &fam.f * &theta;
+            screen_steps += 1;
+            let pn = self.point(x, &w);
+            let now = norm(&self.residual_screen(fam, &pn));
+            if !now.is_finite() {
+                break;
+            }
+            pt = pn;
+            if now < best {
+                best = now;
+                best_w = w.clone();
+            }
+            screened = self.screen_within(fam, &pt);
+            // measured against the start, not the last step: a pair shared by several
+            // sequences wanders among its contexts for a few steps (B = 32: "You" at 0,
+            // in 12 sequences, was lost when every step had to halve)
+            if !screened && screen_steps >= STALL_AFTER && best > STALL_SHARE * start {
+                break;
+            }
+        }
+        if !screened {
+            if best < norm(&self.residual_screen(fam, &pt)) {
+                pt = self.point(x, &best_w);
+            }
+            return self.outcome(pair, pt, screen_steps, 0, false);
+        }
+        // the full system from there (Gauss-Newton is not monotone where a shared
+        // pair's null space holds several contexts: keep the best point seen)
+        let mut best = norm(&self.residual(&pt));
         let mut best_w = w.clone();
         let mut steps = 0;
-        if m > 0 && pt.den.is_finite() && pt.den != 0.0 {
-            for step in 1..=GN_STEPS {
-                let jt = self.jacobian_t(&pt, f);
-                let jtj = &jt * jt.transpose();
-                let jtr = Col::from_fn(m, |t| {
-                    (0..res.len()).map(|j| jt[(t, j)] * res[j]).sum::<f64>()
-                });
-                let Ok(e) = jtj.self_adjoint_eigen(Side::Lower) else {
-                    break;
-                };
-                let l: Vec<f64> = e.S().column_vector().iter().copied().collect();
-                let top = l.last().copied().unwrap_or(0.0);
-                let mut theta = Col::<f64>::zeros(m);
-                for (k, &lk) in l.iter().enumerate() {
-                    if lk > top * 1e-14 {
-                        let coef: f64 = (0..m).map(|i| e.U()[(i, k)] * jtr[i]).sum::<f64>() / lk;
-                        for i in 0..m {
-                            theta[i] -= coef * e.U()[(i, k)];
-                        }
-                    }
-                }
-                w = &w + f * &theta;
-                let pn = self.point(x, &w);
-                res = self.residual(&pn);
-                steps = step;
-                let now = norm(&res);
-                if !now.is_finite() {
-                    break;
-                }
-                pt = pn;
-                // Gauss-Newton is not monotone where a shared pair's null space holds
-                // several contexts: keep the best point seen
-                if now < best_norm {
-                    best_norm = now;
-                    best_w = w.clone();
-                }
-                let done = self.within(&pt, &self.tests(&pt));
-                if done || (step >= STALL_AFTER && best_norm > STALL_SHARE * start) {
-                    break;
-                }
+        while steps < GN_STEPS && !self.within(&pt, &self.tests(&pt)) {
+            let jt = self.jacobian_full(fam, &pt);
+            let res = self.residual(&pt);
+            let Some(theta) = gn_step(&jt, &res) else {
+                break;
+            };
+            debug_assert_eq!(theta.nrows(), m);
+            w = &w + &fam.f * &theta;
+            steps += 1;
+            let pn = self.point(x, &w);
+            let now = norm(&self.residual(&pn));
+            if !now.is_finite() {
+                break;
+            }
+            pt = pn;
+            if now < best {
+                best = now;
+                best_w = w.clone();
             }
         }
-        if norm(&res) > best_norm {
+        if norm(&self.residual(&pt)) > best {
             pt = self.point(x, &best_w);
         }
-        let tests = self.tests(&pt);
-        let accepted = self.within(&pt, &tests);
-        Solved {
-            position,
-            token,
-            c: pt.c,
-            tests,
-            linear,
-            steps,
-            accepted,
+        self.outcome(pair, pt, screen_steps, steps, true)
+    }
+
+    /// The screen passes: its residual (S_h and S_g's rows S, each at most the full
+    /// span's distance, absolute) within the full test's combined budget (`within`).
+    fn screen_within(&self, fam: &Family, pt: &Point) -> bool {
+        let tests = self.tests(pt);
+        let got = norm(&self.residual_screen(fam, pt)).powi(2);
+        match self.budget(pt, &tests) {
+            Some(budget) => got <= budget,
+            None => false,
         }
     }
 
@@ -416,6 +753,22 @@ impl<'a> ContextSolver<'a> {
         .map(|(s, v)| s.test(aug_row(v).as_ref())[0])
     }
 
+    /// sum_s (tau_s |v~_s|)^2 over s in {h, g, o}, None when a span's threshold does not
+    /// discriminate (tau_s > max_tau).
+    fn budget(&self, pt: &Point, tests: &[Test; 3]) -> Option<f64> {
+        let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>() + 1.0;
+        let norms = [sq(&pt.h), sq(&pt.g), sq(&pt.o)];
+        let spans = [self.span_h, self.span_g, self.span_o];
+        let mut budget = 0.0;
+        for k in 0..3 {
+            if tests[k].tau > spans[k].max_tau() {
+                return None;
+            }
+            budget += tests[k].tau.powi(2) * norms[k];
+        }
+        Some(budget)
+    }
+
     /// The solved point passes: Gauss-Newton minimises the stacked residual
     /// sum_s ||N_s^T v~_s||^2 = sum_s (d_s |v~_s|)^2, and at the true context each term is
     /// within its own threshold (d_s <= tau_s), so the minimum is within
@@ -424,15 +777,7 @@ impl<'a> ContextSolver<'a> {
     fn within(&self, pt: &Point, tests: &[Test; 3]) -> bool {
         let sq = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>() + 1.0;
         let norms = [sq(&pt.h), sq(&pt.g), sq(&pt.o)];
-        let spans = [self.span_h, self.span_g, self.span_o];
-        let (mut got, mut budget) = (0.0, 0.0);
-        for k in 0..3 {
-            if tests[k].tau > spans[k].max_tau() {
-                return false;
-            }
-            got += tests[k].distance.powi(2) * norms[k];
-            budget += tests[k].tau.powi(2) * norms[k];
-        }
-        got <= budget
+        let got: f64 = (0..3).map(|k| tests[k].distance.powi(2) * norms[k]).sum();
+        self.budget(pt, tests).is_some_and(|b| got <= b)
     }
 }

@@ -31,7 +31,11 @@ pub struct EncoderStats {
     pub family: usize,
     /// Candidates whose context was found (both spans within their thresholds).
     pub accepted: usize,
-    /// Gauss-Newton steps over all candidates.
+    /// Candidates that passed the screen (S_h and rows of S_g; docs/DESIGN.md, "Text:
+    /// BERT", screen) and had the full system solved.
+    pub screened: usize,
+    /// Gauss-Newton steps over all candidates on the screen's rows, and on the full system.
+    pub screen_steps: usize,
     pub steps: usize,
     /// Smallest distance (the larger of S_h's and S_o's) of a rejected candidate.
     pub rejected_min_distance: f64,
@@ -306,20 +310,24 @@ pub(crate) fn attack(
     if std::env::var("GRADLEAK_DEBUG_BERT").is_ok() {
         for s in &solved {
             eprintln!(
-                "DBG {} {} {} {:?} {}",
+                "DBG {} {} {} {} {:?} {} {}",
                 s.position,
                 s.token,
+                s.screened,
                 s.accepted,
                 s.tests.map(|t| format!("{:.2e}/{:.2e}", t.distance, t.tau)),
+                s.screen_steps,
                 s.steps
             );
         }
     }
     let steps = solved.iter().map(|s| s.steps).sum();
+    let screen_steps = solved.iter().map(|s| s.screen_steps).sum();
+    let screened = solved.iter().filter(|s| s.screened).count();
     let (seqs, groupings) = assemble::sequences(model, &accepted);
     seconds.search = t.elapsed().as_secs_f64();
     progress(&format!(
-        "text: {} pairs accepted, {} sequences grouped ({steps} Gauss-Newton steps) in {:.1} s",
+        "text: {screened} pairs passed the screen ({screen_steps} Gauss-Newton steps), {} accepted ({steps} steps on the full system), {} sequences grouped in {:.1} s",
         accepted.len(),
         seqs.len(),
         seconds.search
@@ -328,6 +336,8 @@ pub(crate) fn attack(
         candidates: pairs.len(),
         family,
         accepted: accepted.len(),
+        screened,
+        screen_steps,
         steps,
         rejected_min_distance: solved
             .iter()
@@ -377,4 +387,66 @@ pub(crate) fn attack(
     report.encoder = Some(stats);
     report.seconds = seconds;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// The tiny BERT fixture's true (position, token) pairs, and pairs made of a batch
+    /// token at a position where no sequence has it.
+    type Pairs = Vec<(usize, u32)>;
+
+    fn pairs(dir: &Path) -> (Pairs, Pairs) {
+        let truth: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("truth.json")).unwrap())
+                .unwrap();
+        let ids: Vec<Vec<u32>> = serde_json::from_value(truth["ids"].clone()).unwrap();
+        let mut real: Vec<(usize, u32)> = ids
+            .iter()
+            .flat_map(|q| q.iter().enumerate().map(|(p, &t)| (p, t)))
+            .collect();
+        real.sort_unstable();
+        real.dedup();
+        let tokens: Vec<u32> = real.iter().map(|&(_, t)| t).collect();
+        let wrong: Vec<(usize, u32)> = [0usize, 3, 6, 10, 15]
+            .iter()
+            .flat_map(|&p| tokens.iter().map(move |&t| (p, t)))
+            .filter(|pair| !real.contains(pair))
+            .step_by(7)
+            .take(6)
+            .collect();
+        (real, wrong)
+    }
+
+    #[test]
+    fn screen_passes_true_pairs_and_refuses_planted_ones() {
+        let dir =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/bert-cls-tiny");
+        let cfg = TextConfig::read(&dir).unwrap();
+        let l = load(&dir, &dir.join("gradient.safetensors"), cfg).unwrap();
+        let s = spans(&l.grads, l.dtype, l.model.hidden()).unwrap();
+        let solver = ContextSolver::new(&l.model, &s.c, &s.h, &s.g, &s.o, s.x.rank);
+        assert!(solver.family > 0 && solver.determined());
+        let (real, wrong) = pairs(&dir);
+        assert_eq!(wrong.len(), 6);
+        let all: Vec<(usize, u32)> = real.iter().chain(&wrong).copied().collect();
+        let solved = solver.solve(&all, l.model.input_of(&all).as_ref());
+        for s in &solved[..real.len()] {
+            assert!(
+                s.screened && s.accepted,
+                "true pair {:?} refused",
+                (s.position, s.token)
+            );
+        }
+        for s in &solved[real.len()..] {
+            assert!(
+                !s.screened && !s.accepted,
+                "planted pair {:?} passed",
+                (s.position, s.token)
+            );
+        }
+    }
 }
