@@ -45,7 +45,16 @@ fn pixels_are_exact_where_the_conv_equations_determine_them() {
         .unwrap();
     let rec = attack::run_conv(&p, &cfg).unwrap();
     let prior = vec![0.5; p.cnn.input_dim()];
-    let px = pixels::recover(&p, &rec.features, Loss::Ce, &prior, Dtype::F64, 1).unwrap();
+    let px = pixels::recover(
+        &p,
+        &rec.features,
+        Loss::Ce,
+        &prior,
+        Dtype::F64,
+        1,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(px.layers.len(), 2);
     for l in &px.layers {
         assert!(l.determined, "{}: free {:.1}", l.name, l.free_estimate);
@@ -79,7 +88,16 @@ fn free_directions_are_counted_and_never_exact() {
         s.label = Some(b.y.as_ref().unwrap()[(i, 0)] as usize);
     }
     let prior = vec![0.5; p.cnn.input_dim()];
-    let px = pixels::recover(&p, &rec.features, Loss::Ce, &prior, Dtype::F64, 1).unwrap();
+    let px = pixels::recover(
+        &p,
+        &rec.features,
+        Loss::Ce,
+        &prior,
+        Dtype::F64,
+        1,
+        &Default::default(),
+    )
+    .unwrap();
     let top = &px.layers[0];
     assert!(top.free_at_least > 0, "{top:?}");
     assert!(!top.determined);
