@@ -51,7 +51,7 @@ pub struct TvFill {
 }
 
 /// TV_eps(x) = sum over samples, channels and pixels of
-/// sqrt((x[i+1,j] - x[i,j])^2 + (x[i,j+1] - x[i,j])^2 + eps^2), forward differences,
+/// `sqrt((x[i+1,j] - x[i,j])^2 + (x[i,j+1] - x[i,j])^2 + eps^2)`, forward differences,
 /// zero past the last row and column; and its gradient.
 pub fn total_variation(x: &[f64], im: Images, eps: f64) -> (f64, Vec<f64>) {
     let (h, w) = (im.h, im.w);
