@@ -45,7 +45,16 @@ fn pixels_are_exact_where_the_conv_equations_determine_them() {
         .unwrap();
     let rec = attack::run_conv(&p, &cfg).unwrap();
     let prior = vec![0.5; p.cnn.input_dim()];
-    let px = pixels::recover(&p, &rec.features, Loss::Ce, &prior, Dtype::F64, 1).unwrap();
+    let px = pixels::recover(
+        &p,
+        &rec.features,
+        Loss::Ce,
+        &prior,
+        Dtype::F64,
+        1,
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(px.layers.len(), 2);
     for l in &px.layers {
         assert!(l.determined, "{}: free {:.1}", l.name, l.free_estimate);
@@ -79,7 +88,16 @@ fn free_directions_are_counted_and_never_exact() {
         s.label = Some(b.y.as_ref().unwrap()[(i, 0)] as usize);
     }
     let prior = vec![0.5; p.cnn.input_dim()];
-    let px = pixels::recover(&p, &rec.features, Loss::Ce, &prior, Dtype::F64, 1).unwrap();
+    let px = pixels::recover(
+        &p,
+        &rec.features,
+        Loss::Ce,
+        &prior,
+        Dtype::F64,
+        1,
+        &Default::default(),
+    )
+    .unwrap();
     let top = &px.layers[0];
     assert!(top.free_at_least > 0, "{top:?}");
     assert!(!top.determined);
@@ -89,4 +107,64 @@ fn free_directions_are_counted_and_never_exact() {
         "{top:?}"
     );
     assert!(!px.exact);
+}
+
+/// The TV fill at B = 4 (true features and labels, as above): it lowers the pixels'
+/// total variation while their equations keep their residual (the steps lie in the
+/// equations' null space); a determined layer (B = 1) is left alone and stays exact.
+#[test]
+fn tv_fill_lowers_total_variation_and_keeps_the_equations() {
+    let dir = fixture("pixnet-f64-b4");
+    let p = problem(&dir);
+    let cfg = AttackParams::new(Method::Auto)
+        .seed(1)
+        .loss(Loss::Ce)
+        .check()
+        .unwrap();
+    let mut rec = attack::run_conv(&p, &cfg).unwrap();
+    let b = read_batch(dir.join("batch.safetensors")).unwrap();
+    let h = p.features(&b.x).unwrap();
+    for (i, s) in rec.features.samples.iter_mut().enumerate() {
+        s.x = h.row(i).iter().copied().collect();
+        s.label = Some(b.y.as_ref().unwrap()[(i, 0)] as usize);
+    }
+    let prior = vec![0.5; p.cnn.input_dim()];
+    let opts = pixels::PixelOptions {
+        fill: pixels::Fill::Tv { iterations: 50 },
+        ..Default::default()
+    };
+    let plain = pixels::recover(
+        &p,
+        &rec.features,
+        Loss::Ce,
+        &prior,
+        Dtype::F64,
+        1,
+        &Default::default(),
+    )
+    .unwrap();
+    let px = pixels::recover(&p, &rec.features, Loss::Ce, &prior, Dtype::F64, 1, &opts).unwrap();
+    let last = px.layers.last().unwrap();
+    let tv = last
+        .tv
+        .expect("the pixel layer is not determined: the fill runs");
+    assert!(tv.iterations > 0);
+    assert!(tv.tv_end < 0.9 * tv.tv_start, "{tv:?}");
+    assert!(
+        tv.residual_end <= 1e-8_f64.max(10.0 * last.residual),
+        "{tv:?} vs {}",
+        last.residual
+    );
+    assert!(plain.layers.last().unwrap().tv.is_none());
+    assert!(!px.exact);
+    // the fill moved the pixels (only in the null space)
+    assert!((&px.x - &plain.x).norm_l2() > 1e-3 * plain.x.norm_l2());
+
+    let dir = fixture("pixnet-f64");
+    let p = problem(&dir);
+    let rec = attack::run_conv(&p, &cfg).unwrap();
+    let prior = vec![0.5; p.cnn.input_dim()];
+    let px = pixels::recover(&p, &rec.features, Loss::Ce, &prior, Dtype::F64, 1, &opts).unwrap();
+    assert!(px.layers.iter().all(|l| l.tv.is_none()));
+    assert!(px.exact, "closure {:e}", px.feature_closure);
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use clap::Args;
 use faer::Mat;
 
+use gradleak::attack::conv::{Fill, PixelOptions};
 use gradleak::attack::{self, AttackParams, Method, ReadOptions, ServerView, activation_fit};
 use gradleak::io::npy;
 use gradleak::io::outputs::{Outputs, check_writable};
@@ -101,6 +102,17 @@ pub struct AttackArgs {
     /// in the order of --out); --prior-image fills what the gradient leaves free.
     #[arg(long)]
     pixels: Option<PathBuf>,
+    /// Pixel stage: CGLS steps per layer solve at most (below convergence the free
+    /// directions are over-counted and no layer is determined).
+    #[arg(long, default_value_t = gradleak::attack::conv::pixels::ITERATIONS)]
+    pixel_iterations: usize,
+    /// Pixel stage: what fills the free directions at the pixels: `prior` (the prior
+    /// image) or `tv` (then the least total variation with the same equations).
+    #[arg(long, default_value = "prior", value_parser = ["prior", "tv"])]
+    pixel_fill: String,
+    /// Pixel stage: descent steps of the TV fill.
+    #[arg(long, default_value_t = gradleak::attack::conv::pixels::TV_ITERATIONS)]
+    tv_iterations: usize,
 }
 
 pub fn run(a: AttackArgs) -> anyhow::Result<()> {
@@ -155,7 +167,20 @@ pub fn run(a: AttackArgs) -> anyhow::Result<()> {
             out: &a.out,
             report: a.report.as_deref(),
             labels: a.labels.as_deref(),
-            pixels: a.pixels.as_deref().map(|path| (path, prior_image, a.loss)),
+            pixels: a.pixels.as_deref().map(|path| super::attack_cnn::PixelRun {
+                path,
+                prior: prior_image,
+                loss: a.loss,
+                opts: PixelOptions {
+                    iterations: a.pixel_iterations,
+                    fill: match a.pixel_fill.as_str() {
+                        "tv" => Fill::Tv {
+                            iterations: a.tv_iterations,
+                        },
+                        _ => Fill::Prior,
+                    },
+                },
+            }),
             mode,
         };
         return super::attack_cnn::run(run, &cfg);

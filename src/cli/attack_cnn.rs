@@ -20,8 +20,14 @@ use gradleak::report::AttackReport;
 
 use super::progress::{Mode, cpu_seconds};
 
-/// Where the pixels go, the prior image and the loss given on the command line.
-pub type PixelRun<'a> = (&'a Path, Option<Vec<f64>>, Option<Loss>);
+/// Where the pixels go, the prior image, the loss given on the command line and the
+/// pixel stage's options.
+pub struct PixelRun<'a> {
+    pub path: &'a Path,
+    pub prior: Option<Vec<f64>>,
+    pub loss: Option<Loss>,
+    pub opts: pixels::PixelOptions,
+}
 
 /// Where the CNN attack writes and what it compares with.
 pub struct CnnRun<'a> {
@@ -109,7 +115,12 @@ pub fn run(r: CnnRun<'_>, cfg: &AttackConfig) -> anyhow::Result<()> {
         files.write(path, &npy::labels_bytes(&l)?)?;
     }
     let pix = match &r.pixels {
-        Some((path, prior, loss)) => {
+        Some(PixelRun {
+            path,
+            prior,
+            loss,
+            opts,
+        }) => {
             let prior = prior.as_deref().ok_or_else(|| {
                 anyhow::anyhow!(
                     "--pixels needs --prior-image: the prior fills what the gradient leaves free"
@@ -118,7 +129,7 @@ pub fn run(r: CnnRun<'_>, cfg: &AttackConfig) -> anyhow::Result<()> {
             let loss = loss.unwrap_or(Loss::Ce);
             let t = Instant::now();
             let px = super::with_spinner("solving the conv layers", || {
-                pixels::recover(&p, feats, loss, prior, p.view.dtype, cfg.seed())
+                pixels::recover(&p, feats, loss, prior, p.view.dtype, cfg.seed(), opts)
             })?;
             files.write(path, &npy::matrix_bytes(&px.x)?)?;
             Some((px, t.elapsed().as_secs_f64()))
@@ -190,6 +201,12 @@ fn print_pixels(
             l.residual,
             l.iterations
         );
+        if let Some(t) = &l.tv {
+            println!(
+                "   TV fill: TV {:.4e} -> {:.4e} in {} steps; residual {:.1e} -> {:.1e}",
+                t.tv_start, t.tv_end, t.iterations, l.residual, t.residual_end
+            );
+        }
     }
     if let Some((tx, ty)) = truth {
         let samples: Vec<Sample> = (0..px.x.nrows())

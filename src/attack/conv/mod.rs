@@ -9,6 +9,7 @@ pub mod head;
 pub mod pixels;
 #[cfg(test)]
 mod probe;
+pub mod tv;
 
 use serde::Serialize;
 
@@ -20,7 +21,7 @@ use crate::model::cnn::{Cnn, CnnGradient, ModelSpec, Tensors};
 use crate::{Dtype, Result};
 
 pub use head::Head;
-pub use pixels::{LayerSolve, Pixels};
+pub use pixels::{Fill, LayerSolve, PixelOptions, Pixels};
 
 /// The exact route, passed in by the caller (`attack::run`).
 pub type Inner = fn(&ServerView, &AttackConfig) -> Result<Reconstruction>;

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::ConvProblem;
 use super::equations::{ConvEquations, PoolEquations};
+use super::tv;
 use crate::attack::reconstruction::Reconstruction;
 use rand_chacha::ChaCha8Rng;
 
@@ -19,8 +20,10 @@ use crate::numerics::cgls::{self, LinearMap};
 use crate::rng::{Salt, salted};
 use crate::{Dtype, Error, Result};
 
-/// CGLS steps per layer solve at most.
+/// CGLS steps per layer solve at most, by default (`PixelOptions::iterations`).
 pub const ITERATIONS: usize = 20_000;
+/// Projected descent steps of the TV fill, by default.
+pub const TV_ITERATIONS: usize = 200;
 /// CGLS stops when ||A^T r|| is this share of ||A^T b|| (near f64's floor: the
 /// equations of a determined layer are consistent to the gradient's rounding).
 pub const TOLERANCE: f64 = 1e-14;
@@ -47,6 +50,46 @@ pub const KEPT_ROUNDS: usize = 20;
 /// LeNet without pools, f64, B = 1).
 pub const CLOSURE_FACTOR: f64 = 1e4;
 
+/// What fills the directions the gradient leaves free at the pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fill {
+    /// The prior image (CGLS from it keeps its value in the null space).
+    Prior,
+    /// The prior, then the least total variation among the images with the same
+    /// equations (`tv::fill`), `iterations` descent steps.
+    Tv { iterations: usize },
+}
+
+/// The pixel stage's budgets and fill.
+#[derive(Clone, Copy, Debug)]
+pub struct PixelOptions {
+    /// CGLS steps per solve at most: a cap below convergence leaves part of the start's
+    /// move in the equations' range, so the probe over-counts free directions and the
+    /// layer cannot be `determined`.
+    pub iterations: usize,
+    pub fill: Fill,
+}
+
+impl Default for PixelOptions {
+    fn default() -> Self {
+        PixelOptions {
+            iterations: ITERATIONS,
+            fill: Fill::Prior,
+        }
+    }
+}
+
+/// TV_eps of the pixel layer's solve before and after the TV fill, and its equations'
+/// relative residual after (before: `LayerSolve::residual`).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TvReport {
+    pub tv_start: f64,
+    pub tv_end: f64,
+    pub residual_end: f64,
+    pub iterations: usize,
+}
+
 /// One layer's solve: what it had, and what it left free.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerSolve {
@@ -65,6 +108,8 @@ pub struct LayerSolve {
     /// ||A a - b|| / ||b|| at the solution, and CGLS steps.
     pub residual: f64,
     pub iterations: usize,
+    /// The TV fill, at the pixel layer when it is not determined and `Fill::Tv`.
+    pub tv: Option<TvReport>,
 }
 
 /// The recovered pixels (rows in the order of the features' samples) and the layers' solves.
@@ -98,6 +143,7 @@ pub fn recover(
     prior: &[f64],
     dtype: Dtype,
     seed: u64,
+    opts: &PixelOptions,
 ) -> Result<Pixels> {
     let b = features.samples.len();
     if b == 0 || b < features.batch_estimated {
@@ -140,7 +186,7 @@ pub fn recover(
     let mut layers = Vec::new();
     let mut done = 0;
     for _ in 0..rounds {
-        let (next, solves) = descend(p, &h, &dh, &x, seed)?;
+        let (next, solves) = descend(p, &h, &dh, &x, seed, opts)?;
         x = next;
         layers = solves;
         done += 1;
@@ -169,6 +215,7 @@ fn descend(
     dh: &Mat<f64>,
     guide: &Mat<f64>,
     seed: u64,
+    opts: &PixelOptions,
 ) -> Result<(Mat<f64>, Vec<LayerSolve>)> {
     let cnn = &p.cnn;
     let fw = cnn.forward(guide)?;
@@ -194,7 +241,7 @@ fn descend(
             let conv_in = below_of(l - 2);
             for _ in 0..KEPT_ROUNDS {
                 let pre = through_activation(*a, unpool(&st, &kept, w, below), &fw.outputs[l - 2])?;
-                let (val, _, _, _) = solve_conv(p, l - 2, c, &pre, conv_in, None)?;
+                let (val, _, _, _) = solve_conv(p, l - 2, c, &pre, conv_in, None, opts)?;
                 let z = conv_output(c, &val);
                 let act = Mat::from_fn(z.nrows(), z.ncols(), |i, j| a.eval(z[(i, j)]));
                 let (_, next) = kernels::max_pool(&act, w);
@@ -205,7 +252,7 @@ fn descend(
             }
             let pre = through_activation(*a, unpool(&st, &kept, w, below), &fw.outputs[l - 2])?;
             let (val, solve, delta, known) =
-                solve_conv(p, l - 2, c, &pre, conv_in, Some(&mut rng))?;
+                solve_conv(p, l - 2, c, &pre, conv_in, Some(&mut rng), opts)?;
             solves.push(solve);
             st = State { val, known, delta };
             l -= 2;
@@ -225,7 +272,8 @@ fn descend(
                     .filter(|&i| st.known[i])
                     .map(|i| st.val[(i / st.val.ncols(), i % st.val.ncols())])
                     .collect();
-                let (val, solve, known) = solve_probed(&eq, &rhs, below, Some(&mut rng));
+                let (val, solve, known) =
+                    solve_probed(&eq, &rhs, below, Some(&mut rng), opts.iterations);
                 solves.push(LayerSolve {
                     layer: l,
                     name: "avgpool".into(),
@@ -240,7 +288,8 @@ fn descend(
                 }
             }
             Layer::Conv(c) => {
-                let (val, solve, delta, known) = solve_conv(p, l, c, &st, below, Some(&mut rng))?;
+                let (val, solve, delta, known) =
+                    solve_conv(p, l, c, &st, below, Some(&mut rng), opts)?;
                 solves.push(solve);
                 State { val, known, delta }
             }
@@ -295,6 +344,7 @@ fn solve_conv(
     st: &State,
     below: &Mat<f64>,
     probe: Option<&mut ChaCha8Rng>,
+    opts: &PixelOptions,
 ) -> Result<ConvSolve> {
     let cnn = &p.cnn;
     let param = cnn.layers[..l]
@@ -329,7 +379,30 @@ fn solve_conv(
     eq.w_forward = if nf > 0 { unit(&raw[..nf]) } else { 1.0 };
     eq.w_gradient = unit(&raw[nf..]);
     let rhs = eq.rhs(&z, grad);
-    let (val, solve, fixed) = solve_probed(&eq, &rhs, below, probe);
+    let probed = probe.is_some();
+    let (mut val, mut solve, fixed) = solve_probed(&eq, &rhs, below, probe, opts.iterations);
+    if let (0, true, false, Fill::Tv { iterations }) = (l, probed, solve.determined, opts.fill) {
+        let (b, n) = (val.nrows(), val.ncols());
+        let im = tv::Images {
+            batch: b,
+            c: c.window.c,
+            h: c.window.h,
+            w: c.window.w,
+        };
+        let start: Vec<f64> = (0..b * n).map(|i| val[(i / n, i % n)]).collect();
+        let tvo = tv::TvOptions {
+            iterations,
+            cgls_iterations: opts.iterations,
+        };
+        let f = tv::fill(&eq, &rhs, &start, im, tvo);
+        val = Mat::from_fn(b, n, |s, k| f.x[s * n + k]);
+        solve.tv = Some(TvReport {
+            tv_start: f.tv_start,
+            tv_end: f.tv_end,
+            residual_end: f.residual_end,
+            iterations: f.iterations,
+        });
+    }
     let delta = if l > 0 {
         kernels::col2im(&(&eq.dz * &c.param.weight), bsz, &c.window)
     } else {
@@ -354,10 +427,11 @@ fn solve_probed<A: LinearMap>(
     rhs: &[f64],
     start: &Mat<f64>,
     probe: Option<&mut ChaCha8Rng>,
+    iterations: usize,
 ) -> (Mat<f64>, LayerSolve, Vec<bool>) {
     let (b, n) = (start.nrows(), start.ncols());
     let x0: Vec<f64> = (0..b * n).map(|i| start[(i / n, i % n)]).collect();
-    let sol = cgls::solve(eq, rhs, &x0, TOLERANCE, ITERATIONS);
+    let sol = cgls::solve(eq, rhs, &x0, TOLERANCE, iterations);
     let scale = (x0.iter().map(|v| v * v).sum::<f64>() / x0.len().max(1) as f64)
         .sqrt()
         .max(1e-3);
@@ -372,7 +446,7 @@ fn solve_probed<A: LinearMap>(
                 })
                 .collect();
             let x1: Vec<f64> = x0.iter().zip(&mv).map(|(a, m)| a + m).collect();
-            let moved = cgls::solve(eq, rhs, &x1, TOLERANCE, ITERATIONS);
+            let moved = cgls::solve(eq, rhs, &x1, TOLERANCE, iterations);
             let kept: f64 = moved
                 .x
                 .iter()
@@ -401,6 +475,7 @@ fn solve_probed<A: LinearMap>(
             determined: share <= UNIQUE_SHARE,
             residual: sol.residual,
             iterations: sol.iterations.max(steps),
+            tv: None,
         },
         fixed,
     )
