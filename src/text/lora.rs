@@ -103,7 +103,10 @@ impl<'a> Screen<'a> {
             let s = ((self.ee[t] + 2.0 * ew[t] + ww) / d as f64 + eps).sqrt();
             (self.y[(t, k)] + bw[k]) / s + self.ab[k]
         });
-        span.test(z.as_ref()).into_iter().map(|t| t.distance).collect()
+        span.test(z.as_ref())
+            .into_iter()
+            .map(|t| t.distance)
+            .collect()
     }
 }
 
@@ -201,8 +204,14 @@ pub(crate) fn attack(
         // survivors' z computed directly
         let s = screen.distances(&span, p);
         let cut = (SCREEN_FACTOR * span.tau).max(SCREEN_MIN);
-        let near: Vec<u32> = (0..vocab as u32).filter(|&t| s[t as usize] <= cut).collect();
-        let mut min_rejected = s.iter().copied().filter(|&x| x > cut).fold(f64::INFINITY, f64::min);
+        let near: Vec<u32> = (0..vocab as u32)
+            .filter(|&t| s[t as usize] <= cut)
+            .collect();
+        let mut min_rejected = s
+            .iter()
+            .copied()
+            .filter(|&x| x > cut)
+            .fold(f64::INFINITY, f64::min);
         let (mut tokens, mut rows, mut dist) = (Vec::new(), Vec::new(), Vec::new());
         if !near.is_empty() {
             let z = model.ln_input(&near, p) * &at;
