@@ -213,7 +213,15 @@ pub fn run(cfg: &CnnSimConfig) -> Result<CnnSimOutput> {
         let prior = to_chw(&Mat::from_fn(1, image.len(), |_, j| mean[j]), image);
         let prior: Vec<f64> = prior.row(0).iter().copied().collect();
         let t = Instant::now();
-        match pixels::recover(&p, feats, Loss::Ce, &prior, cfg.dtype, acfg.seed()) {
+        match pixels::recover(
+            &p,
+            feats,
+            Loss::Ce,
+            &prior,
+            cfg.dtype,
+            acfg.seed(),
+            &pixels::PixelOptions::default(),
+        ) {
             Ok(px) => {
                 let seconds = t.elapsed().as_secs_f64();
                 let samples: Vec<Sample> = (0..px.x.nrows())

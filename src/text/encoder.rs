@@ -213,24 +213,7 @@ pub(crate) fn attack(
         "text: spans: x rank {}, c rank {}, h rank {}, g rank {}, o rank {} of {} in {:.1} s",
         s.x.rank, s.c.rank, s.h.rank, s.g.rank, s.o.rank, s.x.dim, seconds.span
     ));
-    let mut report = TextReport {
-        arch: model.cfg.arch,
-        head: model.cfg.head,
-        hidden: d,
-        vocab: model.cfg.vocab,
-        storage: l.storage,
-        dtype: l.dtype,
-        certified: false,
-        sequences: Vec::new(),
-        layers: Vec::new(),
-        token_filter: Vec::new(),
-        token_bag: Vec::new(),
-        support: None,
-        search: Vec::new(),
-        encoder: None,
-        seconds: StageSeconds::default(),
-        notes,
-    };
+    let mut report = TextReport::empty(&model.cfg, l.storage, l.dtype, notes);
     for (name, sp) in NAMES.iter().zip([&s.x, &s.c, &s.h, &s.g, &s.o]) {
         if sp.is_full() {
             report.notes.push(format!(

@@ -165,24 +165,7 @@ pub(crate) fn attack(
         "text: LoRA rank {r}: block 0's adapter gradient has rank {} (tau {:.1e}) in {:.1} s",
         span.rank, span.tau, seconds.span
     ));
-    let mut report = TextReport {
-        arch: model.cfg.arch,
-        head: model.cfg.head,
-        hidden: d,
-        vocab,
-        storage,
-        dtype,
-        certified: false,
-        sequences: Vec::new(),
-        layers: Vec::new(),
-        token_filter: Vec::new(),
-        token_bag: Vec::new(),
-        support: None,
-        search: Vec::new(),
-        encoder: None,
-        seconds: StageSeconds::default(),
-        notes,
-    };
+    let mut report = TextReport::empty(&model.cfg, storage, dtype, notes);
     report.notes.push(format!(
         "LoRA (rank {r}): only the adapters have gradients; block 0's lora_B gradient spans the inputs seen through lora_A, in R^{r}, so at most {} distinct inputs can be told apart",
         r - 1

@@ -168,6 +168,33 @@ pub struct TextReport {
 }
 
 impl TextReport {
+    /// A report with nothing recovered yet: the model's figures and the notes so far.
+    pub(crate) fn empty(
+        cfg: &TextConfig,
+        storage: Dtype,
+        dtype: Dtype,
+        notes: Vec<String>,
+    ) -> Self {
+        TextReport {
+            arch: cfg.arch,
+            head: cfg.head,
+            hidden: cfg.hidden,
+            vocab: cfg.vocab,
+            storage,
+            dtype,
+            certified: false,
+            sequences: Vec::new(),
+            layers: Vec::new(),
+            token_filter: Vec::new(),
+            token_bag: Vec::new(),
+            support: None,
+            search: Vec::new(),
+            encoder: None,
+            seconds: StageSeconds::default(),
+            notes,
+        }
+    }
+
     /// One JSON line per sequence: `{"ids": [...], "text": "...", "exact": bool}`.
     pub fn to_jsonl(&self) -> String {
         let mut s = String::new();
@@ -251,7 +278,6 @@ pub fn attack_with_progress(
     } = Loaded::read_with(model_dir, gradient, cfg)?;
     let d = model.cfg().hidden;
     let head = model.cfg().head;
-    let arch = model.cfg().arch;
     let vocab = model.cfg().vocab;
     let causal = model.causal();
     seconds.load = t0.elapsed().as_secs_f64();
@@ -271,22 +297,8 @@ pub fn attack_with_progress(
         span0.rank, span0.dim, span0.tau, span_out.rank, span_out.tau, seconds.span
     ));
     let mut report = TextReport {
-        arch,
-        head,
-        hidden: d,
-        vocab,
-        storage,
-        dtype,
-        certified: false,
-        sequences: Vec::new(),
-        layers: Vec::new(),
-        token_filter: Vec::new(),
-        token_bag: Vec::new(),
         support: support.clone(),
-        search: Vec::new(),
-        encoder: None,
-        seconds: StageSeconds::default(),
-        notes,
+        ..TextReport::empty(model.cfg(), storage, dtype, notes)
     };
     for (name, s) in [
         ("block 0's input projection", &span0),
