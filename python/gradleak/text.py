@@ -407,21 +407,11 @@ def attack(model, grads, tokenizer=None, *, check=True):
     (GPT-2's BPE, for GPT-2 vocabularies), a tokenizer.json path, or a fast tokenizer
     (saved as tokenizer.json for the Rust side). check: run the torch recompute check.
     Unsupported models and bad gradients raise GradleakError."""
-    from safetensors.torch import save_file
-
     if _is_lora(model):
         return _lora_attack(model, grads, tokenizer, check)
     arch, head = _kind(model)
     g = _named_grads(model, grads)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="gradleak-text-") as d:
-        mdir = Path(d) / "model"
-        model.save_pretrained(mdir)
-        gfile = Path(d) / "gradient.safetensors"
-        save_file(g, str(gfile))
-        tfile = _tokenizer_file(tokenizer, d)
-        t_save = time.time() - t0
-        report = run_rust(mdir, gfile, tfile)
+    report, t_save = _run_saved(model.save_pretrained, g, tokenizer)
     seqs = report.get("sequences", [])
     ids = [list(map(int, s["ids"])) for s in seqs]
     texts = [s.get("text") for s in seqs]
@@ -469,6 +459,22 @@ def attack(model, grads, tokenizer=None, *, check=True):
     return TextReconstruction(ids, texts, exact, labels, certified, rc or {}, report)
 
 
+def _run_saved(save, g, tokenizer):
+    """Write the model (save(folder)), the gradient g and the tokenizer to a temporary
+    folder and run the Rust attack on them: (report, seconds spent writing)."""
+    from safetensors.torch import save_file
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="gradleak-text-") as d:
+        mdir = Path(d) / "model"
+        save(mdir)
+        gfile = Path(d) / "gradient.safetensors"
+        save_file(g, str(gfile))
+        tfile = _tokenizer_file(tokenizer, d)
+        t_save = time.time() - t0
+        return run_rust(mdir, gfile, tfile), t_save
+
+
 def _is_lora(model):
     """A peft model with LoRA adapters (its trainable parameters are the adapters')."""
     return hasattr(model, "get_base_model") and any(
@@ -499,20 +505,10 @@ def _lora_attack(model, grads, tokenizer, check):
     """LoRA: the Rust route reads block 0's c_attn adapter (docs/DESIGN.md "Text:
     LoRA"); a single recovered sequence of a classifier is certified by recomputing the
     adapters' gradient under each label."""
-    from safetensors.torch import save_file
-
     arch, head = _kind(model.get_base_model())
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     g = _named_grads(model, grads, params)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="gradleak-lora-") as d:
-        mdir = Path(d) / "model"
-        _save_lora(model, mdir)
-        gfile = Path(d) / "gradient.safetensors"
-        save_file(g, str(gfile))
-        tfile = _tokenizer_file(tokenizer, d)
-        t_save = time.time() - t0
-        report = run_rust(mdir, gfile, tfile)
+    report, t_save = _run_saved(lambda mdir: _save_lora(model, mdir), g, tokenizer)
     seqs = report.get("sequences", [])
     ids = [list(map(int, s["ids"])) for s in seqs]
     dec = _decoder(tokenizer)
