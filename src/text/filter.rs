@@ -58,7 +58,8 @@ pub(crate) struct TokenFilter<'a> {
     gamma: Vec<f64>,
 }
 
-fn centre_rows(x: &mut Mat<f64>) {
+/// Subtract each row's mean (LayerNorm's centring C).
+pub(crate) fn centre_rows(x: &mut Mat<f64>) {
     let d = x.ncols() as f64;
     for i in 0..x.nrows() {
         let m = (0..x.ncols()).map(|j| x[(i, j)]).sum::<f64>() / d;

@@ -62,12 +62,7 @@ impl<'a> Screen<'a> {
         let d = model.hidden();
         let (gamma, beta) = (&model.ln_1.gamma, &model.ln_1.beta);
         let mut ce = model.wte.clone();
-        for i in 0..ce.nrows() {
-            let m = (0..d).map(|j| ce[(i, j)]).sum::<f64>() / d as f64;
-            for j in 0..d {
-                ce[(i, j)] -= m;
-            }
-        }
+        super::filter::centre_rows(&mut ce);
         let ee = (0..ce.nrows())
             .map(|i| (0..d).map(|j| ce[(i, j)] * ce[(i, j)]).sum())
             .collect();
