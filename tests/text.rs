@@ -113,6 +113,10 @@ fn tiny_gpt2_classifier_every_sequence_certified() {
         .flat_map(|s| (1..=s.len()).map(move |n| &s[..n]))
         .collect();
     assert_eq!(r.layers[1].rank, prefixes.len());
+    // and so has the MLP input, the third check
+    assert_eq!(r.layers.len(), 3);
+    assert_eq!(r.layers[2].layer, "block 0 MLP input");
+    assert_eq!(r.layers[2].rank, prefixes.len());
 }
 
 #[test]
@@ -127,6 +131,12 @@ fn planted_wrong_token_is_not_certified() {
         bad[0][p] = if bad[0][p] == 11 { 12 } else { 11 };
         let checks = text::verify(&dir, &grad, &bad).unwrap();
         assert!(!checks[1].passed, "position {p}: {:?}", checks[1]);
+        // the residual stream holds the token itself: the MLP input check fails too
+        assert!(
+            !checks[2].passed && checks[2].unexplained > 100.0 * checks[2].tolerance,
+            "position {p}: {:?}",
+            checks[2]
+        );
     }
     // a missing sequence leaves part of the gradient unexplained
     let fewer = text::verify(&dir, &grad, &seqs[1..]).unwrap();
@@ -137,19 +147,14 @@ fn planted_wrong_token_is_not_certified() {
     );
 }
 
-/// Attack an LM-head fixture and check that it returns every sequence but its last token.
-fn attack_lm_prefixes(name: &str) -> text::TextReport {
-    let dir = fixture(name);
-    let r = text::attack(
-        &dir,
-        &dir.join("gradient.safetensors"),
-        &TextParams::default(),
-    )
-    .unwrap();
+/// Attack an LM-head fixture in `dir` and compare with the truth: every sequence whole
+/// (`whole`) or without its last token.
+fn attack_lm_in(dir: &Path, gradient: &Path, whole: bool) -> text::TextReport {
+    let r = text::attack(dir, gradient, &TextParams::default()).unwrap();
     let mut got: Vec<Vec<u32>> = r.sequences.iter().map(|s| s.ids.clone()).collect();
-    let mut want: Vec<Vec<u32>> = truth(&dir)
+    let mut want: Vec<Vec<u32>> = truth(dir)
         .into_iter()
-        .map(|s| s[..s.len() - 1].to_vec())
+        .map(|s| if whole { s } else { s[..s.len() - 1].to_vec() })
         .collect();
     got.sort();
     want.sort();
@@ -158,13 +163,55 @@ fn attack_lm_prefixes(name: &str) -> text::TextReport {
     r
 }
 
+fn attack_lm(name: &str, whole: bool) -> text::TextReport {
+    let dir = fixture(name);
+    attack_lm_in(&dir, &dir.join("gradient.safetensors"), whole)
+}
+
 #[test]
-fn language_model_head_returns_prefixes_not_exact() {
-    let r = attack_lm_prefixes("gpt2-lm-tiny");
+fn gpt2_language_model_head_completes_the_last_token() {
+    let r = attack_lm("gpt2-lm-tiny", true);
     assert!(r.layers.iter().all(|l| l.passed), "{:?}", r.layers);
-    assert!(!r.certified);
+    let c = r.completion.as_ref().expect("the completion ran");
+    assert!(c.passed && c.unexplained <= c.tolerance, "{c:?}");
+    // the nearest other token leaves a share of ln_f's gradient far above the rounding
+    assert!(c.runner_up > 1e3 * c.tolerance, "{c:?}");
+    assert!(r.certified && !r.last_token_missing);
+    assert!(r.sequences.iter().all(|s| s.exact));
+}
+
+#[test]
+fn a_wrong_last_token_in_ln_f_bias_is_not_certified() {
+    // move ln_f's bias gradient as if the first sequence ended in another token, leaving
+    // its weight gradient: the two no longer agree on any token and nothing is vouched for
+    let dir = fixture("gpt2-lm-tiny");
+    let seqs = truth(&dir);
+    let n_pred: usize = seqs.iter().map(|s| s.len() - 1).sum();
+    let y = *seqs[0].last().unwrap() as usize;
+    let other = (y + 1) % 4095;
+    let model = TensorFile::open(&dir.join("model.safetensors")).unwrap();
+    let (shape, wte) = model.values("transformer.wte.weight").unwrap();
+    let d = shape[1];
+    let out = tmpdir("lm-wrong-last");
+    let g = out.join("gradient.safetensors");
+    rewrite(
+        &dir.join("gradient.safetensors"),
+        &g,
+        safetensors::Dtype::F32,
+        |name, k, x| {
+            if name == "transformer.ln_f.bias" {
+                x + (wte[y * d + k] - wte[other * d + k]) / n_pred as f64
+            } else {
+                x
+            }
+        },
+    );
+    let r = attack_lm_in(&dir, &g, false);
+    let c = r.completion.as_ref().expect("the completion ran");
+    assert!(!c.passed && c.unexplained > c.tolerance, "{c:?}");
+    assert!(!r.certified && r.last_token_missing);
     assert!(r.sequences.iter().all(|s| !s.exact));
-    assert!(r.notes.iter().any(|n| n.contains("last position")));
+    let _ = std::fs::remove_dir_all(out);
 }
 
 #[test]
@@ -325,7 +372,7 @@ fn tiny_llama_true_prefixes_pass_both_blocks() {
 
 #[test]
 fn tiny_llama_lm_returns_every_prefix() {
-    let r = attack_lm_prefixes("llama-lm-tiny");
+    let r = attack_lm("llama-lm-tiny", false);
     assert!(r.layers.iter().all(|l| l.passed), "{:?}", r.layers);
     // a token repeated from the start gives its first position's input again: not kept
     assert!(r.search.iter().map(|s| s.repeats).sum::<usize>() > 0);
@@ -428,10 +475,10 @@ fn embedding_gradient_support_is_the_token_bag() {
     assert_eq!(sup.tokens, distinct(&seqs, |n| n));
     assert_eq!(sup.longest, seqs.iter().map(Vec::len).max());
     // a tied LM head adds a term to every row: no support
-    let r = attack_lm_prefixes("gpt2-lm-tiny");
+    let r = attack_lm("gpt2-lm-tiny", true);
     assert!(r.support.is_none());
     // the tiny LLaMA's config ties its LM head too (tie_word_embeddings: true)
-    assert!(attack_lm_prefixes("llama-lm-tiny").support.is_none());
+    assert!(attack_lm("llama-lm-tiny", false).support.is_none());
 }
 
 #[test]

@@ -421,10 +421,11 @@ def attack(model, grads, tokenizer=None, *, check=True):
     exact = [bool(s.get("exact", False)) for s in seqs]
     rust_cert = bool(report.get("certified", False))
     py = {"save_seconds": t_save, "rust_certified": rust_cert}
-    # LM head: the Rust attack returns each sequence without its last token (no block
-    # sees it); complete it from the output layer's gradient, then let the recompute
-    # check decide. The Rust layer evidence (every layer's span explained) stands in
-    # for its certificate then.
+    # LM head: the Rust attack completes GPT-2's last tokens itself (ln_f's gradient);
+    # where it returns each sequence without its last token (LLaMA, or a completion
+    # that did not pass), complete it from the output layer's gradient here, then let
+    # the recompute check decide. The Rust layer evidence (every layer's span
+    # explained) stands in for its certificate then.
     completed = False
     layers_ok = bool(report.get("layers")) and all(l.get("passed", False) for l in report["layers"])
     # only on prefixes the Rust evidence accounts for (with spurious prefixes the

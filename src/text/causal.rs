@@ -32,6 +32,11 @@ pub(crate) trait Causal {
         step: &Step,
         rows: Range<usize>,
     ) -> Mat<f64>;
+    /// The first block's MLP input (its first projection's input, as tested: augmented
+    /// with 1 when that projection has a bias) of `tokens` at `p`, given their
+    /// attention outputs `attn` as [`extend`](Self::extend) returned them: the norm of
+    /// the residual stream after the attention, which holds the token itself.
+    fn mlp_input(&self, tokens: &[u32], p: usize, attn: MatRef<'_, f64>) -> Mat<f64>;
 }
 
 /// Causal attention of each candidate (rows of q, k, v) at the position after a prefix

@@ -173,7 +173,9 @@ impl<'a> TokenFilter<'a> {
     /// The tokens whose input at `p` lies within tau of the span: screened by the
     /// expanded form, then each survivor's distance computed directly.
     pub fn at(&self, p: usize) -> PositionTokens {
-        let tau = self.span.tau;
+        // nothing past max_tau is accepted, whatever its own threshold: a weak direction's
+        // large worst case would let the whole vocabulary through the screen
+        let tau = self.span.tau.min(self.span.max_tau());
         let screen = self.screen(p);
         let cut = (SCREEN_FACTOR * tau).max(SCREEN_MIN);
         let near: Vec<u32> = (0..screen.len())

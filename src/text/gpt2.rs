@@ -73,6 +73,12 @@ pub(crate) struct Gpt2 {
     /// c_attn: d x 3d (Conv1D: in x out) and its bias.
     pub attn_w: Mat<f64>,
     pub attn_b: Vec<f64>,
+    /// attn.c_proj stacked with its bias ((d + 1) x d): the augmented attention output
+    /// times it is the block's attention contribution.
+    pub proj: Mat<f64>,
+    pub ln_2: LayerNorm,
+    /// The parameter names' prefix (see [`Names`]).
+    pub names_prefix: String,
 }
 
 /// Names of GPT-2's parameters under a prefix (`transformer.` for the heads, empty for
@@ -126,6 +132,13 @@ impl Gpt2 {
             ln_1: ln(0, "ln_1")?,
             attn_w: weights.matrix(&names.block(0, "attn.c_attn.weight"), d, 3 * d)?,
             attn_b: weights.vector(&names.block(0, "attn.c_attn.bias"), 3 * d)?,
+            proj: {
+                let w = weights.matrix(&names.block(0, "attn.c_proj.weight"), d, d)?;
+                let b = weights.vector(&names.block(0, "attn.c_proj.bias"), d)?;
+                Mat::from_fn(d + 1, d, |i, j| if i < d { w[(i, j)] } else { b[j] })
+            },
+            ln_2: ln(0, "ln_2")?,
+            names_prefix: names.prefix.clone(),
             cfg,
         })
     }
@@ -202,6 +215,20 @@ impl Causal for Gpt2 {
             hd,
         );
         augment(attn.as_ref())
+    }
+
+    fn mlp_input(&self, tokens: &[u32], p: usize, attn: MatRef<'_, f64>) -> Mat<f64> {
+        self.mlp_input_of(tokens, p, attn)
+    }
+}
+
+impl Gpt2 {
+    /// (LN_2(wte[t] + wpe[p] + [a, 1] [W_o; b_o]), 1): c_fc's input.
+    fn mlp_input_of(&self, tokens: &[u32], p: usize, attn: MatRef<'_, f64>) -> Mat<f64> {
+        let mut r = self.embed(tokens, p);
+        r += attn * &self.proj;
+        self.ln_2.apply_rows(&mut r);
+        augment(r.as_ref())
     }
 }
 

@@ -33,6 +33,9 @@ pub(crate) struct Llama {
     pub wq: Mat<f64>,
     pub wk: Mat<f64>,
     pub wv: Mat<f64>,
+    /// o_proj as in x out (qd x d).
+    pub wo: Mat<f64>,
+    pub norm_2: Vec<f64>,
     /// Rotary frequencies theta^(-2i/hd), i < hd/2.
     inv_freq: Vec<f64>,
 }
@@ -70,6 +73,8 @@ impl Llama {
             wq: lin(0, "self_attn.q_proj.weight", qd, d)?,
             wk: lin(0, "self_attn.k_proj.weight", kv, d)?,
             wv: lin(0, "self_attn.v_proj.weight", kv, d)?,
+            wo: lin(0, "self_attn.o_proj.weight", d, qd)?,
+            norm_2: w.vector(&name(0, "post_attention_layernorm.weight"), d)?,
             inv_freq,
             cfg,
         })
@@ -146,5 +151,15 @@ impl Causal for Llama {
             self.cfg.kv_heads,
             self.cfg.head_dim,
         )
+    }
+
+    /// RMSNorm_2(e_t + a W_o): gate_proj's and up_proj's input (no bias).
+    fn mlp_input(&self, tokens: &[u32], _p: usize, attn: MatRef<'_, f64>) -> Mat<f64> {
+        let mut r = Mat::from_fn(tokens.len(), self.hidden(), |i, j| {
+            self.embed[(tokens[i] as usize, j)]
+        });
+        r += attn * &self.wo;
+        rms_norm_rows(&mut r, &self.norm_2, self.cfg.layer_norm_eps);
+        r
     }
 }

@@ -241,6 +241,7 @@ pub(crate) fn attack(
         let ids: Vec<u32> = positions.iter().map(|(tk, _)| tk[0]).collect();
         let complete = model.cfg.head != super::config::Head::LanguageModel;
         if !complete {
+            report.last_token_missing = true;
             report.notes.push(
                 "language-model head: the last position predicts nothing, so its input carries no gradient; the sequence is recovered without its last token and not marked exact".into(),
             );

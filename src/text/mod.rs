@@ -25,10 +25,12 @@ pub mod bench;
 pub(crate) mod bert;
 pub(crate) mod causal;
 pub mod certificate;
+pub mod completion;
 pub mod config;
 pub mod context;
 pub mod encoder;
 pub mod filter;
+pub(crate) mod forward;
 pub(crate) mod gpt2;
 pub(crate) mod llama;
 pub mod lora;
@@ -122,6 +124,8 @@ pub struct StageSeconds {
     pub filter: f64,
     pub search: f64,
     pub certificate: f64,
+    /// The LM head's last tokens (a forward through the whole stack).
+    pub completion: f64,
 }
 
 /// Per-position summary of the token filter.
@@ -160,6 +164,12 @@ pub struct TextReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub support: Option<Support>,
     pub search: Vec<search::SearchStep>,
+    /// LM head: each sequence is returned without its last token (no block sees it, and
+    /// the completion did not run or did not pass).
+    pub last_token_missing: bool,
+    /// LM head: the last tokens from ln_f's and the output embedding's gradients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion: Option<completion::Completion>,
     /// The encoder route's figures (BERT; there is no prefix search).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoder: Option<encoder::EncoderStats>,
@@ -189,6 +199,8 @@ impl TextReport {
             token_bag: Vec::new(),
             support: None,
             search: Vec::new(),
+            last_token_missing: false,
+            completion: None,
             encoder: None,
             seconds: StageSeconds::default(),
             notes,
@@ -272,6 +284,7 @@ pub fn attack_with_progress(
         g0,
         g_out,
         out_dim,
+        g_mlp,
         support,
         storage,
         dtype,
@@ -291,10 +304,18 @@ pub fn attack_with_progress(
     // dimensions of R^(d+1); an RMSNorm's all of R^d
     let span0 = RowSpan::of(g0.as_ref(), dtype, "block 0 input projection", d)?;
     let span_out = RowSpan::of(g_out.as_ref(), dtype, "block 0 attention output", out_dim)?;
+    let span_mlp = RowSpan::of(g_mlp.as_ref(), dtype, "block 0 MLP input", d)?;
     seconds.span = t.elapsed().as_secs_f64();
     progress(&format!(
-        "text: spans: block 0 input rank {} of {} (tau {:.1e}), attention output rank {} (tau {:.1e}) in {:.1} s",
-        span0.rank, span0.dim, span0.tau, span_out.rank, span_out.tau, seconds.span
+        "text: spans: block 0 input rank {} of {} (tau {:.1e}), attention output rank {} (tau {:.1e}), MLP input rank {} (tau {:.1e}) in {:.1} s",
+        span0.rank,
+        span0.dim,
+        span0.tau,
+        span_out.rank,
+        span_out.tau,
+        span_mlp.rank,
+        span_mlp.tau,
+        seconds.span
     ));
     let mut report = TextReport {
         support: support.clone(),
@@ -389,7 +410,16 @@ pub fn attack_with_progress(
             positions.get(p).map(|pt| pt.tokens.as_slice())
         }
     };
-    let trie = search::search(causal, &span_out, tokens_at, |s| {
+    // the MLP input holds the token itself next to the attention's mix of the prefix: a
+    // second test, and the sharper one on a trained model (DESIGN); a full span tests nothing
+    let mlp_test = (!span_mlp.is_full()).then_some(&span_mlp);
+    if mlp_test.is_none() {
+        report.notes.push(format!(
+            "block 0's MLP input projection has full rank {}: the search tests the attention output alone",
+            span_mlp.rank
+        ));
+    }
+    let trie = search::search(causal, &span_out, mlp_test, tokens_at, |s| {
         progress(&format!(
             "text: position {}: {} prefixes x tokens = {} candidates, {} kept ({:.1} s)",
             s.position,
@@ -439,12 +469,53 @@ pub fn attack_with_progress(
         u,
         true,
     );
+    let c2 = mlp_test.map(|m| {
+        let x2 = Mat::from_fn(trie.nodes.len(), m.dim, |i, j| trie.nodes[i].mlp_input[j]);
+        certificate::check("block 0 MLP input", m, g_mlp.as_ref(), &x2, u, true)
+    });
+    let layers_passed = c0.passed && c1.passed && c2.as_ref().is_none_or(|c| c.passed);
     seconds.certificate = t.elapsed().as_secs_f64();
-    let complete = head != Head::LanguageModel;
+    let leaves = trie.leaves();
+    let mut sequences: Vec<Vec<u32>> = leaves.iter().map(|&l| trie.sequence(l)).collect();
+    let mut complete = head != Head::LanguageModel;
     if !complete {
-        report.notes.push(
-            "language-model head: the last position of each sequence predicts nothing, so its input carries no gradient in the blocks; each sequence is recovered without its last token and not marked exact".into(),
-        );
+        let t = Instant::now();
+        match &model {
+            Model::Gpt2(m) if layers_passed && !trie.overflow => {
+                let weights = tensors::Tensors::open(&model_dir.join("model.safetensors"), "model")?;
+                let grads = tensors::Tensors::open(gradient, "gradient")?;
+                let names = gpt2::Names {
+                    prefix: m.names_prefix.clone(),
+                };
+                match completion::complete(m, &weights, &grads, &names, &sequences, u, progress) {
+                    Ok(c) => {
+                        if c.passed {
+                            for (s, &y) in sequences.iter_mut().zip(&c.tokens) {
+                                s.push(y);
+                            }
+                            complete = true;
+                        } else {
+                            report.notes.push(format!(
+                                "language-model head: the last tokens proposed by ln_f's gradient leave {:.1e} of it unexplained (tolerance {:.1e}) and {:.1e} of the output embedding's rows ({:.1e}): each sequence is returned without its last token and not marked exact",
+                                c.unexplained, c.tolerance, c.rows_unexplained, c.rows_tolerance
+                            ));
+                        }
+                        report.completion = Some(c);
+                    }
+                    Err(e) => report.notes.push(format!(
+                        "language-model head: the last-token completion failed ({e}); each sequence is returned without its last token and not marked exact"
+                    )),
+                }
+            }
+            Model::Gpt2(_) => report.notes.push(
+                "language-model head: the prefixes are not certified, so the last tokens were not completed; each sequence is returned without its last token and not marked exact".into(),
+            ),
+            Model::Llama(_) => report.notes.push(
+                "language-model head: the last position of each sequence predicts nothing, so its input carries no gradient in the blocks; the last-token completion reads GPT-2 only, so each sequence is returned without its last token and not marked exact".into(),
+            ),
+        }
+        seconds.completion = t.elapsed().as_secs_f64();
+        report.last_token_missing = !complete;
     }
     let mut accounted = true;
     if let Some(sup) = &support {
@@ -460,9 +531,8 @@ pub fn attack_with_progress(
             ));
         }
     }
-    report.certified = c0.passed && c1.passed && !trie.overflow && complete && accounted;
-    for leaf in trie.leaves() {
-        let ids = trie.sequence(leaf);
+    report.certified = layers_passed && !trie.overflow && complete && accounted;
+    for (&leaf, ids) in leaves.iter().zip(sequences) {
         let max_distance = trie
             .path(leaf)
             .iter()
@@ -484,7 +554,7 @@ pub fn attack_with_progress(
         c1.tolerance,
         t0.elapsed().as_secs_f64()
     ));
-    report.layers = vec![c0, c1];
+    report.layers = [Some(c0), Some(c1), c2].into_iter().flatten().collect();
     report.search = trie.steps;
     report.seconds = seconds;
     Ok(report)

@@ -111,6 +111,9 @@ pub(crate) struct Loaded {
     pub g_out: Mat<f64>,
     /// The dimension the output projection's inputs can span (its rank at most).
     pub out_dim: usize,
+    /// G~ of the first block's MLP input projection (c_fc; gate and up side by side):
+    /// rows = input coordinates (plus the bias row for GPT-2).
+    pub g_mlp: Mat<f64>,
     /// The batch's distinct tokens, read off the rows of the token embedding's gradient
     /// that are not zero (only the batch's tokens receive one), where that gradient
     /// is in the file and the head does not reuse the embedding.
@@ -157,6 +160,12 @@ impl Loaded {
                 // mean-free (every path back into it leaves through a LayerNorm), so the
                 // rank is at most d - 1 whatever the inputs
                 let g_out = grads.augmented(&wo, &bo, d, d)?;
+                let g_mlp = grads.augmented(
+                    &names.block(0, "mlp.c_fc.weight"),
+                    &names.block(0, "mlp.c_fc.bias"),
+                    d,
+                    model.cfg.ffn,
+                )?;
                 let dtype = working_dtype(&g0, storage)?;
                 let support = support(&grads, &model.cfg, &names.wte(), Some(&names.wpe()))?;
                 Ok(Loaded {
@@ -165,6 +174,7 @@ impl Loaded {
                     g0,
                     g_out,
                     out_dim: d - 1,
+                    g_mlp,
                     storage,
                     dtype,
                 })
@@ -203,6 +213,18 @@ impl Loaded {
                 let dtype = working_dtype(&g0, storage)?;
                 // dWo^T: qd x d, rows = the attention output's coordinates
                 let o = grads.matrix(&name(0, "o_proj"), d, qd)?;
+                let ffn = model.cfg.ffn;
+                let mlp =
+                    |w: &str| grads.matrix(&format!("{prefix}layers.0.mlp.{w}.weight"), ffn, d);
+                let (gate, up) = (mlp("gate_proj")?, mlp("up_proj")?);
+                // [dW_gate^T | dW_up^T]: d x 2 ffn
+                let g_mlp = Mat::from_fn(d, 2 * ffn, |i, j| {
+                    if j < ffn {
+                        gate[(j, i)]
+                    } else {
+                        up[(j - ffn, i)]
+                    }
+                });
                 let support = support(
                     &grads,
                     &model.cfg,
@@ -214,6 +236,7 @@ impl Loaded {
                     g0,
                     g_out: o.transpose().to_owned(),
                     out_dim: qd,
+                    g_mlp,
                     model: Model::Llama(Box::new(model)),
                     storage,
                     dtype,

@@ -1,7 +1,9 @@
 //! The sequence search (docs/DESIGN.md, "Text: sequences from the attention output"):
 //! a prefix is extended by the tokens that passed the filter at the next position and
 //! kept only if the first block's attention output at that position (causal, over the
-//! prefix) lies in the span of the first block's output-projection gradient.
+//! prefix) lies in the span of the first block's output-projection gradient and, where
+//! that span is given, its MLP input (the norm of the residual stream after the
+//! attention, which holds the token itself) in the span of the MLP input projection's.
 //! Each prefix keeps its keys and values, so an extension costs one position.
 
 use faer::Mat;
@@ -22,6 +24,8 @@ pub(crate) struct Node {
     pub input: Vec<f64>,
     /// Relative distance of `input` from the output projection's span.
     pub distance: f64,
+    /// The MLP input here, as tested (empty without the MLP test).
+    pub mlp_input: Vec<f64>,
     pub children: usize,
 }
 
@@ -37,6 +41,11 @@ pub struct SearchStep {
     pub min_rejected: f64,
     /// Candidates whose input equals one already on their prefix's path (not kept).
     pub repeats: usize,
+    /// Candidates that passed the attention output's test and failed the MLP input's.
+    pub rejected_by_mlp: usize,
+    /// Largest MLP-input distance accepted and smallest rejected.
+    pub mlp_max_accepted: f64,
+    pub mlp_min_rejected: f64,
 }
 
 /// The accepted prefixes (a trie) and the steps.
@@ -73,10 +82,12 @@ impl Trie {
 const CHUNK: usize = 512;
 
 /// Run the search; `tokens_at(p)` are the tokens that passed block 0's filter at
-/// position p (None past the last position).
+/// position p (None past the last position); `span_mlp`, when given, is the second
+/// test every kept candidate must also pass.
 pub(crate) fn search<'a>(
     model: &dyn Causal,
     span: &RowSpan,
+    span_mlp: Option<&RowSpan>,
     tokens_at: impl Fn(usize) -> Option<&'a [u32]>,
     mut progress: impl FnMut(&SearchStep),
 ) -> Trie {
@@ -101,7 +112,12 @@ pub(crate) fn search<'a>(
             max_accepted: 0.0,
             min_rejected: f64::INFINITY,
             repeats: 0,
+            rejected_by_mlp: 0,
+            mlp_max_accepted: 0.0,
+            mlp_min_rejected: f64::INFINITY,
         };
+        // at most one input per dimension of either span can be true
+        let limit = span_mlp.map_or(span.rank, |m| m.rank.min(span.rank));
         for &prefix in &live {
             let path = prefix.map(|n| path_of(&nodes, n)).unwrap_or_default();
             let keys = Mat::from_fn(path.len(), d, |i, j| nodes[path[i]].key[j]);
@@ -113,38 +129,62 @@ pub(crate) fn search<'a>(
                 let len = CHUNK.min(tokens.len() - start);
                 let xa = model.extend(keys.as_ref(), values.as_ref(), &step_in, start..start + len);
                 let tests = span.test(xa.as_ref());
+                // the candidates that pass the attention output's test, without repeats
+                let mut passed = Vec::new();
                 for (i, &test) in tests.iter().enumerate() {
-                    let dist_i = test.distance;
-                    // an input equal to one already on the prefix's path adds nothing the
-                    // gradient can see (LLaMA: a token repeated from the start has the
-                    // attention output of the first): the repeat is not identifiable
-                    let repeat = span.accepts(test)
-                        && path.iter().any(|&n| same_input(&nodes[n].input, xa.row(i)));
-                    if repeat {
+                    if !span.accepts(test) {
+                        step.min_rejected = step.min_rejected.min(test.distance);
+                    } else if path.iter().any(|&n| same_input(&nodes[n].input, xa.row(i))) {
+                        // an input equal to one already on the prefix's path adds nothing
+                        // the gradient can see (LLaMA: a token repeated from the start has
+                        // the attention output of the first): the repeat is not identifiable
                         step.repeats += 1;
-                    } else if span.accepts(test) {
-                        let r = start + i;
-                        step.accepted += 1;
-                        step.max_accepted = step.max_accepted.max(dist_i);
-                        if let Some(n) = prefix {
-                            nodes[n].children += 1;
-                        }
-                        nodes.push(Node {
-                            parent: prefix,
-                            token: tokens[r],
-                            position: p,
-                            key: (0..d).map(|j| step_in.k[(r, j)]).collect(),
-                            value: (0..d).map(|j| step_in.v[(r, j)]).collect(),
-                            input: (0..xa.ncols()).map(|j| xa[(i, j)]).collect(),
-                            distance: dist_i,
-                            children: 0,
-                        });
-                        next.push(Some(nodes.len() - 1));
-                        if nodes.len() > span.rank {
-                            overflow = true;
-                        }
                     } else {
-                        step.min_rejected = step.min_rejected.min(dist_i);
+                        passed.push(i);
+                    }
+                }
+                let mlp = match span_mlp {
+                    Some(m) if !passed.is_empty() => {
+                        let toks: Vec<u32> = passed.iter().map(|&i| tokens[start + i]).collect();
+                        let att = Mat::from_fn(passed.len(), xa.ncols(), |r, j| xa[(passed[r], j)]);
+                        let xm = model.mlp_input(&toks, p, att.as_ref());
+                        let t = m.test(xm.as_ref());
+                        Some((xm, t, m))
+                    }
+                    _ => None,
+                };
+                for (k, &i) in passed.iter().enumerate() {
+                    let mut mlp_input = Vec::new();
+                    if let Some((xm, t, m)) = &mlp {
+                        let mlp_distance = t[k].distance;
+                        if !m.accepts(t[k]) {
+                            step.rejected_by_mlp += 1;
+                            step.mlp_min_rejected = step.mlp_min_rejected.min(mlp_distance);
+                            continue;
+                        }
+                        step.mlp_max_accepted = step.mlp_max_accepted.max(mlp_distance);
+                        mlp_input = (0..xm.ncols()).map(|j| xm[(k, j)]).collect();
+                    }
+                    let r = start + i;
+                    step.accepted += 1;
+                    step.max_accepted = step.max_accepted.max(tests[i].distance);
+                    if let Some(n) = prefix {
+                        nodes[n].children += 1;
+                    }
+                    nodes.push(Node {
+                        parent: prefix,
+                        token: tokens[r],
+                        position: p,
+                        key: (0..d).map(|j| step_in.k[(r, j)]).collect(),
+                        value: (0..d).map(|j| step_in.v[(r, j)]).collect(),
+                        input: (0..xa.ncols()).map(|j| xa[(i, j)]).collect(),
+                        distance: tests[i].distance,
+                        mlp_input,
+                        children: 0,
+                    });
+                    next.push(Some(nodes.len() - 1));
+                    if nodes.len() > limit {
+                        overflow = true;
                     }
                 }
             }

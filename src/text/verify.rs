@@ -12,7 +12,8 @@ use super::span::RowSpan;
 
 /// Check claimed sequences against the gradient with the attack's certificate: both
 /// blocks' inputs of `sequences` computed from the model, then the certificate's checks.
-/// Returns the two blocks' checks; a sequence with a wrong token fails the attention output's check.
+/// Returns the three layers' checks (block 0's input, attention output and MLP input); a
+/// sequence with a wrong token fails the last two.
 pub fn verify(
     model_dir: &Path,
     gradient: &Path,
@@ -49,7 +50,10 @@ pub fn verify(
         loaded.out_dim,
     )?;
     let mut pairs = std::collections::BTreeSet::new();
-    let mut prefixes: std::collections::BTreeMap<Vec<u32>, Vec<f64>> = Default::default();
+    let span_mlp = RowSpan::of(loaded.g_mlp.as_ref(), loaded.dtype, "block 0 MLP input", d)?;
+    // each prefix's attention output and MLP input
+    let mut prefixes: std::collections::BTreeMap<Vec<u32>, (Vec<f64>, Vec<f64>)> =
+        Default::default();
     // the last position of a sequence carries no gradient under a language-model head
     let drop_last = usize::from(cfg.head == Head::LanguageModel);
     let kv = model.kv_width();
@@ -61,9 +65,13 @@ pub fn verify(
             pairs.insert((p, seq[p]));
             let step = model.step(&seq[p..=p], p);
             let x = model.extend(keys.as_ref(), values.as_ref(), &step, 0..1);
+            let m = model.mlp_input(&seq[p..=p], p, x.as_ref());
             prefixes.insert(
                 seq[..=p].to_vec(),
-                (0..x.ncols()).map(|j| x[(0, j)]).collect(),
+                (
+                    (0..x.ncols()).map(|j| x[(0, j)]).collect(),
+                    (0..m.ncols()).map(|j| m[(0, j)]).collect(),
+                ),
             );
             keys = stack(&keys, step.k.as_ref());
             values = stack(&values, step.v.as_ref());
@@ -71,8 +79,9 @@ pub fn verify(
     }
     let pairs: Vec<_> = pairs.into_iter().collect();
     let x0 = block0_inputs(model, &pairs, span0.dim);
-    let rows: Vec<&Vec<f64>> = prefixes.values().collect();
-    let x1 = Mat::from_fn(rows.len(), span_out.dim, |i, j| rows[i][j]);
+    let rows: Vec<&(Vec<f64>, Vec<f64>)> = prefixes.values().collect();
+    let x1 = Mat::from_fn(rows.len(), span_out.dim, |i, j| rows[i].0[j]);
+    let x2 = Mat::from_fn(rows.len(), span_mlp.dim, |i, j| rows[i].1[j]);
     let u = loaded.dtype.epsilon() / 2.0;
     Ok(vec![
         certificate::check(
@@ -88,6 +97,14 @@ pub fn verify(
             &span_out,
             loaded.g_out.as_ref(),
             &x1,
+            u,
+            true,
+        ),
+        certificate::check(
+            "block 0 MLP input",
+            &span_mlp,
+            loaded.g_mlp.as_ref(),
+            &x2,
             u,
             true,
         ),
