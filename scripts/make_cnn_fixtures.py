@@ -9,6 +9,8 @@ order, and y) and case.json.
 Run: python scripts/make_cnn_fixtures.py tests/fixtures/cnn          (tiny cases, committed)
      python scripts/make_cnn_fixtures.py DIR --large                   (LeNet and the VGG-style
                                           ConvNet at B = 1..64, f32 and f64; ~10-40 MB each: DIR in /tmp)
+     python scripts/make_cnn_fixtures.py DIR --large --only convnet-f32-b64,convnet-f64-b64
+                                          (only the named cases of --large)
      python scripts/make_cnn_fixtures.py DIR --pixels                  (the pixel stage's cases: LeNet and
                                           LeNet without pools at B = 1, 4, 16, and prior.npy, the mean crop)
 Photos: ../shared/data/photos beside the checkout (--photos DIR to change it).
@@ -189,12 +191,14 @@ def main():
                 make(out, f"lenet-{tag}-b{b}", lenet, 32, b, dtype, 100 + b, rows=x32)
         return
     if "--large" in sys.argv:
+        only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
         x32 = rgb_crops(32)
         for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
-            for b in (1, 2, 4, 8, 16, 64):
-                make(out, f"lenet-{tag}-b{b}", lenet, 32, b, dtype, 100 + b, rows=x32)
-            for b in (1, 4, 8, 16, 32, 48, 64, 128):
-                make(out, f"convnet-{tag}-b{b}", convnet, 32, b, dtype, 200 + b, rows=x32)
+            cases = [(f"lenet-{tag}-b{b}", lenet, b, 100 + b) for b in (1, 2, 4, 8, 16, 64)]
+            cases += [(f"convnet-{tag}-b{b}", convnet, b, 200 + b) for b in (1, 4, 8, 16, 32, 48, 64, 128)]
+            for name, net, b, seed in cases:
+                if only is None or name in only:
+                    make(out, name, net, 32, b, dtype, seed, rows=x32)
         return
     make(out, "lenet-f32", lenet, 32, 2, torch.float32, 1)
     make(out, "zoo-f64", zoo, 12, 3, torch.float64, 2)

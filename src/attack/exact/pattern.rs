@@ -57,6 +57,15 @@ fn pattern_slopes(act: Activation) -> Result<(f64, f64)> {
 
 /// As [`search`] in a run's context.
 pub fn search_in(ctx: &Context<'_>, cfg: &AttackConfig) -> Result<(Vec<Zero>, SearchStats)> {
+    let (zeros, stats, _) = search_patterns(ctx, cfg)?;
+    Ok((zeros, stats))
+}
+
+/// As [`search_in`], with the activation patterns found (in the order found).
+pub(crate) fn search_patterns(
+    ctx: &Context<'_>,
+    cfg: &AttackConfig,
+) -> Result<(Vec<Zero>, SearchStats, Vec<Found>)> {
     let t0 = std::time::Instant::now();
     let (view, sub, model) = (ctx.view, ctx.sub, &ctx.model);
     let (lo, hi) = pattern_slopes(view.activation)?;
@@ -115,10 +124,13 @@ pub fn search_in(ctx: &Context<'_>, cfg: &AttackConfig) -> Result<(Vec<Zero>, Se
         &mut stats,
     );
     stats.seed_seconds = t0.elapsed().as_secs_f64();
-    // then the row points of the gradient with the found signals removed
-    let starts = row_points(sub, &deflate(&alt, &gv, &found));
+    // then the row points of the gradient with the found signals removed, drawn again
+    // after each new pattern: with f found the residual's rows mix only the B - f
+    // missing samples (at B - f = 1 each is the missing input), while the first list,
+    // from fewer found, mixes more
+    let mut starts = row_points(sub, &deflate(&alt, &gv, &found)).into_iter();
     stats.candidates += starts.len();
-    for c in starts {
+    while let Some(c) = starts.next() {
         if found.len() >= b
             || stats.starts >= cfg.search.max_starts
             || cfg
@@ -142,6 +154,8 @@ pub fn search_in(ctx: &Context<'_>, cfg: &AttackConfig) -> Result<(Vec<Zero>, Se
             continue;
         }
         found.push((pat, r, f));
+        starts = row_points(sub, &deflate(&alt, &gv, &found)).into_iter();
+        stats.candidates += starts.len();
     }
     stats.seconds = t0.elapsed().as_secs_f64();
     let zeros = if found.len() < b {
@@ -149,7 +163,7 @@ pub fn search_in(ctx: &Context<'_>, cfg: &AttackConfig) -> Result<(Vec<Zero>, Se
     } else {
         alt.inputs(sub, &gv, &found)
     };
-    Ok((zeros, stats))
+    Ok((zeros, stats, found))
 }
 
 #[cfg(test)]

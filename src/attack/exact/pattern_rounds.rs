@@ -57,16 +57,21 @@ fn from_seeds(
     })
 }
 
-/// An orthonormal basis (B x k) of the row space of `res` (directions over 1e-9 of the
-/// largest singular value): where the missing samples' c lie.
-fn row_basis(res: &Mat<f64>) -> Mat<f64> {
+/// An orthonormal basis (B x k) of the row space of `res`, where the missing samples'
+/// c lie: its top `missing` right singular vectors (fewer where the rest are under 1e-9
+/// of the largest singular value). The count, not a threshold, sets k: in float32 the
+/// rounding of G~ leaves every other direction at 1e-7-1e-6 of the largest.
+fn row_basis(res: &Mat<f64>, missing: usize) -> Mat<f64> {
     let b = res.ncols();
     let Ok(svd) = res.thin_svd() else {
         return Mat::identity(b, b);
     };
     let s = svd.S().column_vector();
     let smax = s.iter().copied().fold(0.0, f64::max);
-    let k = (0..s.nrows()).filter(|&i| s[i] > 1e-9 * smax).count();
+    let k = (0..s.nrows())
+        .filter(|&i| s[i] > 1e-9 * smax)
+        .count()
+        .min(missing.max(1));
     svd.V().subcols(0, k).to_owned()
 }
 
@@ -90,7 +95,7 @@ pub(crate) fn rounds(
             break;
         }
         let res = deflate(alt, gv, found);
-        let basis = row_basis(&res);
+        let basis = row_basis(&res, b - found.len());
         let seeds = seed::candidates(
             &res,
             vl,
