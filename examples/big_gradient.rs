@@ -22,6 +22,15 @@ fn row(j: usize, d: usize) -> (Vec<f32>, f32) {
     (w, b)
 }
 
+/// w . x + b of an f32 row on an input, summed in f64 (both passes compute it so).
+fn pre_activation(w: &[f32], b: f32, x: &[f64]) -> f64 {
+    w.iter()
+        .zip(x)
+        .map(|(&wv, &xv)| wv as f64 * xv)
+        .sum::<f64>()
+        + b as f64
+}
+
 fn header(entries: &[(&str, Vec<usize>)]) -> Vec<u8> {
     let mut off = 0usize;
     let mut parts = Vec::new();
@@ -77,12 +86,7 @@ fn main() {
     for j in 0..m {
         let (w, b) = row(j, d);
         for i in 0..bsz {
-            let zz: f64 = w
-                .iter()
-                .zip(&x[i])
-                .map(|(&wv, &xv)| wv as f64 * xv)
-                .sum::<f64>()
-                + b as f64;
+            let zz = pre_activation(&w, b, &x[i]);
             let h = zz.tanh();
             for o in 0..k {
                 out[i][o] += amat[o][j] * h;
@@ -117,12 +121,7 @@ fn main() {
         let mut g = vec![0f64; d];
         let mut gbj = 0.0;
         for i in 0..bsz {
-            let zz: f64 = w
-                .iter()
-                .zip(&x[i])
-                .map(|(&wv, &xv)| wv as f64 * xv)
-                .sum::<f64>()
-                + b as f64;
+            let zz = pre_activation(&w, b, &x[i]);
             let t = zz.tanh();
             let q: f64 = (0..k).map(|o| amat[o][j] * resid[i][o]).sum();
             let delta = q * (1.0 - t * t);

@@ -25,33 +25,17 @@ import torch
 from torch import nn
 from safetensors.torch import save_file
 
+from make_fixtures import square_tiles
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = os.path.join(HERE, "..", "..", "shared", "data", "photos")
 
 
 def rgb_crops(size, photos=None):
-    """RGB square crops of every photo (sorted by name) at three scales: the largest
-    centred square, then tiles of half and a quarter of its side, resized to size x size,
-    values in [0, 1], as rows in C, H, W order."""
-    from PIL import Image
-    photos = photos or PHOTOS
-    rows = []
-    for f in sorted(os.listdir(photos)):
-        if not f.lower().endswith((".png", ".jpg", ".jpeg")):
-            continue
-        img = Image.open(os.path.join(photos, f)).convert("RGB")
-        w, h = img.size
-        side = min(w, h)
-        for level in range(3):
-            s = side >> level
-            nx, ny = w // s, h // s
-            ox, oy = (w - nx * s) // 2, (h - ny * s) // 2
-            for ty in range(ny):
-                for tx in range(nx):
-                    crop = img.crop((ox + tx * s, oy + ty * s, ox + (tx + 1) * s, oy + (ty + 1) * s))
-                    a = np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0
-                    rows.append(a.transpose(2, 0, 1).reshape(-1))
-    return np.stack(rows)
+    """RGB square crops of every photo at three scales (make_fixtures.square_tiles), as
+    rows in C, H, W order."""
+    tiles = square_tiles(size, "RGB", photos or PHOTOS)
+    return np.stack([t.transpose(2, 0, 1).reshape(-1) for t in tiles])
 
 
 def lenet(act=nn.ReLU, pool=nn.MaxPool2d):

@@ -36,17 +36,17 @@ def digits():
 PHOTOS = os.path.join(HERE, "..", "..", "shared", "data", "photos")
 
 
-def photo_crops(size, photos=None):
-    """Greyscale square crops of every photo (sorted by name) at three scales: the largest
-    centred square, then tiles of half and a quarter of its side, resized to size x size,
-    values in [0, 1]. Strongly correlated inputs (all positive, smooth)."""
+def square_tiles(size, mode, photos=None):
+    """Square crops of every photo (sorted by name) in PIL `mode` ("L" or "RGB") at three
+    scales: the largest centred square, then tiles of half and a quarter of its side,
+    resized to size x size, as float64 arrays (H, W or H, W, C) with values in [0, 1]."""
     from PIL import Image
     photos = photos or PHOTOS
-    rows = []
+    tiles = []
     for f in sorted(os.listdir(photos)):
         if not f.lower().endswith((".png", ".jpg", ".jpeg")):
             continue
-        img = Image.open(os.path.join(photos, f)).convert("L")
+        img = Image.open(os.path.join(photos, f)).convert(mode)
         w, h = img.size
         side = min(w, h)
         for level in range(3):
@@ -56,9 +56,14 @@ def photo_crops(size, photos=None):
             for ty in range(ny):
                 for tx in range(nx):
                     crop = img.crop((ox + tx * s, oy + ty * s, ox + (tx + 1) * s, oy + (ty + 1) * s))
-                    small = crop.resize((size, size), Image.BILINEAR)
-                    rows.append(np.asarray(small, dtype=np.float64).reshape(-1) / 255.0)
-    x = np.stack(rows)
+                    tiles.append(np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float64) / 255.0)
+    return tiles
+
+
+def photo_crops(size, photos=None):
+    """Greyscale square crops of every photo at three scales (square_tiles), as rows.
+    Strongly correlated inputs (all positive, smooth)."""
+    x = np.stack([t.reshape(-1) for t in square_tiles(size, "L", photos)])
     return x, np.arange(len(x)) % 10
 
 

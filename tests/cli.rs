@@ -344,6 +344,21 @@ fn shared_tanh() -> PathBuf {
         .expect("../shared/fixtures/pytorch/digits-tanh-ce")
 }
 
+/// Every tensor of a safetensors file, in the file's order.
+fn read_all(src: &Path) -> Vec<OutTensor> {
+    let f = TensorFile::open(src).unwrap();
+    f.names()
+        .map(|n| {
+            let (shape, values) = f.values(n).unwrap();
+            OutTensor {
+                name: n.to_string(),
+                shape,
+                values,
+            }
+        })
+        .collect()
+}
+
 /// Copy a safetensors file in `dtype` with renamed tensors and extra ones.
 fn convert(
     src: &Path,
@@ -352,18 +367,10 @@ fn convert(
     rename: impl Fn(&str) -> String,
     extra: Vec<OutTensor>,
 ) {
-    let f = TensorFile::open(src).unwrap();
-    let mut t: Vec<OutTensor> = f
-        .names()
-        .map(|n| {
-            let (shape, values) = f.values(n).unwrap();
-            OutTensor {
-                name: rename(n),
-                shape,
-                values,
-            }
-        })
-        .collect();
+    let mut t = read_all(src);
+    for x in &mut t {
+        x.name = rename(&x.name);
+    }
     t.extend(extra);
     write_tensors(dst, &t, dtype).unwrap();
 }
@@ -664,28 +671,13 @@ fn a_gradient_no_activation_fits_is_refused() {
         str::to_string,
         vec![],
     );
-    let file = TensorFile::open(&g).unwrap();
-    let t: Vec<OutTensor> = file
-        .names()
-        .map(|n| {
-            let (shape, values) = file.values(n).unwrap();
-            let values = values
-                .iter()
-                .map(|_| {
-                    k = k
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (k >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-                })
-                .collect();
-            OutTensor {
-                name: n.to_string(),
-                shape,
-                values,
-            }
-        })
-        .collect();
-    drop(file);
+    let mut t = read_all(&g);
+    for v in t.iter_mut().flat_map(|x| x.values.iter_mut()) {
+        k = k
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *v = (k >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+    }
     let noise = dir.join("noise.safetensors");
     write_tensors(&noise, &t, Dtype::F32).unwrap();
     let o = dir.join("n.npy");

@@ -2,32 +2,13 @@
 //! Linear layer and the labels, recovered to the dtype's floor and certified, from
 //! PyTorch-made gradients (tests/fixtures/cnn); the command line on the same folder.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 
-use gradleak::attack::conv::ConvProblem;
-use gradleak::attack::{self, AttackParams, Method};
-use gradleak::io::cnn::{read_model_dir, read_tensors};
+use common::cnn::{attack_head, fixture, problem};
 use gradleak::io::safetensors::read_batch;
 use gradleak::metrics;
-
-fn fixture(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/cnn")
-        .join(name);
-    assert!(
-        d.join("model.json").exists(),
-        "{}: run scripts/make_cnn_fixtures.py",
-        d.display()
-    );
-    d
-}
-
-fn problem(dir: &Path) -> ConvProblem {
-    let (spec, t, _) = read_model_dir(dir).unwrap();
-    let (g, storage) = read_tensors(&dir.join("gradient.safetensors")).unwrap();
-    ConvProblem::new(&spec, &t, &g, storage, None).unwrap()
-}
 
 /// The features come back at the gradient's rounding floor times the batch's
 /// conditioning: f32 ~2e-7 (bound 1e-5); a wrong sample is off by > 1e-2. (The zoo
@@ -37,12 +18,7 @@ fn head_features_and_labels_are_exact_and_certified() {
     for (name, tol) in [("lenet-f32", 1e-5), ("pixnet-f64", 1e-12)] {
         let dir = fixture(name);
         let p = problem(&dir);
-        let cfg = AttackParams::new(Method::Auto)
-            .seed(1)
-            .loss(gradleak::model::Loss::Ce)
-            .check()
-            .unwrap();
-        let rec = attack::run_conv(&p, &cfg).unwrap();
+        let rec = attack_head(&p);
         let b = read_batch(dir.join("batch.safetensors")).unwrap();
         let y: Vec<usize> = (0..b.x.nrows())
             .map(|i| b.y.as_ref().unwrap()[(i, 0)] as usize)

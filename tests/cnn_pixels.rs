@@ -3,31 +3,41 @@
 //! rounding floor; at B = 4 they do not, and the free directions are counted and
 //! filled by the prior, never called exact. PyTorch-made fixtures (tests/fixtures/cnn).
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::Path;
+
+use common::cnn::{attack_head, fixture, problem};
 use gradleak::Dtype;
+use gradleak::attack::Reconstruction;
 use gradleak::attack::conv::{ConvProblem, pixels};
-use gradleak::attack::{self, AttackParams, Method};
-use gradleak::io::cnn::{read_model_dir, read_tensors};
 use gradleak::io::safetensors::read_batch;
 use gradleak::model::Loss;
 
-fn fixture(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/cnn")
-        .join(name);
-    assert!(
-        d.join("model.json").exists(),
-        "{}: run scripts/make_cnn_fixtures.py",
-        d.display()
-    );
-    d
+/// The pixel stage as these tests run it: cross-entropy, f64, seed 1, and a flat
+/// mid-grey prior image filling what the gradient leaves free.
+fn recover(
+    p: &ConvProblem,
+    features: &Reconstruction,
+    opts: &pixels::PixelOptions,
+) -> pixels::Pixels {
+    let prior = vec![0.5; p.cnn.input_dim()];
+    pixels::recover(p, features, Loss::Ce, &prior, Dtype::F64, 1, opts).unwrap()
 }
 
-fn problem(dir: &Path) -> ConvProblem {
-    let (spec, t, _) = read_model_dir(dir).unwrap();
-    let (g, storage) = read_tensors(&dir.join("gradient.safetensors")).unwrap();
-    ConvProblem::new(&spec, &t, &g, storage, None).unwrap()
+/// The head's reconstruction of every sample with its features and label replaced by
+/// the true ones (the server's model on the true pixels), for cases the head itself
+/// cannot separate.
+fn true_features(p: &ConvProblem, dir: &Path) -> Reconstruction {
+    let mut features = attack_head(p).features;
+    let b = read_batch(dir.join("batch.safetensors")).unwrap();
+    let h = p.features(&b.x).unwrap();
+    assert_eq!(features.samples.len(), b.x.nrows());
+    for (i, s) in features.samples.iter_mut().enumerate() {
+        s.x = h.row(i).iter().copied().collect();
+        s.label = Some(b.y.as_ref().unwrap()[(i, 0)] as usize);
+    }
+    features
 }
 
 /// B = 1: features exact from the head, then both conv layers determined (the random
@@ -38,23 +48,7 @@ fn problem(dir: &Path) -> ConvProblem {
 fn pixels_are_exact_where_the_conv_equations_determine_them() {
     let dir = fixture("pixnet-f64");
     let p = problem(&dir);
-    let cfg = AttackParams::new(Method::Auto)
-        .seed(1)
-        .loss(Loss::Ce)
-        .check()
-        .unwrap();
-    let rec = attack::run_conv(&p, &cfg).unwrap();
-    let prior = vec![0.5; p.cnn.input_dim()];
-    let px = pixels::recover(
-        &p,
-        &rec.features,
-        Loss::Ce,
-        &prior,
-        Dtype::F64,
-        1,
-        &Default::default(),
-    )
-    .unwrap();
+    let px = recover(&p, &attack_head(&p).features, &Default::default());
     assert_eq!(px.layers.len(), 2);
     for l in &px.layers {
         assert!(l.determined, "{}: free {:.1}", l.name, l.free_estimate);
@@ -74,30 +68,9 @@ fn pixels_are_exact_where_the_conv_equations_determine_them() {
 fn free_directions_are_counted_and_never_exact() {
     let dir = fixture("pixnet-f64-b4");
     let p = problem(&dir);
-    let cfg = AttackParams::new(Method::Auto)
-        .seed(1)
-        .loss(Loss::Ce)
-        .check()
-        .unwrap();
-    let mut rec = attack::run_conv(&p, &cfg).unwrap();
-    let b = read_batch(dir.join("batch.safetensors")).unwrap();
-    let h = p.features(&b.x).unwrap();
-    assert_eq!(rec.features.samples.len(), 4);
-    for (i, s) in rec.features.samples.iter_mut().enumerate() {
-        s.x = h.row(i).iter().copied().collect();
-        s.label = Some(b.y.as_ref().unwrap()[(i, 0)] as usize);
-    }
-    let prior = vec![0.5; p.cnn.input_dim()];
-    let px = pixels::recover(
-        &p,
-        &rec.features,
-        Loss::Ce,
-        &prior,
-        Dtype::F64,
-        1,
-        &Default::default(),
-    )
-    .unwrap();
+    let features = true_features(&p, &dir);
+    assert_eq!(features.samples.len(), 4);
+    let px = recover(&p, &features, &Default::default());
     let top = &px.layers[0];
     assert!(top.free_at_least > 0, "{top:?}");
     assert!(!top.determined);
@@ -116,34 +89,13 @@ fn free_directions_are_counted_and_never_exact() {
 fn tv_fill_lowers_total_variation_and_keeps_the_equations() {
     let dir = fixture("pixnet-f64-b4");
     let p = problem(&dir);
-    let cfg = AttackParams::new(Method::Auto)
-        .seed(1)
-        .loss(Loss::Ce)
-        .check()
-        .unwrap();
-    let mut rec = attack::run_conv(&p, &cfg).unwrap();
-    let b = read_batch(dir.join("batch.safetensors")).unwrap();
-    let h = p.features(&b.x).unwrap();
-    for (i, s) in rec.features.samples.iter_mut().enumerate() {
-        s.x = h.row(i).iter().copied().collect();
-        s.label = Some(b.y.as_ref().unwrap()[(i, 0)] as usize);
-    }
-    let prior = vec![0.5; p.cnn.input_dim()];
+    let features = true_features(&p, &dir);
     let opts = pixels::PixelOptions {
         fill: pixels::Fill::Tv { iterations: 50 },
         ..Default::default()
     };
-    let plain = pixels::recover(
-        &p,
-        &rec.features,
-        Loss::Ce,
-        &prior,
-        Dtype::F64,
-        1,
-        &Default::default(),
-    )
-    .unwrap();
-    let px = pixels::recover(&p, &rec.features, Loss::Ce, &prior, Dtype::F64, 1, &opts).unwrap();
+    let plain = recover(&p, &features, &Default::default());
+    let px = recover(&p, &features, &opts);
     let last = px.layers.last().unwrap();
     let tv = last
         .tv
@@ -162,9 +114,7 @@ fn tv_fill_lowers_total_variation_and_keeps_the_equations() {
 
     let dir = fixture("pixnet-f64");
     let p = problem(&dir);
-    let rec = attack::run_conv(&p, &cfg).unwrap();
-    let prior = vec![0.5; p.cnn.input_dim()];
-    let px = pixels::recover(&p, &rec.features, Loss::Ce, &prior, Dtype::F64, 1, &opts).unwrap();
+    let px = recover(&p, &attack_head(&p).features, &opts);
     assert!(px.layers.iter().all(|l| l.tv.is_none()));
     assert!(px.exact, "closure {:e}", px.feature_closure);
 }

@@ -28,6 +28,18 @@ class Reconstruction:
         self.batch_size = batch_size
         self.report = report
 
+    @classmethod
+    def _from_native(cls, out):
+        """From the dict the native attacks return (arrays and the report as JSON)."""
+        return cls(
+            inputs=out["inputs"],
+            labels=out["labels"],
+            exact=out["exact"],
+            residuals=out["residuals"],
+            batch_size=out["batch_size"],
+            report=json.loads(out["report_json"]),
+        )
+
     def __len__(self):
         return self.inputs.shape[0]
 
@@ -88,14 +100,7 @@ def attack(
         if prior is not None or noise_std is not None or activation is not None:
             raise GradleakError("invalid argument: prior, noise_std and activation do not apply to a CNN")
         out = attack_cnn(model, gradients, loss=loss_name(loss), method=method, batch=batch, seed=seed)
-        return Reconstruction(
-            inputs=out["inputs"],
-            labels=out["labels"],
-            exact=out["exact"],
-            residuals=out["residuals"],
-            batch_size=out["batch_size"],
-            report=json.loads(out["report_json"]),
-        )
+        return Reconstruction._from_native(out)
     layers, act, names = read_model(model, activation)
     grads = read_gradient(gradients, layers, names)
     if batch is not None and (not isinstance(batch, (int, np.integer)) or batch < 1):
@@ -114,14 +119,7 @@ def attack(
         noise_std=noise_std,
         progress=bool(progress),
     )
-    return Reconstruction(
-        inputs=out["inputs"],
-        labels=out["labels"],
-        exact=out["exact"],
-        residuals=out["residuals"],
-        batch_size=out["batch_size"],
-        report=json.loads(out["report_json"]),
-    )
+    return Reconstruction._from_native(out)
 
 
 def _rows(x, what):

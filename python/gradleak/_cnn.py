@@ -5,7 +5,7 @@ attack (the features entering the fully connected head, exact and certified)."""
 import json
 import os
 
-from ._model import _is_module, _torch, to_numpy
+from ._model import _fx_chain, _is_module, _torch, to_numpy
 from ._native import GradleakError
 
 FORMAT = "gradleak-cnn/1"
@@ -117,39 +117,7 @@ def _chain(model):
             if name and not list(m.children()):
                 out.append((name, m))
         return out
-    import torch.fx
-
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means "not a plain chain"
-        raise GradleakError(
-            f"invalid argument: the model is a {type(model).__name__} whose forward torch.fx cannot trace "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
-    mods = dict(gm.named_modules())
-    chain, prev = [], None
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            if prev is not None:
-                raise GradleakError("invalid argument: the model's forward takes more than one input")
-            prev = node
-            continue
-        if node.op == "call_method" and node.target == "size":
-            continue
-        if node.op == "output":
-            if node.args[0] is not prev:
-                raise GradleakError("invalid argument: the model's forward does not return the end of its chain")
-            break
-        if not node.args or node.args[0] is not prev:
-            raise GradleakError(
-                f"invalid argument: the model's forward is not a chain of layers (at '{node.name}')"
-            )
-        if node.op == "call_module":
-            chain.append((node.target, mods[node.target]))
-        else:
-            chain.append((None, _functional(node)))
-        prev = node
-    return chain
+    return _fx_chain(model, _functional, skip_size=True)
 
 
 def _shapes_fit(layers, c, h, w, features):

@@ -117,17 +117,22 @@ def _function_module(target, args, kwargs):
     return None
 
 
-def _traced_chain(model):
-    """The modules a custom nn.Module's forward applies, in order, traced with torch.fx;
-    (modules, {id(Linear): its name}). Raises unless forward is one chain from the input."""
+def _fx_chain(model, functional, skip_size=False, hints=("", "")):
+    """(name, module) in the order a custom nn.Module's forward applies them, traced with
+    torch.fx: a submodule call by its name, any other call as `functional(node)` makes
+    it (which raises on what it does not know), with None for the name. `skip_size`
+    passes over x.size() calls (they feed a view); `hints` end the messages for a
+    forward torch.fx cannot trace and for one that is not a chain. Raises unless
+    forward is one chain from the input."""
     import torch.fx
 
+    trace_hint, chain_hint = hints
     try:
         gm = torch.fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "not a plain chain"
         raise GradleakError(
             f"invalid argument: the model is a {type(model).__name__} whose forward torch.fx cannot trace "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); gradleak takes a chain of Linear layers and activations"
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}){trace_hint}"
         ) from None
     mods = dict(gm.named_modules())
     chain, prev = [], None
@@ -137,28 +142,47 @@ def _traced_chain(model):
                 raise GradleakError("invalid argument: the model's forward takes more than one input")
             prev = node
             continue
+        if skip_size and node.op == "call_method" and node.target == "size":
+            continue
         if node.op == "output":
             if node.args[0] is not prev:
                 raise GradleakError("invalid argument: the model's forward does not return the end of its chain")
             break
         if node.op == "get_attr" or not node.args or node.args[0] is not prev:
             raise GradleakError(
-                f"invalid argument: the model's forward is not a chain of layers (at '{node.name}'); "
-                "gradleak takes Linear layers and activations applied one after another"
+                f"invalid argument: the model's forward is not a chain of layers (at '{node.name}'){chain_hint}"
             )
         if node.op == "call_module":
-            m = mods[node.target]
-            chain.append((node.target, m))
+            chain.append((node.target, mods[node.target]))
         else:
-            m = _function_module(node.target, node.args, node.kwargs)
-            if m is None:
-                raise GradleakError(
-                    f"unknown operation '{getattr(node.target, '__name__', node.target)}' in the model's forward "
-                    "(gradleak takes a chain of Linear layers and activations)"
-                )
-            chain.append((None, m))
+            chain.append((None, functional(node)))
         prev = node
     return chain
+
+
+def _activation_call(node):
+    """The module of a functional call in an MLP's forward; raises on any other call."""
+    m = _function_module(node.target, node.args, node.kwargs)
+    if m is None:
+        raise GradleakError(
+            f"unknown operation '{getattr(node.target, '__name__', node.target)}' in the model's forward "
+            "(gradleak takes a chain of Linear layers and activations)"
+        )
+    return m
+
+
+def _traced_chain(model):
+    """The modules a custom nn.Module's forward applies, in order, traced with torch.fx:
+    (name, module) pairs. Raises unless forward is one chain of Linear layers and
+    activations from the input."""
+    return _fx_chain(
+        model,
+        _activation_call,
+        hints=(
+            "; gradleak takes a chain of Linear layers and activations",
+            "; gradleak takes Linear layers and activations applied one after another",
+        ),
+    )
 
 
 def _torch_layers(model):

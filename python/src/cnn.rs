@@ -9,13 +9,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use gradleak::attack::conv::ConvProblem;
-use gradleak::attack::{AttackParams, Cancel};
-use gradleak::model::Loss;
 use gradleak::model::cnn::{ModelSpec, Tensors};
 use gradleak::report::AttackReport;
 use gradleak::{Dtype, Error};
 
-use crate::{bad, err};
+use crate::{attack_params, bad, err};
 
 /// {name: float32 or float64 array of any shape} as named tensors, with the widest dtype.
 fn tensors(d: &Bound<'_, PyDict>, what: &str) -> PyResult<(Tensors, Dtype)> {
@@ -64,16 +62,9 @@ pub fn attack_cnn<'py>(
     precision: Option<&str>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let t0 = Instant::now();
-    let mut params = AttackParams::new(method.parse().map_err(err)?)
-        .seed(seed)
-        .cancel(Cancel::new());
-    if let Some(b) = batch {
-        params = params.batch(b);
-    }
-    if let Some(l) = loss {
-        params = params.loss(l.parse::<Loss>().map_err(err)?);
-    }
-    let cfg = params.check().map_err(err)?;
+    let cfg = attack_params(method, seed, batch, loss)?
+        .check()
+        .map_err(err)?;
     let precision = precision
         .map(str::parse::<Dtype>)
         .transpose()

@@ -158,6 +158,26 @@ fn run_interruptible(
     res.map_err(err)
 }
 
+/// The parameters every in-memory attack takes: the method, seed, batch size and loss
+/// by name, and a fresh cancel flag.
+pub(crate) fn attack_params(
+    method: &str,
+    seed: u64,
+    batch: Option<usize>,
+    loss: Option<&str>,
+) -> PyResult<AttackParams> {
+    let mut params = AttackParams::new(method.parse().map_err(err)?)
+        .seed(seed)
+        .cancel(Cancel::new());
+    if let Some(b) = batch {
+        params = params.batch(b);
+    }
+    if let Some(l) = loss {
+        params = params.loss(l.parse::<Loss>().map_err(err)?);
+    }
+    Ok(params)
+}
+
 /// Attack a gradient held in memory. Returns a dict the Python layer wraps.
 #[pyfunction]
 #[pyo3(signature = (model, gradient, activation, loss=None, method="auto", batch=None, seed=1, prior=None, noise_std=None, progress=false))]
@@ -177,15 +197,7 @@ fn attack<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let t0 = Instant::now();
     let act: Activation = activation.parse().map_err(err)?;
-    let mut params = AttackParams::new(method.parse().map_err(err)?)
-        .seed(seed)
-        .cancel(Cancel::new());
-    if let Some(b) = batch {
-        params = params.batch(b);
-    }
-    if let Some(l) = loss {
-        params = params.loss(l.parse::<Loss>().map_err(err)?);
-    }
+    let mut params = attack_params(method, seed, batch, loss)?;
     if let Some(p) = prior {
         params = params.prior(p.parse().map_err(err)?);
     }

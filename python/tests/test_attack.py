@@ -22,6 +22,21 @@ def one_step(model, x, y, loss_fn):
     loss_fn(model(x), y).backward()
 
 
+def _tanh_head():
+    return nn.Sequential(nn.Linear(625, 2048), nn.Tanh(), nn.Linear(2048, 10))
+
+
+def face_round(face_batch, labels, seed, net=_tanh_head):
+    """One cross-entropy step on the face batch: `net()` drawn after torch.manual_seed(seed)
+    (default 625-2048-10 tanh); the inputs as numpy, the labels and the model, .grad set."""
+    xs, _ = face_batch
+    y = torch.tensor(labels)
+    torch.manual_seed(seed)
+    model = net()
+    one_step(model, torch.tensor(xs), y, nn.CrossEntropyLoss())
+    return xs, y, model
+
+
 def check_all_back(x, y, rec, labels=True):
     assert rec.batch_size == len(x)
     assert rec.inputs.dtype == np.float64 and rec.inputs.shape == (len(x), x.shape[1])
@@ -36,12 +51,7 @@ def check_all_back(x, y, rec, labels=True):
 
 
 def test_tanh_625_2048_cross_entropy_list_of_grads(face_batch):
-    xs, _ = face_batch
-    x = torch.tensor(xs)
-    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(625, 2048), nn.Tanh(), nn.Linear(2048, 10))
-    one_step(model, x, y, nn.CrossEntropyLoss())
+    xs, y, model = face_round(face_batch, [3, 1, 4, 1, 5, 9, 2, 6], seed=0)
     rec = gradleak.attack(model, [p.grad for p in model.parameters()], loss="ce")
     assert rec.report["dtype"] == "f32"
     assert rec.report["recovered"] == 8 and rec.report["activation"] == "tanh"
@@ -63,12 +73,7 @@ def test_gelu_two_hidden_layers_bce_with_logits(face_batch):
 
 
 def test_name_to_grad_dict(face_batch):
-    xs, _ = face_batch
-    x = torch.tensor(xs)
-    y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(625, 2048), nn.Tanh(), nn.Linear(2048, 10))
-    one_step(model, x, y, nn.CrossEntropyLoss())
+    xs, y, model = face_round(face_batch, [0, 1, 2, 3, 4, 5, 6, 7], seed=2)
     grads = {n: p.grad for n, p in model.named_parameters()}
     rec = gradleak.attack(model, grads, loss=nn.CrossEntropyLoss())
     check_all_back(xs, y.numpy(), rec)
@@ -156,12 +161,7 @@ class _Net(nn.Module):
 
 
 def test_custom_module_traced_with_fx(face_batch):
-    xs, _ = face_batch
-    x = torch.tensor(xs)
-    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
-    torch.manual_seed(3)
-    model = _Net()
-    one_step(model, x, y, nn.CrossEntropyLoss())
+    xs, y, model = face_round(face_batch, [3, 1, 4, 1, 5, 9, 2, 6], seed=3, net=_Net)
     rec = gradleak.attack(model, [p.grad for p in model.parameters()], loss="ce")
     assert rec.report["activation"] == "tanh"
     check_all_back(xs, y.numpy(), rec)
@@ -187,12 +187,7 @@ def test_custom_module_that_is_not_a_chain_raises():
 
 
 def test_float32_gradient_as_float64_is_attacked_as_float32(face_batch):
-    xs, _ = face_batch
-    x = torch.tensor(xs)
-    y = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(625, 2048), nn.Tanh(), nn.Linear(2048, 10))
-    one_step(model, x, y, nn.CrossEntropyLoss())
+    xs, y, model = face_round(face_batch, [3, 1, 4, 1, 5, 9, 2, 6], seed=0)
     rec = gradleak.attack(model.double(), [p.grad.double() for p in model.parameters()], loss="ce")
     assert rec.report["dtype"] == "f32"
     check_all_back(xs, y.numpy(), rec)

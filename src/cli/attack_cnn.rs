@@ -10,7 +10,6 @@ use faer::Mat;
 use gradleak::Dtype;
 use gradleak::attack::conv::{ConvProblem, pixels};
 use gradleak::attack::{self, AttackConfig};
-use gradleak::attack::{Sample, Stage};
 use gradleak::io::cnn::{read_model_dir, read_tensors};
 use gradleak::io::npy;
 use gradleak::io::outputs::Outputs;
@@ -185,41 +184,9 @@ fn print_pixels(
         },
         secs
     );
-    println!(
-        " layer            unknowns  forward  gradient  free>=   free(est)  determined  residual  steps"
-    );
-    for l in &px.layers {
-        println!(
-            " {:<16} {:>8} {:>8} {:>9} {:>7} {:>11.1} {:>11} {:>9.1e} {:>6}",
-            l.name,
-            l.unknowns,
-            l.forward_equations,
-            l.gradient_equations,
-            l.free_at_least,
-            l.free_estimate,
-            l.determined,
-            l.residual,
-            l.iterations
-        );
-        if let Some(t) = &l.tv {
-            println!(
-                "   TV fill: TV {:.4e} -> {:.4e} in {} steps; residual {:.1e} -> {:.1e}",
-                t.tv_start, t.tv_end, t.iterations, l.residual, t.residual_end
-            );
-        }
-    }
+    super::table::print_pixel_layers(&px.layers, true);
     if let Some((tx, ty)) = truth {
-        let samples: Vec<Sample> = (0..px.x.nrows())
-            .map(|i| Sample {
-                x: px.x.row(i).iter().copied().collect(),
-                residual: None,
-                exact: px.exact,
-                stage: Stage::Pattern,
-                label: feats.samples[i].label,
-                output_residual: None,
-            })
-            .collect();
-        let m = metrics::evaluate(tx, &samples, Some((0.0, 1.0)), tol, ty.as_deref())?;
+        let m = metrics::evaluate(tx, &px.samples(feats), Some((0.0, 1.0)), tol, ty.as_deref())?;
         let psnrs: Vec<String> = m
             .per_sample
             .iter()

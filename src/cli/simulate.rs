@@ -1,7 +1,7 @@
 //! `gradleak simulate`: one round end to end.
 
 use super::values;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -217,63 +217,62 @@ pub struct SimulateArgs {
     pub save: Option<PathBuf>,
 }
 
+impl SimulateArgs {
+    /// Refuse a report or save folder that cannot be written, before the round runs.
+    fn check_outputs(&self) -> anyhow::Result<()> {
+        if let Some(p) = &self.report {
+            gradleak::io::outputs::check_writable([p.as_path()])?;
+        }
+        if let Some(d) = &self.save
+            && d.exists()
+            && !d.is_dir()
+        {
+            anyhow::bail!("--save {}: exists and is not a directory", d.display());
+        }
+        Ok(())
+    }
+
+    /// Write the round's JSON report (`--report`) and its files (`--save`, with `save`).
+    fn write_outputs(
+        &self,
+        report: &impl serde::Serialize,
+        save: impl FnOnce(&Path) -> gradleak::Result<()>,
+    ) -> anyhow::Result<()> {
+        if let Some(p) = &self.report {
+            let json = serde_json::to_vec_pretty(report)?;
+            gradleak::io::write_atomic(p, &json).with_context(|| "writing the report")?;
+            eprintln!("wrote {}", p.display());
+        }
+        if let Some(d) = &self.save {
+            save(d)?;
+            eprintln!("saved the round to {}", d.display());
+        }
+        Ok(())
+    }
+}
+
 pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
     if let Some(model) = &a.model {
         return run_cnn(&a, model);
     }
     anyhow::ensure!(!a.pixels, "--pixels needs --model lenet|convnet|DIR");
     let mut cfg = a.sim.config()?;
-    // outputs are checked before the round runs
-    if let Some(p) = &a.report {
-        gradleak::io::outputs::check_writable([p.as_path()])?;
-    }
-    if let Some(d) = &a.save
-        && d.exists()
-        && !d.is_dir()
-    {
-        anyhow::bail!("--save {}: exists and is not a directory", d.display());
-    }
+    a.check_outputs()?;
     cfg.attack.set_observer(super::progress::Bars::default());
     let c0 = super::progress::cpu_seconds();
     let mut out = super::with_spinner("simulating", || simulate::run(&cfg))?;
     out.report.seconds.cpu = Some(super::progress::cpu_seconds() - c0);
     super::table::print_simulation(&out);
-    if let Some(p) = &a.report {
-        let json = serde_json::to_vec_pretty(&out.report)?;
-        gradleak::io::write_atomic(p, &json).with_context(|| "writing the report")?;
-        eprintln!("wrote {}", p.display());
-    }
-    if let Some(d) = &a.save {
-        out.save(d)?;
-        eprintln!("saved the round to {}", d.display());
-    }
-    Ok(())
+    a.write_outputs(&out.report, |d| out.save(d))
 }
 
 fn run_cnn(a: &SimulateArgs, model: &str) -> anyhow::Result<()> {
     let mut cfg = a.sim.cnn_config(model, a.pixels)?;
-    if let Some(p) = &a.report {
-        gradleak::io::outputs::check_writable([p.as_path()])?;
-    }
-    if let Some(d) = &a.save
-        && d.exists()
-        && !d.is_dir()
-    {
-        anyhow::bail!("--save {}: exists and is not a directory", d.display());
-    }
+    a.check_outputs()?;
     cfg.attack.set_observer(super::progress::Bars::default());
     let c0 = super::progress::cpu_seconds();
     let mut out = super::with_spinner("simulating", || gradleak::simulate::cnn::run(&cfg))?;
     out.report.seconds.cpu = Some(super::progress::cpu_seconds() - c0);
     super::table::print_cnn_simulation(&out.report);
-    if let Some(p) = &a.report {
-        let json = serde_json::to_vec_pretty(&out.report)?;
-        gradleak::io::write_atomic(p, &json).with_context(|| "writing the report")?;
-        eprintln!("wrote {}", p.display());
-    }
-    if let Some(d) = &a.save {
-        out.save(d)?;
-        eprintln!("saved the round to {}", d.display());
-    }
-    Ok(())
+    a.write_outputs(&out.report, |d| out.save(d))
 }

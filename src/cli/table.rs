@@ -1,9 +1,59 @@
 //! Readable tables on stdout.
 
+use gradleak::attack::conv::LayerSolve;
+use gradleak::metrics::SampleMetrics;
+use gradleak::report::PerSample;
 use gradleak::simulate::SimOutput;
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.prec$e}"))
+}
+
+/// One truth's cells in a per-sample table.
+struct TruthCells {
+    /// Relative error, "missing" where no sample was matched.
+    error: String,
+    cosine: String,
+    /// PSNR in dB, empty where the data has no known range.
+    psnr: String,
+    /// Recovered/true label, "!" where they differ, "-" where unknown.
+    label: String,
+}
+
+impl TruthCells {
+    fn of(m: &SampleMetrics) -> Self {
+        TruthCells {
+            error: m.rel_error.map_or("missing".into(), |e| format!("{e:.3e}")),
+            cosine: m.cosine.map_or("-".into(), |c| format!("{c:.6}")),
+            psnr: m.psnr.map_or(String::new(), |p| format!("{p:.1}")),
+            label: match (m.label_true, m.label_recovered) {
+                (Some(t), Some(g)) => format!("{g}/{t}{}", if g == t { "" } else { "!" }),
+                (Some(t), None) => format!("-/{t}"),
+                _ => "-".into(),
+            },
+        }
+    }
+}
+
+/// The matched sample's own cells in a round's table: residual, exact, stage.
+fn attack_cells(p: &PerSample) -> (String, &'static str, &'static str) {
+    (
+        fmt_opt(p.residual, 2),
+        p.exact.map_or("-", |e| if e { "yes" } else { "no" }),
+        p.stage.map_or("-", |s| s.name()),
+    )
+}
+
+/// " | label accuracy N%" where labels were compared, else nothing.
+fn label_accuracy(a: Option<f64>) -> String {
+    a.map_or(String::new(), |a| {
+        format!(" | label accuracy {:.0}%", 100.0 * a)
+    })
+}
+
+/// " (N s CPU)" where the round's CPU time was measured, else nothing.
+fn cpu(c: Option<f64>) -> String {
+    c.map_or(String::new(), |c| format!(" ({c:.2} s CPU)"))
 }
 
 /// Per-sample table and summary of a simulated round.
@@ -39,22 +89,11 @@ pub fn print_simulation(out: &SimOutput) {
         "label"
     );
     for p in &r.per_sample {
-        let m = &p.metrics;
-        let label = match (m.label_true, m.label_recovered) {
-            (Some(t), Some(g)) => format!("{g}/{t}{}", if g == t { "" } else { "!" }),
-            (Some(t), None) => format!("-/{t}"),
-            _ => "-".into(),
-        };
+        let c = TruthCells::of(&p.metrics);
+        let (residual, exact, stage) = attack_cells(p);
         println!(
             "{:>6} {:>12} {:>10} {:>8} {:>12} {:>6} {:>10} {:>7}",
-            m.truth,
-            m.rel_error.map_or("missing".into(), |e| format!("{e:.3e}")),
-            m.cosine.map_or("-".into(), |c| format!("{c:.6}")),
-            m.psnr.map_or(String::new(), |p| format!("{p:.1}")),
-            fmt_opt(p.residual, 2),
-            p.exact.map_or("-", |e| if e { "yes" } else { "no" }),
-            p.stage.map_or("-", |s| s.name()),
-            label,
+            p.metrics.truth, c.error, c.cosine, c.psnr, residual, exact, stage, c.label,
         );
     }
     println!(
@@ -65,17 +104,12 @@ pub fn print_simulation(out: &SimOutput) {
         (r.recovered_fraction * r.batch_true as f64).round(),
         r.batch_true,
         r.missing,
-        r.label_accuracy.map_or(String::new(), |a| format!(
-            " | label accuracy {:.0}%",
-            100.0 * a
-        )),
+        label_accuracy(r.label_accuracy),
         r.mean_psnr
             .map_or(String::new(), |p| format!(" | mean PSNR {p:.1} dB")),
         r.seconds.attack,
         r.seconds.total,
-        r.seconds
-            .cpu
-            .map_or(String::new(), |c| format!(" ({c:.2} s CPU)"))
+        cpu(r.seconds.cpu)
     );
     if let Some(c) = &r.attack.certificate {
         println!("{}", certificate_line(c));
@@ -114,19 +148,15 @@ pub fn print_matched(m: &gradleak::metrics::Metrics) {
         "label"
     );
     for s in &m.per_sample {
+        let c = TruthCells::of(s);
+        // without true labels the recovered one is still shown
         let label = match (s.label_true, s.label_recovered) {
-            (Some(t), Some(g)) => format!("{g}/{t}{}", if g == t { "" } else { "!" }),
-            (Some(t), None) => format!("-/{t}"),
-            (None, Some(g)) => format!("{g}"),
-            _ => "-".into(),
+            (None, Some(g)) => g.to_string(),
+            _ => c.label,
         };
         println!(
             "{:>6} {:>12} {:>10} {:>8} {:>7}",
-            s.truth,
-            s.rel_error.map_or("missing".into(), |e| format!("{e:.3e}")),
-            s.cosine.map_or("-".into(), |c| format!("{c:.6}")),
-            s.psnr.map_or(String::new(), |p| format!("{p:.1}")),
-            label,
+            s.truth, c.error, c.cosine, c.psnr, label,
         );
     }
     println!(
@@ -138,10 +168,7 @@ pub fn print_matched(m: &gradleak::metrics::Metrics) {
         m.per_sample.len(),
         m.missing,
         m.unmatched,
-        m.label_accuracy.map_or(String::new(), |a| format!(
-            " | label accuracy {:.0}%",
-            100.0 * a
-        )),
+        label_accuracy(m.label_accuracy),
     );
 }
 
@@ -171,21 +198,11 @@ pub fn print_cnn_simulation(r: &gradleak::report::CnnSimulationReport) {
         "sample", "feat.error", "cosine", "residual", "exact", "stage", "label"
     );
     for p in &f.per_sample {
-        let m = &p.metrics;
-        let label = match (m.label_true, m.label_recovered) {
-            (Some(t), Some(g)) => format!("{g}/{t}{}", if g == t { "" } else { "!" }),
-            (Some(t), None) => format!("-/{t}"),
-            _ => "-".into(),
-        };
+        let c = TruthCells::of(&p.metrics);
+        let (residual, exact, stage) = attack_cells(p);
         println!(
             "{:>6} {:>12} {:>10} {:>12} {:>6} {:>10} {:>7}",
-            m.truth,
-            m.rel_error.map_or("missing".into(), |e| format!("{e:.3e}")),
-            m.cosine.map_or("-".into(), |c| format!("{c:.6}")),
-            fmt_opt(p.residual, 2),
-            p.exact.map_or("-", |e| if e { "yes" } else { "no" }),
-            p.stage.map_or("-", |s| s.name()),
-            label,
+            p.metrics.truth, c.error, c.cosine, residual, exact, stage, c.label,
         );
     }
     println!(
@@ -197,15 +214,10 @@ pub fn print_cnn_simulation(r: &gradleak::report::CnnSimulationReport) {
         r.batch_true,
         f.exact,
         f.missing,
-        f.label_accuracy.map_or(String::new(), |a| format!(
-            " | label accuracy {:.0}%",
-            100.0 * a
-        )),
+        label_accuracy(f.label_accuracy),
         r.seconds.attack,
         r.seconds.total,
-        r.seconds
-            .cpu
-            .map_or(String::new(), |c| format!(" ({c:.2} s CPU)"))
+        cpu(r.seconds.cpu)
     );
     if let Some(c) = &r.attack.certificate {
         println!("{}", certificate_line(c));
@@ -232,20 +244,38 @@ pub fn print_cnn_simulation(r: &gradleak::report::CnnSimulationReport) {
             px.prior_psnr.map_or("-".into(), |p| format!("{p:.1} dB")),
             px.seconds
         );
+        print_pixel_layers(&px.layers, false);
+    }
+}
+
+/// The pixel stage's table, one line per solved layer (with `steps`, the solver's
+/// iterations too) and a line for each TV fill.
+pub fn print_pixel_layers(layers: &[LayerSolve], steps: bool) {
+    println!(
+        " layer            unknowns  forward  gradient  free>=   free(est)  determined  residual{}",
+        if steps { "  steps" } else { "" }
+    );
+    for l in layers {
         println!(
-            " layer            unknowns  forward  gradient  free>=   free(est)  determined  residual"
+            " {:<16} {:>8} {:>8} {:>9} {:>7} {:>11.1} {:>11} {:>9.1e}{}",
+            l.name,
+            l.unknowns,
+            l.forward_equations,
+            l.gradient_equations,
+            l.free_at_least,
+            l.free_estimate,
+            l.determined,
+            l.residual,
+            if steps {
+                format!(" {:>6}", l.iterations)
+            } else {
+                String::new()
+            }
         );
-        for l in &px.layers {
+        if let Some(t) = &l.tv {
             println!(
-                " {:<16} {:>8} {:>8} {:>9} {:>7} {:>11.1} {:>11} {:>9.1e}",
-                l.name,
-                l.unknowns,
-                l.forward_equations,
-                l.gradient_equations,
-                l.free_at_least,
-                l.free_estimate,
-                l.determined,
-                l.residual
+                "   TV fill: TV {:.4e} -> {:.4e} in {} steps; residual {:.1e} -> {:.1e}",
+                t.tv_start, t.tv_end, t.iterations, l.residual, t.residual_end
             );
         }
     }

@@ -159,7 +159,7 @@ pub fn gaussian_epsilon(z: f64, delta: f64) -> Result<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::client;
+    use super::super::tests::{ce_context, client};
     use super::super::{Defense, apply, rms};
     use super::*;
     use crate::model::Loss;
@@ -191,12 +191,7 @@ mod tests {
     #[test]
     fn clipping_bounds_every_per_sample_norm() {
         let (model, x, t) = client(3);
-        let ctx = ClientContext {
-            model: &model,
-            x: &x,
-            targets: &t,
-            loss: Loss::Ce,
-        };
+        let ctx = ce_context(&model, &x, &t);
         let per = per_sample_gradients(&ctx).unwrap();
         // the mean of the per-sample gradients is the batch gradient
         let clean = model.gradient(x.as_ref(), &t, Loss::Ce).unwrap();
@@ -212,24 +207,14 @@ mod tests {
         // B = 1: the clipped gradient has norm exactly C
         let x1 = x.subrows(0, 1).to_owned();
         let t1 = sample_targets(&t, 0);
-        let ctx1 = ClientContext {
-            model: &model,
-            x: &x1,
-            targets: &t1,
-            loss: Loss::Ce,
-        };
+        let ctx1 = ce_context(&model, &x1, &t1);
         assert!((clipped_mean_gradient(&ctx1, c).unwrap().norm() - c).abs() < 1e-14 * c);
     }
 
     #[test]
     fn dp_sgd_noise_has_the_stated_scale_and_epsilon() {
         let (model, x, t) = client(4);
-        let ctx = ClientContext {
-            model: &model,
-            x: &x,
-            targets: &t,
-            loss: Loss::Ce,
-        };
+        let ctx = ce_context(&model, &x, &t);
         let g = model.gradient(x.as_ref(), &t, Loss::Ce).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let (c, sigma) = (1e9, 2.0);

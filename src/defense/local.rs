@@ -26,7 +26,7 @@ pub fn local_update(ctx: &ClientContext<'_>, steps: usize, lr: f64) -> Result<Gr
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::client;
+    use super::super::tests::{ce_context, client};
     use super::super::{Defense, apply, distance};
     use super::*;
     use crate::model::Loss;
@@ -35,12 +35,7 @@ mod tests {
     #[test]
     fn one_local_step_is_the_gradient_and_two_add_the_second_step() {
         let (model, x, t) = client(7);
-        let ctx = ClientContext {
-            model: &model,
-            x: &x,
-            targets: &t,
-            loss: Loss::Ce,
-        };
+        let ctx = ce_context(&model, &x, &t);
         let g0 = model.gradient(x.as_ref(), &t, Loss::Ce).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let (g, r) = apply(&[Defense::LocalSteps(1, 0.3)], &ctx, g0.clone(), &mut rng).unwrap();

@@ -268,6 +268,20 @@ pub(crate) mod tests {
         (model, x, Targets::Classes(vec![0, 2, 1, 2]))
     }
 
+    /// What a cross-entropy client knows of its batch `x`, `targets` under `model`.
+    pub(crate) fn ce_context<'a>(
+        model: &'a Mlp<f64>,
+        x: &'a Mat<f64>,
+        targets: &'a Targets,
+    ) -> ClientContext<'a> {
+        ClientContext {
+            model,
+            x,
+            targets,
+            loss: Loss::Ce,
+        }
+    }
+
     #[test]
     fn parse_rejects_out_of_range_values_with_one_line_errors() {
         for bad in [
@@ -333,12 +347,7 @@ pub(crate) mod tests {
     #[test]
     fn report_measures_the_change_and_the_zeros() {
         let (model, x, t) = client(1);
-        let ctx = ClientContext {
-            model: &model,
-            x: &x,
-            targets: &t,
-            loss: Loss::Ce,
-        };
+        let ctx = ce_context(&model, &x, &t);
         let g = model.gradient(x.as_ref(), &t, Loss::Ce).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
         let (_, r) = apply(&[Defense::Prune(1.0)], &ctx, g.clone(), &mut rng).unwrap();

@@ -52,6 +52,21 @@ pub fn mat_is_finite<T: Real>(m: MatRef<'_, T>) -> bool {
     (0..m.ncols()).all(|j| (0..m.nrows()).all(|i| m[(i, j)].to_f64().is_finite()))
 }
 
+/// dL/d output, `shape`, must be B x K: a row per sample of the batch, a column per output.
+pub(crate) fn check_output_residuals(
+    shape: (usize, usize),
+    batch: usize,
+    outputs: usize,
+) -> Result<()> {
+    if shape != (batch, outputs) {
+        return Err(Error::Shape(format!(
+            "output residuals are {} x {}, expected {batch} x {outputs}",
+            shape.0, shape.1
+        )));
+    }
+    Ok(())
+}
+
 /// A multi-layer perceptron `Linear, act, Linear, act, ..., Linear`.
 ///
 /// `layers.len() - 1` hidden layers; the same activation after each hidden layer,
@@ -238,15 +253,7 @@ impl<T: Real> Mlp<T> {
         dout: MatRef<'_, T>,
     ) -> Result<Backward<T>> {
         let n = self.layers.len();
-        if dout.nrows() != x.nrows() || dout.ncols() != self.output_dim() {
-            return Err(Error::Shape(format!(
-                "output residuals are {} x {}, expected {} x {}",
-                dout.nrows(),
-                dout.ncols(),
-                x.nrows(),
-                self.output_dim()
-            )));
-        }
+        check_output_residuals(dout.shape(), x.nrows(), self.output_dim())?;
         let act = self.activation;
         let mut deltas: Vec<Mat<T>> = vec![Mat::zeros(0, 0); n];
         let mut grads: Vec<Dense<T>> = Vec::with_capacity(n);

@@ -10,4 +10,5 @@ pub(crate) mod ops;
 pub use activation::{Activation, LEAKY_SLOPE};
 pub use init::{Init, InitConfig};
 pub use loss::{Loss, Targets};
+pub(crate) use mlp::check_output_residuals;
 pub use mlp::{Backward, Dense, Forward, Gradient, Mlp, cast_mat, mat_is_finite};

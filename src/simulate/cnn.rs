@@ -10,7 +10,7 @@ use faer::Mat;
 use rand::RngExt;
 
 use crate::attack::conv::{ConvProblem, pixels};
-use crate::attack::{self, AttackConfig, Sample, Stage};
+use crate::attack::{self, AttackConfig, Sample};
 use crate::data::{Batch, DataSpec};
 use crate::io::png::ImageShape;
 use crate::metrics::{self, Metrics};
@@ -224,16 +224,7 @@ pub fn run(cfg: &CnnSimConfig) -> Result<CnnSimOutput> {
         ) {
             Ok(px) => {
                 let seconds = t.elapsed().as_secs_f64();
-                let samples: Vec<Sample> = (0..px.x.nrows())
-                    .map(|i| Sample {
-                        x: px.x.row(i).iter().copied().collect(),
-                        residual: None,
-                        exact: px.exact,
-                        stage: Stage::Pattern,
-                        label: feats.samples[i].label,
-                        output_residual: None,
-                    })
-                    .collect();
+                let samples = px.samples(feats);
                 let range = data.range.unwrap_or((0.0, 1.0));
                 let pm = metrics::evaluate(&x, &samples, Some(range), cfg.tol, Some(&labels))?;
                 let prior_only: Vec<Sample> = (0..cfg.batch)

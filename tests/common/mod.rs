@@ -1,6 +1,9 @@
-//! Shared helpers for the integration tests: the PyTorch fixture cases.
+//! Shared helpers for the integration tests: the PyTorch fixture cases (and the CNN
+//! fixtures, [`cnn`]).
 
 #![allow(dead_code)]
+
+pub mod cnn;
 
 use std::path::{Path, PathBuf};
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::ConvProblem;
 use super::equations::{ConvEquations, PoolEquations};
 use super::tv;
-use crate::attack::reconstruction::Reconstruction;
+use crate::attack::reconstruction::{Reconstruction, Sample, Stage};
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::cnn::{Conv, Layer, kernels};
@@ -124,6 +124,24 @@ pub struct Pixels {
     /// ||phi(x) - h|| / ||h|| of the recovered pixels.
     pub feature_closure: f64,
     pub exact: bool,
+}
+
+impl Pixels {
+    /// The recovered images as samples to match against the true pixels, each with the
+    /// label the head found for its features (`features`, the reconstruction the
+    /// pixels were recovered from).
+    pub fn samples(&self, features: &Reconstruction) -> Vec<Sample> {
+        (0..self.x.nrows())
+            .map(|i| Sample {
+                x: self.x.row(i).iter().copied().collect(),
+                residual: None,
+                exact: self.exact,
+                stage: Stage::Pattern,
+                label: features.samples[i].label,
+                output_residual: None,
+            })
+            .collect()
+    }
 }
 
 /// What is known about one layer's output while walking down: values (estimates where

@@ -8,7 +8,7 @@
 
 use faer::Mat;
 
-use super::unrolled::{LocalFit, STEPS};
+use super::unrolled::{LocalFit, STEPS, col_major, start_targets};
 use crate::Result;
 use crate::attack::verdict;
 use crate::attack::{AttackConfig, Reconstruction, ServerView, Stage};
@@ -57,29 +57,20 @@ pub fn refine(
     }
     let t0 = std::time::Instant::now();
     let gw = view.first.grad_weight.to_mat()?;
-    let cells = |m: &Mat<f64>| -> Vec<f64> {
-        (0..m.ncols())
-            .flat_map(|j| (0..m.nrows()).map(move |i| (i, j)))
-            .map(|(i, j)| m[(i, j)])
-            .collect()
-    };
     let hb = |c: &Option<faer::Col<f64>>| {
         c.as_ref()
             .map_or(0.0, |c| half_step(c.iter().copied(), bits))
     };
     let half = [
-        half_step(cells(&gw).into_iter(), bits),
+        half_step(col_major(&gw), bits),
         hb(&view.first.grad_bias),
-        half_step(cells(&view.upper_grad[0].weight).into_iter(), bits),
+        half_step(col_major(&view.upper_grad[0].weight), bits),
         hb(&view.upper_grad[0].bias),
     ];
     let loss = cfg.loss.unwrap_or(Loss::Ce);
     let x0 = Mat::from_fn(b, d, |i, j| rec.samples[i].x[j]);
-    let y0 = Mat::from_fn(b, k, |i, j| match (loss, rec.samples[i].label) {
-        (Loss::Ce, Some(l)) => f64::from(l == j),
-        (Loss::Ce, None) => 1.0 / k as f64,
-        _ => 0.0,
-    });
+    let labels: Vec<Option<usize>> = rec.samples.iter().map(|s| s.label).collect();
+    let y0 = start_targets(loss, &labels, k);
     let eye = Mat::from_fn(d, d, |i, j| f64::from(i == j));
     let fit = LocalFit::with_basis(view, 1, 0.0, loss, eye)?
         .binned(half)
@@ -88,13 +79,13 @@ pub fn refine(
         return Ok(rec);
     }
     for (i, s) in rec.samples.iter_mut().enumerate() {
-        s.x = (0..d).map(|j| fit.x[(i, j)]).collect();
+        s.x = fit.input(i);
         s.stage = Stage::Likelihood;
         verdict::withdraw(s);
         if loss == Loss::Ce {
-            s.label = (0..k).max_by(|&p, &q| fit.y[(i, p)].total_cmp(&fit.y[(i, q)]));
+            s.label = fit.label(i);
         }
-        s.output_residual = Some((0..k).map(|j| fit.r[(i, j)]).collect());
+        s.output_residual = Some(fit.output_residual(i));
     }
     let dg = &mut rec.diagnostics.defended;
     dg.consistent.consistent_iterations = Some(fit.iterations);
@@ -122,12 +113,7 @@ mod tests {
         let (b, d) = x.shape();
         let labels = out.batch.labels.clone().unwrap();
         let y = Mat::from_fn(b, 10, |i, j| f64::from(labels[i] == j));
-        let h = |m: &Mat<f64>| {
-            half_step(
-                (0..m.ncols()).flat_map(|j| (0..m.nrows()).map(move |i| m[(i, j)])),
-                8,
-            )
-        };
+        let h = |m: &Mat<f64>| half_step(col_major(m), 8);
         let hb = |c: &Option<faer::Col<f64>>| half_step(c.as_ref().unwrap().iter().copied(), 8);
         let half = [
             h(&view.first.grad_weight.to_mat().unwrap()),
@@ -140,10 +126,7 @@ mod tests {
             .unwrap()
             .binned(half);
         assert_eq!(fit.fit(&x, &y, &[], 0).unwrap().start, 0.0);
-        let scale = x.norm_l2() / ((b * d) as f64).sqrt();
-        let x0 = Mat::from_fn(b, d, |i, j| {
-            x[(i, j)] + 0.01 * scale * ((3 * i + 7 * j) as f64).sin()
-        });
+        let x0 = super::super::one_percent_off(&x);
         let got = fit.fit(&x0, &y, &[], STEPS).unwrap();
         let err = |m: &Mat<f64>| (m - &x).norm_l2() / x.norm_l2();
         eprintln!(

@@ -15,7 +15,7 @@
 
 use faer::{Col, Mat};
 
-use super::unrolled::{LocalFit, STEPS};
+use super::unrolled::{LocalFit, STEPS, start_targets};
 use crate::Result;
 use crate::attack::verdict::{Candidate, Claim};
 use crate::attack::{AttackConfig, Reconstruction, ServerView, Stage};
@@ -118,24 +118,20 @@ pub fn attack(
     }
     let b = xs.len();
     let x0 = Mat::from_fn(b, d, |i, j| xs[i][j]);
-    let y0 = Mat::from_fn(b, k, |i, j| match (loss, labels[i]) {
-        (Loss::Ce, Some(l)) => f64::from(l == j),
-        (Loss::Ce, None) => 1.0 / k as f64,
-        _ => 0.0,
-    });
+    let y0 = start_targets(loss, &labels, k);
     let fit = LocalFit::new(view, steps, lr, loss, b)?.fit(&x0, &y0, &[], STEPS)?;
     let found = rec.samples.len();
     rec.samples = (0..b)
         .map(|i| {
             Candidate {
-                x: (0..d).map(|j| fit.x[(i, j)]).collect(),
+                x: fit.input(i),
                 residual: Some(fit.objective.sqrt()),
                 stage: Stage::Likelihood,
                 label: match loss {
-                    Loss::Ce => (0..k).max_by(|&p, &q| fit.y[(i, p)].total_cmp(&fit.y[(i, q)])),
+                    Loss::Ce => fit.label(i),
                     _ => None,
                 },
-                output_residual: Some((0..k).map(|j| fit.r[(i, j)]).collect()),
+                output_residual: Some(fit.output_residual(i)),
                 claim: Claim::None,
             }
             .judge()

@@ -6,7 +6,7 @@
 
 use faer::Mat;
 
-use super::unrolled::{LocalFit, STEPS};
+use super::unrolled::{LocalFit, STEPS, start_targets};
 use crate::Result;
 use crate::attack::{AttackConfig, Reconstruction, ServerView, Stage};
 use crate::model::Loss;
@@ -40,11 +40,8 @@ pub fn refine(
     let t0 = std::time::Instant::now();
     let loss = cfg.loss.unwrap_or(Loss::Ce);
     let x0 = Mat::from_fn(b, d, |i, j| rec.samples[i].x[j]);
-    let y0 = Mat::from_fn(b, k, |i, j| match (loss, rec.samples[i].label) {
-        (Loss::Ce, Some(l)) => f64::from(l == j),
-        (Loss::Ce, None) => 1.0 / k as f64,
-        _ => 0.0,
-    });
+    let labels: Vec<Option<usize>> = rec.samples.iter().map(|s| s.label).collect();
+    let y0 = start_targets(loss, &labels, k);
     let nb = basis.ncols();
     let fit = LocalFit::with_basis(view, 1, 0.0, loss, basis)?
         .masked()
@@ -54,13 +51,13 @@ pub fn refine(
     }
     for (i, s) in rec.samples.iter_mut().enumerate() {
         if !held[i] {
-            s.x = (0..d).map(|j| fit.x[(i, j)]).collect();
+            s.x = fit.input(i);
             s.stage = Stage::Likelihood;
             s.residual = Some(fit.objective.sqrt());
             if loss == Loss::Ce {
-                s.label = (0..k).max_by(|&p, &q| fit.y[(i, p)].total_cmp(&fit.y[(i, q)]));
+                s.label = fit.label(i);
             }
-            s.output_residual = Some((0..k).map(|j| fit.r[(i, j)]).collect());
+            s.output_residual = Some(fit.output_residual(i));
         }
     }
     let dg = &mut rec.diagnostics.defended;
@@ -93,10 +90,7 @@ mod tests {
         let (out, view) = super::super::defended_round(vec![Defense::Prune(0.5)], 2, 128);
         let x = out.batch.x.clone();
         let (b, d) = x.shape();
-        let scale = x.norm_l2() / ((b * d) as f64).sqrt();
-        let x0 = Mat::from_fn(b, d, |i, j| {
-            x[(i, j)] + 0.01 * scale * ((3 * i + 7 * j) as f64).sin()
-        });
+        let x0 = super::super::one_percent_off(&x);
         let labels = out.batch.labels.clone().unwrap();
         let y0 = Mat::from_fn(b, 10, |i, j| f64::from(labels[i] == j));
         let eye = Mat::from_fn(d, d, |i, j| f64::from(i == j));

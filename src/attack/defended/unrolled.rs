@@ -261,6 +261,33 @@ pub struct Fitted {
     pub r: Mat<f64>,
 }
 
+impl Fitted {
+    /// Sample `i`'s fitted input.
+    pub fn input(&self, i: usize) -> Vec<f64> {
+        self.x.row(i).iter().copied().collect()
+    }
+
+    /// Sample `i`'s class under cross-entropy: its largest fitted target.
+    pub fn label(&self, i: usize) -> Option<usize> {
+        (0..self.y.ncols()).max_by(|&p, &q| self.y[(i, p)].total_cmp(&self.y[(i, q)]))
+    }
+
+    /// Sample `i`'s output residual at the first step.
+    pub fn output_residual(&self, i: usize) -> Vec<f64> {
+        self.r.row(i).iter().copied().collect()
+    }
+}
+
+/// The targets Y0 (B x K) a fit starts from: for cross-entropy each sample's label
+/// one-hot (uniform over the K classes where it is unknown), zeros for the other losses.
+pub fn start_targets(loss: Loss, labels: &[Option<usize>], k: usize) -> Mat<f64> {
+    Mat::from_fn(labels.len(), k, |i, j| match (loss, labels[i]) {
+        (Loss::Ce, Some(l)) => f64::from(l == j),
+        (Loss::Ce, None) => 1.0 / k as f64,
+        _ => 0.0,
+    })
+}
+
 impl LocalFit {
     /// From the view, E, LR and the loss; the inputs move in O_W's top-`batch` row space.
     pub fn new(view: &ServerView, steps: usize, lr: f64, loss: Loss, batch: usize) -> Result<Self> {
@@ -594,6 +621,6 @@ pub(super) fn row_space(g: &Mat<f64>, batch: usize) -> Result<Mat<f64>> {
 }
 
 /// The entries of `m` column by column.
-fn col_major(m: &Mat<f64>) -> impl Iterator<Item = f64> + '_ {
+pub(super) fn col_major(m: &Mat<f64>) -> impl Iterator<Item = f64> + '_ {
     (0..m.ncols()).flat_map(move |j| (0..m.nrows()).map(move |i| m[(i, j)]))
 }

@@ -177,8 +177,8 @@ fn kron_rows(u: MatRef<'_, f64>, p: usize) -> Mat<f64> {
     })
 }
 
-/// T = (1/m) sum_j f_j (x) He_p(u_j), for p in 1..=3, streaming over neuron blocks.
-pub fn moment_tensor(w: &Whitened, degree: usize) -> Result<MomentTensor> {
+/// The moment tensors are built for Hermite degrees 1 to 3.
+fn check_degree(degree: usize) -> Result<()> {
     if !(1..=3).contains(&degree) {
         return Err(Error::NotProvided {
             what: "Hermite degree",
@@ -186,6 +186,12 @@ pub fn moment_tensor(w: &Whitened, degree: usize) -> Result<MomentTensor> {
             allowed: "provided (1..=3)".into(),
         });
     }
+    Ok(())
+}
+
+/// T = (1/m) sum_j f_j (x) He_p(u_j), for p in 1..=3, streaming over neuron blocks.
+pub fn moment_tensor(w: &Whitened, degree: usize) -> Result<MomentTensor> {
+    check_degree(degree)?;
     let (m, b) = w.u.shape();
     let pdim = w.free.ncols();
     let width = b.pow(degree as u32);
@@ -288,13 +294,7 @@ fn hermite_entry(u: &[f64], set: &[usize]) -> (f64, f64) {
 /// [`moment_tensor`] divided by p! (Stein), but the empirical fluctuation of the
 /// lower and same-degree Hermite components is projected out instead of left as noise.
 pub fn regression_tensor(w: &Whitened, degree: usize) -> Result<MomentTensor> {
-    if !(1..=3).contains(&degree) {
-        return Err(Error::NotProvided {
-            what: "Hermite degree",
-            value: degree,
-            allowed: "provided (1..=3)".into(),
-        });
-    }
+    check_degree(degree)?;
     let (m, b) = w.u.shape();
     let pdim = w.free.ncols();
     let sets = multisets(b, degree);

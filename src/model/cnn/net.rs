@@ -5,7 +5,9 @@ use faer::Mat;
 
 use super::kernels::{self, Window};
 use super::spec::Shape;
-use crate::model::{Activation, Dense, Loss, Targets, cast_mat, mat_is_finite};
+use crate::model::{
+    Activation, Dense, Loss, Targets, cast_mat, check_output_residuals, mat_is_finite,
+};
 use crate::{Error, Real, Result};
 
 /// A convolution: `param.weight` is O x (C*KH*KW), PyTorch's [O, C, KH, KW] flattened
@@ -173,15 +175,7 @@ impl<T: Real> Cnn<T> {
         fw: &CnnForward<T>,
         dout: &Mat<T>,
     ) -> Result<CnnBackward<T>> {
-        if dout.nrows() != x.nrows() || dout.ncols() != self.output_dim() {
-            return Err(Error::Shape(format!(
-                "output residuals are {} x {}, expected {} x {}",
-                dout.nrows(),
-                dout.ncols(),
-                x.nrows(),
-                self.output_dim()
-            )));
-        }
+        check_output_residuals(dout.shape(), x.nrows(), self.output_dim())?;
         let n = self.layers.len();
         let mut deltas: Vec<Mat<T>> = vec![Mat::zeros(0, 0); n];
         let mut grads: Vec<Dense<T>> = Vec::new();
