@@ -189,7 +189,7 @@ fn a_wrong_last_token_in_ln_f_bias_is_not_certified() {
     let n_pred: usize = seqs.iter().map(|s| s.len() - 1).sum();
     let y = *seqs[0].last().unwrap() as usize;
     let other = (y + 1) % 4095;
-    let model = TensorFile::open(&dir.join("model.safetensors")).unwrap();
+    let model = TensorFile::open(dir.join("model.safetensors")).unwrap();
     let (shape, wte) = model.values("transformer.wte.weight").unwrap();
     let d = shape[1];
     let out = tmpdir("lm-wrong-last");

@@ -6,8 +6,10 @@
 //! N = sum_b |P_b| predicted positions, dL/dh_bt = W^T (p_bt - e_y) / N (W the output
 //! embedding). The unknown targets enter ln_f's gradient only through their own term:
 //!
-//!     r_beta  = -N (G_beta  - known_beta)  = sum_b W[y_b]
-//!     r_gamma = -N (G_gamma - known_gamma) = sum_b W[y_b] (.) n_b
+//! ```text
+//! r_beta  = -N (G_beta  - known_beta)  = sum_b W[y_b]
+//! r_gamma = -N (G_gamma - known_gamma) = sum_b W[y_b] (.) n_b
+//! ```
 //!
 //! (n_b ln_f's normalised input at the last prefix position), exactly, whatever the
 //! rest of the network; and the output embedding's rows outside the prefixes' tokens

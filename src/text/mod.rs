@@ -4,8 +4,9 @@
 //! [`span`] (the row space of the first block's input projection, at the gradient's
 //! floor) -> [`filter`] (the tokens whose input lies in it, per position) ->
 //! [`search`] (prefixes extended through the first block's causal attention, kept when
-//! the attention output lies in the span of its output projection's gradient) ->
-//! [`certificate`] (the recovered inputs explain both gradients) -> [`TextReport`].
+//! the attention output and the MLP input lie in the spans of their projections'
+//! gradients) -> [`certificate`] (the recovered inputs explain every tested gradient) ->
+//! [`completion`] (an LM head's last tokens from ln_f's gradient) -> [`TextReport`].
 //!
 //! ```no_run
 //! use std::path::Path;
