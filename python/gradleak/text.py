@@ -421,8 +421,8 @@ def attack(model, grads, tokenizer=None, *, check=True):
     exact = [bool(s.get("exact", False)) for s in seqs]
     rust_cert = bool(report.get("certified", False))
     py = {"save_seconds": t_save, "rust_certified": rust_cert}
-    # LM head: the Rust attack completes GPT-2's last tokens itself (ln_f's gradient);
-    # where it returns each sequence without its last token (LLaMA, or a completion
+    # LM head: the Rust attack completes the last tokens itself (the final norm's
+    # gradient); where it returns each sequence without its last token (a completion
     # that did not pass), complete it from the output layer's gradient here, then let
     # the recompute check decide. The Rust layer evidence (every layer's span
     # explained) stands in for its certificate then.

@@ -205,7 +205,7 @@ fn attack<'py>(
         params = params.noise_std(s);
     }
     if progress {
-        params = params.observer(ProgressPrinter::default());
+        params = params.observer(ProgressPrinter);
     }
     let cfg = params.check().map_err(err)?;
     let (mlayers, _) = layers(model, "model")?;

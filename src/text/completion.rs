@@ -22,8 +22,9 @@ use faer::{Mat, Side};
 use super::TextError;
 use super::certificate::RESIDUAL_FACTOR;
 use super::config::TextConfig;
-use super::forward::{FinalStates, final_states};
+use super::forward::{FinalStates, final_states, llama_final_states};
 use super::gpt2::{Gpt2, Names};
+use super::llama::Llama;
 use super::tensors::Tensors;
 
 /// What the completion found and the evidence for it.
@@ -40,25 +41,49 @@ pub struct Completion {
     /// nearest alternative is).
     pub runner_up: f64,
     /// Largest unexplained output-embedding row outside the prefixes' tokens, relative
-    /// to the largest |h_b|.
+    /// to the larger of the row's own size ||N G_W[v]|| and the largest |h_b|.
     pub rows_unexplained: f64,
     pub rows_tolerance: f64,
     pub passed: bool,
 }
 
-/// The column of (sequence b, token v) in the ln_f equations: (W[v] (.) n_b, W[v]).
-fn column(w: &Mat<f64>, v: usize, n: &[f64]) -> Vec<f64> {
+/// The column of (sequence b, token v) in the final norm's equations: (W[v] (.) n_b,
+/// W[v]), the second half only where the norm has a shift (LayerNorm, not RMSNorm).
+fn column(w: &Mat<f64>, v: usize, n: &[f64], shift: bool) -> Vec<f64> {
     let d = n.len();
-    let mut c = vec![0.0; 2 * d];
+    let mut c = vec![0.0; if shift { 2 * d } else { d }];
     for j in 0..d {
         c[j] = w[(v, j)] * n[j];
-        c[d + j] = w[(v, j)];
+        if shift {
+            c[d + j] = w[(v, j)];
+        }
     }
     c
 }
 
+/// What the completion reads of an LM head: the output embedding W (V x d), the name
+/// of its gradient, and the final norm's gain and (LayerNorm) shift gradients.
+pub(crate) struct OutputHead<'a> {
+    pub cfg: &'a TextConfig,
+    pub w: &'a Mat<f64>,
+    pub w_grad: String,
+    pub g_gamma: Vec<f64>,
+    pub g_beta: Option<Vec<f64>>,
+}
+
 fn norm(x: &[f64]) -> f64 {
     x.iter().map(|v| v * v).sum::<f64>().sqrt()
+}
+
+fn check_count(cfg: &TextConfig, prefixes: &[Vec<u32>]) -> Result<(), TextError> {
+    if prefixes.is_empty() || prefixes.len() > cfg.hidden {
+        return Err(TextError::Unsupported(format!(
+            "last-token completion of {} prefixes (needs 1 to d = {})",
+            prefixes.len(),
+            cfg.hidden
+        )));
+    }
+    Ok(())
 }
 
 /// Complete `prefixes` (the search's leaves, each non-empty) of a GPT-2 LM-head model.
@@ -74,32 +99,76 @@ pub(crate) fn complete(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Completion, TextError> {
     let cfg: &TextConfig = &model.cfg;
+    check_count(cfg, prefixes)?;
     let (d, vocab) = (cfg.hidden, cfg.vocab);
-    if prefixes.is_empty() || prefixes.len() > d {
-        return Err(TextError::Unsupported(format!(
-            "last-token completion of {} prefixes (needs 1 to d = {d})",
-            prefixes.len()
-        )));
-    }
-    let tied = cfg.tied_embeddings;
-    let (w_out, w_name) = if tied {
+    let (w_out, w_grad) = if cfg.tied_embeddings {
         (None, names.wte())
     } else {
         let n = "lm_head.weight".to_string();
         (Some(weights.matrix(&n, vocab, d)?), n)
     };
-    let w = w_out.as_ref().unwrap_or(&model.wte);
     let lnf = |s: &str| format!("{}ln_f.{s}", names.prefix);
-    let g_gamma = grads.vector(&lnf("weight"), d)?;
-    let g_beta = grads.vector(&lnf("bias"), d)?;
+    let head = OutputHead {
+        cfg,
+        w: w_out.as_ref().unwrap_or(&model.wte),
+        w_grad,
+        g_gamma: grads.vector(&lnf("weight"), d)?,
+        g_beta: Some(grads.vector(&lnf("bias"), d)?),
+    };
+    let states = final_states(
+        cfg, weights, names, &model.wte, &model.wpe, prefixes, progress,
+    )?;
+    solve(&head, states, grads, prefixes, u, progress)
+}
 
+/// The same for a LLaMA-style model (final RMSNorm: the gain's d equations only).
+pub(crate) fn complete_llama(
+    model: &Llama,
+    weights: &Tensors,
+    grads: &Tensors,
+    prefix: &str,
+    prefixes: &[Vec<u32>],
+    u: f64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Completion, TextError> {
+    let cfg: &TextConfig = &model.cfg;
+    check_count(cfg, prefixes)?;
+    let (d, vocab) = (cfg.hidden, cfg.vocab);
+    let (w_out, w_grad) = if cfg.tied_embeddings {
+        (None, format!("{prefix}embed_tokens.weight"))
+    } else {
+        let n = "lm_head.weight".to_string();
+        (Some(weights.matrix(&n, vocab, d)?), n)
+    };
+    let head = OutputHead {
+        cfg,
+        w: w_out.as_ref().unwrap_or(&model.embed),
+        w_grad,
+        g_gamma: grads.vector(&format!("{prefix}norm.weight"), d)?,
+        g_beta: None,
+    };
+    let states = llama_final_states(model, weights, prefix, prefixes, progress)?;
+    solve(&head, states, grads, prefixes, u, progress)
+}
+
+/// The completion proper, on the stack's final states.
+fn solve(
+    head: &OutputHead<'_>,
+    states: FinalStates,
+    grads: &Tensors,
+    prefixes: &[Vec<u32>],
+    u: f64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Completion, TextError> {
+    let (cfg, w) = (head.cfg, head.w);
+    let (d, vocab) = (cfg.hidden, cfg.vocab);
+    let tied = cfg.tied_embeddings;
+    let shift = head.g_beta.is_some();
     let FinalStates {
         normalised,
         hidden,
         starts,
-    } = final_states(
-        cfg, weights, names, &model.wte, &model.wpe, prefixes, progress,
-    )?;
+    } = states;
     let rows = hidden.nrows();
     let n_pred = rows as f64;
     // dL/dz for every row with its known target; the last row of each prefix without
@@ -125,18 +194,21 @@ pub(crate) fn complete(
     }
     progress("text: last token: softmax of every prefix position");
     let dh = &dz * w;
-    let mut r = vec![0.0; 2 * d];
-    let mut scale = vec![0.0; 2 * d];
+    let width = if shift { 2 * d } else { d };
+    let mut r = vec![0.0; width];
+    let mut scale = vec![0.0; width];
     for j in 0..d {
         let (mut kg, mut kb) = (0.0, 0.0);
         for i in 0..rows {
             kg += dh[(i, j)] * normalised[(i, j)];
             kb += dh[(i, j)];
         }
-        r[j] = -n_pred * (g_gamma[j] - kg);
-        r[d + j] = -n_pred * (g_beta[j] - kb);
-        scale[j] = n_pred * g_gamma[j];
-        scale[d + j] = n_pred * g_beta[j];
+        r[j] = -n_pred * (head.g_gamma[j] - kg);
+        scale[j] = n_pred * head.g_gamma[j];
+        if let Some(g_beta) = &head.g_beta {
+            r[d + j] = -n_pred * (g_beta[j] - kb);
+            scale[d + j] = n_pred * g_beta[j];
+        }
     }
     let r_norm = norm(&r);
     // the client's rounding is relative to what it summed, N G, not to the small r
@@ -144,10 +216,17 @@ pub(crate) fn complete(
 
     // the output embedding's rows: -N R_v = -N (G_W - dz^T H)_v (the known terms'
     // output path removed), as the columns of a d x V matrix
-    let rhs = {
-        let g_w = grads.matrix(&w_name, vocab, d)?;
+    // and each row's size as the client summed it, ||N G_W[v]||, which its rounding scales with
+    let (rhs, row_scale) = {
+        let g_w = grads.matrix(&head.w_grad, vocab, d)?;
         let out_path = dz.transpose() * &hidden;
-        Mat::from_fn(d, vocab, |j, v| -n_pred * (g_w[(v, j)] - out_path[(v, j)]))
+        let scale: Vec<f64> = (0..vocab)
+            .map(|v| n_pred * (0..d).map(|j| g_w[(v, j)].powi(2)).sum::<f64>().sqrt())
+            .collect();
+        (
+            Mat::from_fn(d, vocab, |j, v| -n_pred * (g_w[(v, j)] - out_path[(v, j)])),
+            scale,
+        )
     };
     drop(dz);
     let mut input_rows = vec![false; vocab];
@@ -206,7 +285,7 @@ pub(crate) fn complete(
     // the rest from ln_f's equations, over the prefixes' tokens (whose rows are not clean)
     let mut e = r.clone();
     let sub = |e: &mut Vec<f64>, v: usize, n: &[f64], sign: f64| {
-        for (ej, cj) in e.iter_mut().zip(column(w, v, n)) {
+        for (ej, cj) in e.iter_mut().zip(column(w, v, n, shift)) {
             *ej -= sign * cj;
         }
     };
@@ -221,7 +300,7 @@ pub(crate) fn complete(
         (0..vocab).collect()
     };
     let dist = |e: &[f64], v: usize, n: &[f64]| -> f64 {
-        let c = column(w, v, n);
+        let c = column(w, v, n, shift);
         e.iter()
             .zip(&c)
             .map(|(a, b)| (a - b).powi(2))
@@ -271,6 +350,9 @@ pub(crate) fn complete(
     }
     let unexplained = norm(&e) / r_norm;
     // rows outside the prefixes' tokens must hold exactly the chosen targets' states
+    let h_max = (0..b)
+        .map(|i| (0..d).map(|j| h_last[(i, j)].powi(2)).sum::<f64>().sqrt())
+        .fold(0.0, f64::max);
     let mut rows_unexplained: f64 = 0.0;
     for v in (0..vocab).filter(|&v| !input_rows[v]) {
         let s: f64 = (0..d)
@@ -282,12 +364,9 @@ pub(crate) fn complete(
                 (rhs[(j, v)] - chosen).powi(2)
             })
             .sum();
-        rows_unexplained = rows_unexplained.max(s.sqrt());
+        let scale = row_scale[v].max(h_max).max(f64::MIN_POSITIVE);
+        rows_unexplained = rows_unexplained.max(s.sqrt() / scale);
     }
-    let h_max = (0..b)
-        .map(|i| (0..d).map(|j| h_last[(i, j)].powi(2)).sum::<f64>().sqrt())
-        .fold(0.0, f64::max);
-    rows_unexplained /= h_max.max(f64::MIN_POSITIVE);
     let rows_tolerance = RESIDUAL_FACTOR * u;
     let passed = unexplained <= tolerance && rows_unexplained <= rows_tolerance;
     Ok(Completion {

@@ -2,11 +2,12 @@
 //! the LM head's last-token completion reads (docs/DESIGN.md, "Text: the last token").
 //! One block's weights are read at a time, so memory stays at one block whatever the depth.
 
-use faer::Mat;
+use faer::{Mat, MatRef};
 
 use super::TextError;
 use super::config::TextConfig;
 use super::gpt2::{LayerNorm, Names, add_bias};
+use super::llama::{Llama, rms_norm_rows};
 use super::tensors::Tensors;
 
 /// The stack's output for a set of sequences, rows stacked sequence after sequence.
@@ -66,17 +67,26 @@ fn layer_norm(
     })
 }
 
-/// Causal self-attention of one sequence's rows `r0 .. r0 + n` of `qkv` (rows x 3d),
-/// heads concatenated (rows x d).
-fn attention(qkv: &Mat<f64>, r0: usize, n: usize, heads: usize, out: &mut Mat<f64>) {
-    let d = qkv.ncols() / 3;
-    let hd = d / heads;
+/// Causal self-attention of one sequence (rows of q: n x heads*hd; k, v: n x
+/// kv_heads*hd), heads concatenated, into rows `r0 .. r0 + n` of `out`. Query head h
+/// reads key/value head h / (heads / kv_heads).
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: MatRef<'_, f64>,
+    k: MatRef<'_, f64>,
+    v: MatRef<'_, f64>,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    r0: usize,
+    out: &mut Mat<f64>,
+) {
+    let n = q.nrows();
     let scale = 1.0 / (hd as f64).sqrt();
+    let group = heads / kv_heads;
     for h in 0..heads {
-        let q = qkv.subrows(r0, n).subcols(h * hd, hd);
-        let k = qkv.subrows(r0, n).subcols(d + h * hd, hd);
-        let v = qkv.subrows(r0, n).subcols(2 * d + h * hd, hd);
-        let mut s = q * k.transpose();
+        let kc = (h / group) * hd;
+        let mut s = q.subcols(h * hd, hd) * k.subcols(kc, hd).transpose();
         for i in 0..n {
             let mx = (0..=i).map(|j| s[(i, j)] * scale).fold(f64::MIN, f64::max);
             let mut z = 0.0;
@@ -93,9 +103,20 @@ fn attention(qkv: &Mat<f64>, r0: usize, n: usize, heads: usize, out: &mut Mat<f6
                 s[(i, j)] /= z;
             }
         }
-        let o = &s * v;
+        let o = &s * v.subcols(kc, hd);
         out.subrows_mut(r0, n).subcols_mut(h * hd, hd).copy_from(&o);
     }
+}
+
+/// First row of each sequence in the stacked rows, and the row count.
+fn stacking(sequences: &[Vec<u32>]) -> (Vec<usize>, usize) {
+    let mut starts = Vec::with_capacity(sequences.len());
+    let mut rows = 0;
+    for s in sequences {
+        starts.push(rows);
+        rows += s.len();
+    }
+    (starts, rows)
 }
 
 /// Run the stack on `sequences` (each non-empty, within the model's positions).
@@ -109,12 +130,7 @@ pub(crate) fn final_states(
     progress: &mut dyn FnMut(&str),
 ) -> Result<FinalStates, TextError> {
     let d = cfg.hidden;
-    let mut starts = Vec::with_capacity(sequences.len());
-    let mut rows = 0;
-    for s in sequences {
-        starts.push(rows);
-        rows += s.len();
-    }
+    let (starts, rows) = stacking(sequences);
     let mut x = Mat::<f64>::zeros(rows, d);
     for (s, &r0) in sequences.iter().zip(&starts) {
         for (p, &t) in s.iter().enumerate() {
@@ -141,8 +157,15 @@ pub(crate) fn final_states(
         let mut qkv = &a * &w_attn;
         add_bias(&mut qkv, &b_attn);
         let mut att = Mat::<f64>::zeros(rows, d);
+        let hd = d / cfg.heads;
         for (s, &r0) in sequences.iter().zip(&starts) {
-            attention(&qkv, r0, s.len(), cfg.heads, &mut att);
+            let rows = qkv.subrows(r0, s.len());
+            let (q, k, v) = (
+                rows.subcols(0, d),
+                rows.subcols(d, d),
+                rows.subcols(2 * d, d),
+            );
+            attention(q, k, v, cfg.heads, cfg.heads, hd, r0, &mut att);
         }
         let mut o = &att * &w_proj;
         add_bias(&mut o, &b_proj);
@@ -178,6 +201,92 @@ pub(crate) fn final_states(
     let hidden = Mat::from_fn(rows, d, |i, j| {
         normalised[(i, j)] * ln_f.gamma[j] + ln_f.beta[j]
     });
+    Ok(FinalStates {
+        normalised,
+        hidden,
+        starts,
+    })
+}
+
+/// LLaMA's stack on `sequences`: RMSNorm, q/k/v, rotary positions, grouped-query causal
+/// attention, o_proj, RMSNorm, SwiGLU (down(silu(gate x) * up x)); then the final
+/// RMSNorm (`normalised` = x / rms(x), `hidden` its product with the gain).
+pub(crate) fn llama_final_states(
+    model: &Llama,
+    weights: &Tensors,
+    prefix: &str,
+    sequences: &[Vec<u32>],
+    progress: &mut dyn FnMut(&str),
+) -> Result<FinalStates, TextError> {
+    let cfg = &model.cfg;
+    let (d, hd) = (cfg.hidden, cfg.head_dim);
+    let (qd, kv) = (cfg.heads * hd, cfg.kv_heads * hd);
+    let eps = cfg.layer_norm_eps;
+    let (starts, rows) = stacking(sequences);
+    let mut x = Mat::<f64>::zeros(rows, d);
+    let mut positions = vec![0; rows];
+    for (s, &r0) in sequences.iter().zip(&starts) {
+        for (p, &t) in s.iter().enumerate() {
+            positions[r0 + p] = p;
+            for j in 0..d {
+                x[(r0 + p, j)] = model.embed[(t as usize, j)];
+            }
+        }
+    }
+    let name = |l: usize, rest: &str| format!("{prefix}layers.{l}.{rest}");
+    // Linear weights are out x in: x W^T
+    let lin =
+        |l: usize, rest: &str, out: usize, inp: usize| weights.matrix(&name(l, rest), out, inp);
+    for l in 0..cfg.layers {
+        let mut a = x.clone();
+        rms_norm_rows(
+            &mut a,
+            &weights.vector(&name(l, "input_layernorm.weight"), d)?,
+            eps,
+        );
+        let mut q = &a * lin(l, "self_attn.q_proj.weight", qd, d)?.transpose();
+        let mut k = &a * lin(l, "self_attn.k_proj.weight", kv, d)?.transpose();
+        let v = &a * lin(l, "self_attn.v_proj.weight", kv, d)?.transpose();
+        model.rope_rows(&mut q, cfg.heads, &positions);
+        model.rope_rows(&mut k, cfg.kv_heads, &positions);
+        let mut att = Mat::<f64>::zeros(rows, qd);
+        for (s, &r0) in sequences.iter().zip(&starts) {
+            let n = s.len();
+            attention(
+                q.subrows(r0, n),
+                k.subrows(r0, n),
+                v.subrows(r0, n),
+                cfg.heads,
+                cfg.kv_heads,
+                hd,
+                r0,
+                &mut att,
+            );
+        }
+        x += &att * lin(l, "self_attn.o_proj.weight", d, qd)?.transpose();
+        let mut m = x.clone();
+        rms_norm_rows(
+            &mut m,
+            &weights.vector(&name(l, "post_attention_layernorm.weight"), d)?,
+            eps,
+        );
+        let gate = &m * lin(l, "mlp.gate_proj.weight", cfg.ffn, d)?.transpose();
+        let up = &m * lin(l, "mlp.up_proj.weight", cfg.ffn, d)?.transpose();
+        let act = Mat::from_fn(rows, cfg.ffn, |i, j| {
+            let g = gate[(i, j)];
+            g / (1.0 + (-g).exp()) * up[(i, j)]
+        });
+        x += &act * lin(l, "mlp.down_proj.weight", d, cfg.ffn)?.transpose();
+        progress(&format!(
+            "text: last token: block {} of {}",
+            l + 1,
+            cfg.layers
+        ));
+    }
+    let mut normalised = x;
+    rms_norm_rows(&mut normalised, &vec![1.0; d], eps);
+    let gain = weights.vector(&format!("{prefix}norm.weight"), d)?;
+    let hidden = Mat::from_fn(rows, d, |i, j| normalised[(i, j)] * gain[j]);
     Ok(FinalStates {
         normalised,
         hidden,

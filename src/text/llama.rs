@@ -36,6 +36,8 @@ pub(crate) struct Llama {
     /// o_proj as in x out (qd x d).
     pub wo: Mat<f64>,
     pub norm_2: Vec<f64>,
+    /// The parameter names' prefix (`model.` or empty).
+    pub prefix: String,
     /// Rotary frequencies theta^(-2i/hd), i < hd/2.
     inv_freq: Vec<f64>,
 }
@@ -76,6 +78,7 @@ impl Llama {
             wo: lin(0, "self_attn.o_proj.weight", d, qd)?,
             norm_2: w.vector(&name(0, "post_attention_layernorm.weight"), d)?,
             inv_freq,
+            prefix: prefix.to_string(),
             cfg,
         })
     }
@@ -96,13 +99,22 @@ impl Llama {
     /// Rotate each head of `x` (rows) to position p: HF's rotate_half convention,
     /// x * cos + (-x2, x1) * sin with angles p * inv_freq repeated over both halves.
     fn rope(&self, x: &mut Mat<f64>, heads: usize, p: usize) {
+        self.rope_by(x, heads, |_| p);
+    }
+
+    /// [`rope`](Self::rope) with row r at position `positions[r]`.
+    pub(crate) fn rope_rows(&self, x: &mut Mat<f64>, heads: usize, positions: &[usize]) {
+        self.rope_by(x, heads, |r| positions[r]);
+    }
+
+    fn rope_by(&self, x: &mut Mat<f64>, heads: usize, pos: impl Fn(usize) -> usize) {
         let hd = self.cfg.head_dim;
         let half = hd / 2;
-        for h in 0..heads {
+        for r in 0..x.nrows() {
+            let p = pos(r) as f64;
             for i in 0..half {
-                let a = p as f64 * self.inv_freq[i];
-                let (s, c) = a.sin_cos();
-                for r in 0..x.nrows() {
+                let (s, c) = (p * self.inv_freq[i]).sin_cos();
+                for h in 0..heads {
                     let x1 = x[(r, h * hd + i)];
                     let x2 = x[(r, h * hd + half + i)];
                     x[(r, h * hd + i)] = x1 * c - x2 * s;

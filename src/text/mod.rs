@@ -481,39 +481,43 @@ pub fn attack_with_progress(
     let mut complete = head != Head::LanguageModel;
     if !complete {
         let t = Instant::now();
-        match &model {
-            Model::Gpt2(m) if layers_passed && !trie.overflow => {
-                let weights = tensors::Tensors::open(&model_dir.join("model.safetensors"), "model")?;
-                let grads = tensors::Tensors::open(gradient, "gradient")?;
-                let names = gpt2::Names {
-                    prefix: m.names_prefix.clone(),
-                };
-                match completion::complete(m, &weights, &grads, &names, &sequences, u, progress) {
-                    Ok(c) => {
-                        if c.passed {
-                            for (s, &y) in sequences.iter_mut().zip(&c.tokens) {
-                                s.push(y);
-                            }
-                            complete = true;
-                        } else {
-                            report.notes.push(format!(
-                                "language-model head: the last tokens proposed by ln_f's gradient leave {:.1e} of it unexplained (tolerance {:.1e}) and {:.1e} of the output embedding's rows ({:.1e}): each sequence is returned without its last token and not marked exact",
-                                c.unexplained, c.tolerance, c.rows_unexplained, c.rows_tolerance
-                            ));
-                        }
-                        report.completion = Some(c);
-                    }
-                    Err(e) => report.notes.push(format!(
-                        "language-model head: the last-token completion failed ({e}); each sequence is returned without its last token and not marked exact"
-                    )),
+        if layers_passed && !trie.overflow {
+            let weights = tensors::Tensors::open(&model_dir.join("model.safetensors"), "model")?;
+            let grads = tensors::Tensors::open(gradient, "gradient")?;
+            let done = match &model {
+                Model::Gpt2(m) => {
+                    let names = gpt2::Names {
+                        prefix: m.names_prefix.clone(),
+                    };
+                    completion::complete(m, &weights, &grads, &names, &sequences, u, progress)
                 }
+                Model::Llama(m) => completion::complete_llama(
+                    m, &weights, &grads, &m.prefix, &sequences, u, progress,
+                ),
+            };
+            match done {
+                Ok(c) => {
+                    if c.passed {
+                        for (s, &y) in sequences.iter_mut().zip(&c.tokens) {
+                            s.push(y);
+                        }
+                        complete = true;
+                    } else {
+                        report.notes.push(format!(
+                            "language-model head: the last tokens proposed by the final norm's gradient leave {:.1e} of it unexplained (tolerance {:.1e}) and {:.1e} of the output embedding's rows ({:.1e}): each sequence is returned without its last token and not marked exact",
+                            c.unexplained, c.tolerance, c.rows_unexplained, c.rows_tolerance
+                        ));
+                    }
+                    report.completion = Some(c);
+                }
+                Err(e) => report.notes.push(format!(
+                    "language-model head: the last-token completion failed ({e}); each sequence is returned without its last token and not marked exact"
+                )),
             }
-            Model::Gpt2(_) => report.notes.push(
+        } else {
+            report.notes.push(
                 "language-model head: the prefixes are not certified, so the last tokens were not completed; each sequence is returned without its last token and not marked exact".into(),
-            ),
-            Model::Llama(_) => report.notes.push(
-                "language-model head: the last position of each sequence predicts nothing, so its input carries no gradient in the blocks; the last-token completion reads GPT-2 only, so each sequence is returned without its last token and not marked exact".into(),
-            ),
+            );
         }
         seconds.completion = t.elapsed().as_secs_f64();
         report.last_token_missing = !complete;
