@@ -86,6 +86,20 @@ fn check_count(cfg: &TextConfig, prefixes: &[Vec<u32>]) -> Result<(), TextError>
     Ok(())
 }
 
+/// The output embedding: the token embedding when tied (None: the caller's own, and
+/// the gradient under `tied_name`), else `lm_head.weight`.
+fn output_embedding(
+    cfg: &TextConfig,
+    weights: &Tensors,
+    tied_name: String,
+) -> Result<(Option<Mat<f64>>, String), TextError> {
+    if cfg.tied_embeddings {
+        return Ok((None, tied_name));
+    }
+    let n = "lm_head.weight".to_string();
+    Ok((Some(weights.matrix(&n, cfg.vocab, cfg.hidden)?), n))
+}
+
 /// Complete `prefixes` (the search's leaves, each non-empty) of a GPT-2 LM-head model.
 /// `u`: the gradient's unit roundoff.
 #[allow(clippy::too_many_arguments)]
@@ -100,13 +114,8 @@ pub(crate) fn complete(
 ) -> Result<Completion, TextError> {
     let cfg: &TextConfig = &model.cfg;
     check_count(cfg, prefixes)?;
-    let (d, vocab) = (cfg.hidden, cfg.vocab);
-    let (w_out, w_grad) = if cfg.tied_embeddings {
-        (None, names.wte())
-    } else {
-        let n = "lm_head.weight".to_string();
-        (Some(weights.matrix(&n, vocab, d)?), n)
-    };
+    let d = cfg.hidden;
+    let (w_out, w_grad) = output_embedding(cfg, weights, names.wte())?;
     let lnf = |s: &str| format!("{}ln_f.{s}", names.prefix);
     let head = OutputHead {
         cfg,
@@ -133,13 +142,8 @@ pub(crate) fn complete_llama(
 ) -> Result<Completion, TextError> {
     let cfg: &TextConfig = &model.cfg;
     check_count(cfg, prefixes)?;
-    let (d, vocab) = (cfg.hidden, cfg.vocab);
-    let (w_out, w_grad) = if cfg.tied_embeddings {
-        (None, format!("{prefix}embed_tokens.weight"))
-    } else {
-        let n = "lm_head.weight".to_string();
-        (Some(weights.matrix(&n, vocab, d)?), n)
-    };
+    let d = cfg.hidden;
+    let (w_out, w_grad) = output_embedding(cfg, weights, format!("{prefix}embed_tokens.weight"))?;
     let head = OutputHead {
         cfg,
         w: w_out.as_ref().unwrap_or(&model.embed),

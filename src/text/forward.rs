@@ -5,8 +5,9 @@
 use faer::{Mat, MatRef};
 
 use super::TextError;
+use super::causal::causal_attention;
 use super::config::TextConfig;
-use super::gpt2::{LayerNorm, Names, add_bias};
+use super::gpt2::{LayerNorm, Names, add_bias, normalise_rows};
 use super::llama::{Llama, rms_norm_rows};
 use super::tensors::Tensors;
 
@@ -18,24 +19,6 @@ pub(crate) struct FinalStates {
     pub hidden: Mat<f64>,
     /// First row of each sequence.
     pub starts: Vec<usize>,
-}
-
-/// (x - mean) / sqrt(var + eps), row by row.
-fn normalise_rows(x: &Mat<f64>, eps: f64) -> Mat<f64> {
-    let d = x.ncols() as f64;
-    let mut out = x.clone();
-    for i in 0..x.nrows() {
-        let mean = (0..x.ncols()).map(|j| x[(i, j)]).sum::<f64>() / d;
-        let var = (0..x.ncols())
-            .map(|j| (x[(i, j)] - mean).powi(2))
-            .sum::<f64>()
-            / d;
-        let inv = 1.0 / (var + eps).sqrt();
-        for j in 0..x.ncols() {
-            out[(i, j)] = (x[(i, j)] - mean) * inv;
-        }
-    }
-    out
 }
 
 /// One Conv1D (weight in x out, bias out) of block `l`.
@@ -68,8 +51,8 @@ fn layer_norm(
 }
 
 /// Causal self-attention of one sequence (rows of q: n x heads*hd; k, v: n x
-/// kv_heads*hd), heads concatenated, into rows `r0 .. r0 + n` of `out`. Query head h
-/// reads key/value head h / (heads / kv_heads).
+/// kv_heads*hd), heads concatenated, into rows `r0 .. r0 + n` of `out`: position i is
+/// the search's extension of the prefix 0..i by itself ([`causal_attention`]).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     q: MatRef<'_, f64>,
@@ -81,30 +64,18 @@ fn attention(
     r0: usize,
     out: &mut Mat<f64>,
 ) {
-    let n = q.nrows();
-    let scale = 1.0 / (hd as f64).sqrt();
-    let group = heads / kv_heads;
-    for h in 0..heads {
-        let kc = (h / group) * hd;
-        let mut s = q.subcols(h * hd, hd) * k.subcols(kc, hd).transpose();
-        for i in 0..n {
-            let mx = (0..=i).map(|j| s[(i, j)] * scale).fold(f64::MIN, f64::max);
-            let mut z = 0.0;
-            for j in 0..n {
-                let w = if j <= i {
-                    (s[(i, j)] * scale - mx).exp()
-                } else {
-                    0.0
-                };
-                s[(i, j)] = w;
-                z += w;
-            }
-            for j in 0..=i {
-                s[(i, j)] /= z;
-            }
-        }
-        let o = &s * v.subcols(kc, hd);
-        out.subrows_mut(r0, n).subcols_mut(h * hd, hd).copy_from(&o);
+    for i in 0..q.nrows() {
+        let a = causal_attention(
+            k.subrows(0, i),
+            v.subrows(0, i),
+            q.subrows(i, 1),
+            k.subrows(i, 1),
+            v.subrows(i, 1),
+            heads,
+            kv_heads,
+            hd,
+        );
+        out.subrows_mut(r0 + i, 1).copy_from(&a);
     }
 }
 
@@ -197,7 +168,8 @@ pub(crate) fn final_states(
         d,
         eps,
     )?;
-    let normalised = normalise_rows(&x, eps);
+    let mut normalised = x;
+    normalise_rows(&mut normalised, eps);
     let hidden = Mat::from_fn(rows, d, |i, j| {
         normalised[(i, j)] * ln_f.gamma[j] + ln_f.beta[j]
     });

@@ -22,17 +22,27 @@ pub(crate) struct LayerNorm {
 impl LayerNorm {
     /// (x - mean) / sqrt(var + eps) * gamma + beta, row by row, in place.
     pub fn apply_rows(&self, x: &mut Mat<f64>) {
-        let d = x.ncols() as f64;
+        normalise_rows(x, self.eps);
         for i in 0..x.nrows() {
-            let mean = (0..x.ncols()).map(|j| x[(i, j)]).sum::<f64>() / d;
-            let var = (0..x.ncols())
-                .map(|j| (x[(i, j)] - mean).powi(2))
-                .sum::<f64>()
-                / d;
-            let inv = 1.0 / (var + self.eps).sqrt();
             for j in 0..x.ncols() {
-                x[(i, j)] = (x[(i, j)] - mean) * inv * self.gamma[j] + self.beta[j];
+                x[(i, j)] = x[(i, j)] * self.gamma[j] + self.beta[j];
             }
+        }
+    }
+}
+
+/// (x - mean) / sqrt(var + eps), row by row, in place: LayerNorm without gain or shift.
+pub(crate) fn normalise_rows(x: &mut Mat<f64>, eps: f64) {
+    let d = x.ncols() as f64;
+    for i in 0..x.nrows() {
+        let mean = (0..x.ncols()).map(|j| x[(i, j)]).sum::<f64>() / d;
+        let var = (0..x.ncols())
+            .map(|j| (x[(i, j)] - mean).powi(2))
+            .sum::<f64>()
+            / d;
+        let inv = 1.0 / (var + eps).sqrt();
+        for j in 0..x.ncols() {
+            x[(i, j)] = (x[(i, j)] - mean) * inv;
         }
     }
 }
