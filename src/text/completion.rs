@@ -41,7 +41,7 @@ pub struct Completion {
     /// nearest alternative is).
     pub runner_up: f64,
     /// Largest unexplained output-embedding row outside the prefixes' tokens, relative
-    /// to the larger of the row's own size ||N G_W[v]|| and the largest |h_b|.
+    /// to the larger of the row's own size ||N G_W(v)|| and the largest |h_b|.
     pub rows_unexplained: f64,
     pub rows_tolerance: f64,
     pub passed: bool,
