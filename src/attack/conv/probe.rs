@@ -13,12 +13,10 @@ use crate::attack::exact::zero::best_residual_of;
 use crate::attack::params::{AttackConfig, Method};
 use crate::io::safetensors::TensorFile;
 
-#[test]
-#[ignore]
-fn probe() {
-    let Ok(dir) = std::env::var("GRADLEAK_CONV_PROBE") else {
-        return;
-    };
+/// The case in `GRADLEAK_CONV_PROBE` (a fixture folder of make_cnn_fixtures.py): the
+/// head's problem and the true features of its batch; None when the variable is unset.
+fn case() -> Option<(super::ConvProblem, faer::Mat<f64>)> {
+    let dir = std::env::var("GRADLEAK_CONV_PROBE").ok()?;
     let dir = std::path::Path::new(&dir);
     let (spec, model, _) = crate::io::cnn::read_model_dir(dir).unwrap();
     let (grad, dtype) = crate::io::cnn::read_tensors(&dir.join("gradient.safetensors")).unwrap();
@@ -28,6 +26,15 @@ fn probe() {
         .matrix("x")
         .unwrap();
     let h = p.features(&x).unwrap();
+    Some((p, h))
+}
+
+#[test]
+#[ignore]
+fn probe() {
+    let Some((p, h)) = case() else {
+        return;
+    };
     let view = &p.view;
     let cfg = AttackConfig::new(Method::Auto, 1);
     let sub = crate::attack::subspace::estimate(view, &cfg.subspace_options()).unwrap();
@@ -204,18 +211,9 @@ fn tail() {
     use crate::attack::exact::alternation::{Found, deflate};
     use crate::attack::exact::zero::row_points;
     use crate::attack::subspace::Subspace;
-    let Ok(dir) = std::env::var("GRADLEAK_CONV_PROBE") else {
+    let Some((p, h)) = case() else {
         return;
     };
-    let dir = std::path::Path::new(&dir);
-    let (spec, model, _) = crate::io::cnn::read_model_dir(dir).unwrap();
-    let (grad, dtype) = crate::io::cnn::read_tensors(&dir.join("gradient.safetensors")).unwrap();
-    let p = super::ConvProblem::new(&spec, &model, &grad, dtype, None).unwrap();
-    let x = TensorFile::open(dir.join("batch.safetensors"))
-        .unwrap()
-        .matrix("x")
-        .unwrap();
-    let h = p.features(&x).unwrap();
     let view = &p.view;
     let cfg = AttackConfig::new(Method::Auto, 1);
     let sub: Subspace = crate::attack::subspace::estimate(view, &cfg.subspace_options()).unwrap();
@@ -350,18 +348,9 @@ fn tail() {
 #[test]
 #[ignore]
 fn found() {
-    let Ok(dir) = std::env::var("GRADLEAK_CONV_PROBE") else {
+    let Some((p, h)) = case() else {
         return;
     };
-    let dir = std::path::Path::new(&dir);
-    let (spec, model, _) = crate::io::cnn::read_model_dir(dir).unwrap();
-    let (grad, dtype) = crate::io::cnn::read_tensors(&dir.join("gradient.safetensors")).unwrap();
-    let p = super::ConvProblem::new(&spec, &model, &grad, dtype, None).unwrap();
-    let x = TensorFile::open(dir.join("batch.safetensors"))
-        .unwrap()
-        .matrix("x")
-        .unwrap();
-    let h = p.features(&x).unwrap();
     let view = &p.view;
     let seed: u64 = std::env::var("SEED").map_or(1, |v| v.parse().unwrap());
     let mut cfg = AttackConfig::new(Method::Auto, seed);
