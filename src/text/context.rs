@@ -56,6 +56,9 @@ pub struct Solved {
     pub accepted: bool,
 }
 
+/// Candidates between two progress reports of the context solver (BERT route).
+pub(crate) const PROGRESS_EVERY: usize = 500;
+
 /// What every candidate shares.
 pub(crate) struct ContextSolver<'a> {
     model: &'a Bert,
@@ -560,8 +563,19 @@ impl<'a> ContextSolver<'a> {
         })
     }
 
-    /// Solve every candidate; `xs` rows are their block-0 inputs (augmented).
-    pub fn solve(&self, pairs: &[(usize, u32)], xs: MatRef<'_, f64>) -> Vec<Solved> {
+    /// Solve every candidate; `xs` rows are their block-0 inputs (augmented). `done` is
+    /// told the number solved so far after every `PROGRESS_EVERY` candidates.
+    pub fn solve(
+        &self,
+        pairs: &[(usize, u32)],
+        xs: MatRef<'_, f64>,
+        done: &mut dyn FnMut(usize),
+    ) -> Vec<Solved> {
+        let mut tick = |i: usize| {
+            if (i + 1).is_multiple_of(PROGRESS_EVERY) {
+                done(i + 1);
+            }
+        };
         let d = self.model.hidden();
         let xb = Mat::from_fn(xs.nrows(), d, |i, j| xs[(i, j)] + self.model.bo[j]);
         let x = |i: usize| -> Vec<f64> { (0..d).map(|j| xs[(i, j)]).collect() };
@@ -572,7 +586,9 @@ impl<'a> ContextSolver<'a> {
                 (0..pairs.len())
                     .map(|i| {
                         let p = Col::from_fn(pa.ncols(), |j| pa[(i, j)]);
-                        self.solve_family(fam, pairs[i], &x(i), &p)
+                        let s = self.solve_family(fam, pairs[i], &x(i), &p);
+                        tick(i);
+                        s
                     })
                     .collect()
             }
@@ -581,7 +597,9 @@ impl<'a> ContextSolver<'a> {
                 (0..pairs.len())
                     .map(|i| {
                         let a = Col::from_fn(ax.ncols(), |j| ax[(i, j)]);
-                        self.solve_linear(pairs[i], &x(i), &a)
+                        let s = self.solve_linear(pairs[i], &x(i), &a);
+                        tick(i);
+                        s
                     })
                     .collect()
             }

@@ -288,7 +288,14 @@ pub(crate) fn attack(
         pairs.len()
     ));
     let xs = model.input_of(&pairs);
-    let solved = solver.solve(&pairs, xs.as_ref());
+    let t_solve = std::time::Instant::now();
+    let n_pairs = pairs.len();
+    let solved = solver.solve(&pairs, xs.as_ref(), &mut |k| {
+        progress(&format!(
+            "text: {k} of {n_pairs} candidate pairs solved ({:.0} s)",
+            t_solve.elapsed().as_secs_f64()
+        ))
+    });
     let accepted: Vec<&_> = solved.iter().filter(|s| s.accepted).collect();
     if std::env::var("GRADLEAK_DEBUG_BERT").is_ok() {
         for s in &solved {
@@ -416,7 +423,7 @@ mod tests {
         let (real, wrong) = pairs(&dir);
         assert_eq!(wrong.len(), 6);
         let all: Vec<(usize, u32)> = real.iter().chain(&wrong).copied().collect();
-        let solved = solver.solve(&all, l.model.input_of(&all).as_ref());
+        let solved = solver.solve(&all, l.model.input_of(&all).as_ref(), &mut |_| {});
         for s in &solved[..real.len()] {
             assert!(
                 s.screened && s.accepted,
