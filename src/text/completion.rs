@@ -32,7 +32,8 @@ use super::tensors::Tensors;
 pub struct Completion {
     /// The last token of each prefix, in the prefixes' order.
     pub tokens: Vec<u32>,
-    /// How each was chosen: "row" (the output embedding's row) or "ln_f".
+    /// How each was chosen: "row" (the output embedding's row) or "final_norm" (the
+    /// final norm's equations).
     pub chosen_by: Vec<&'static str>,
     /// ||r - sum_b col(b, y_b)|| / ||r||, r = (r_gamma, r_beta).
     pub unexplained: f64,
@@ -279,7 +280,7 @@ fn solve(
         .collect();
     let mut chosen_by: Vec<&'static str> = tokens
         .iter()
-        .map(|t| if t.is_some() { "row" } else { "ln_f" })
+        .map(|t| if t.is_some() { "row" } else { "final_norm" })
         .collect();
     progress(&format!(
         "text: last token: {} of {b} from the output embedding's rows",
@@ -303,13 +304,16 @@ fn solve(
     } else {
         (0..vocab).collect()
     };
+    // ||e - column(v, n)||, without building the column (the pool can be the vocabulary)
     let dist = |e: &[f64], v: usize, n: &[f64]| -> f64 {
-        let c = column(w, v, n, shift);
-        e.iter()
-            .zip(&c)
-            .map(|(a, b)| (a - b).powi(2))
-            .sum::<f64>()
-            .sqrt()
+        let mut s = 0.0;
+        for j in 0..d {
+            s += (e[j] - w[(v, j)] * n[j]).powi(2);
+            if shift {
+                s += (e[d + j] - w[(v, j)]).powi(2);
+            }
+        }
+        s.sqrt()
     };
     while tokens.iter().any(Option::is_none) {
         let mut pick: Option<(usize, usize, f64)> = None;
@@ -346,7 +350,7 @@ fn solve(
         if alt.0 < cur {
             runner_up = runner_up.min(cur);
             tokens[i] = alt.1;
-            chosen_by[i] = "ln_f";
+            chosen_by[i] = "final_norm";
         } else {
             runner_up = runner_up.min(alt.0);
         }
